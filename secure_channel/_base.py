@@ -1,0 +1,88 @@
+"""The transport seam between the split engine and the network."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, get_args
+
+SecurityMode = Literal["plain", "tls", "aesgcm", "tls+aesgcm"]
+SECURITY_MODES: tuple[SecurityMode, ...] = get_args(SecurityMode)
+
+
+def check_security_mode(mode: str) -> SecurityMode:
+    """Return ``mode`` if it names a security mode, else raise ValueError. There is no default."""
+    if mode not in SECURITY_MODES:
+        raise ValueError(f"unknown security mode {mode!r}; choose one of {', '.join(SECURITY_MODES)}")
+    return mode  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One HTTP-level request. ``path`` is origin-form (``/v1/info``); the transport owns the host."""
+
+    method: str
+    path: str
+    content: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Response:
+    """One HTTP-level response, fully read."""
+
+    status: int
+    content: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+@dataclass
+class WireStats:
+    """Bytes written to and read from the socket, TLS and HTTP framing included."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+class Transport:
+    """Carries requests to the trunk server and returns its responses.
+
+    Subclasses implement :meth:`exchange` and, if they hold resources, :meth:`close`.
+    The split engine only ever calls these two methods, which is why it cannot tell
+    one security mode from another.
+    """
+
+    #: The security mode this transport provides, as named on the command line.
+    security: SecurityMode
+    #: Socket byte counters; transports that do not touch a socket leave them at zero.
+    stats: WireStats
+
+    def exchange(self, request: Request) -> Response:
+        """Send ``request`` and return the complete response.
+
+        Raises :class:`TransportError` if the peer cannot be reached or the exchange
+        breaks off, :class:`ChannelTimeout` when a deadline passes, and
+        :class:`AuthenticationError` (or its subclass :class:`InvalidRecord`) when the
+        peer or a record cannot be authenticated. A non-2xx status is *not* an error
+        here; it is returned for the caller to interpret.
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release sockets and keys. Idempotent."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,40 @@
+"""Errors raised by secure_channel.
+
+The tree, written out once::
+
+    ChannelError                 base of everything this package raises
+    ├── CredentialsError         key/certificate files missing, expired, wrong CA or wrong EKU (fails closed)
+    ├── TransportError           the peer could not be reached or the exchange broke off
+    │   └── ChannelTimeout       connect, read or write deadline passed
+    └── AuthenticationError      the peer could not be authenticated, or a record did not verify
+        └── InvalidRecord        an AES-GCM record failed to open; deliberately says nothing more
+
+Library errors (ssl, httpcore, cryptography) are translated at the boundary with
+``raise OurError(...) from exc``; no other exception type leaves a transport.
+"""
+
+from __future__ import annotations
+
+
+class ChannelError(Exception):
+    """Base class of every error raised by secure_channel."""
+
+
+class CredentialsError(ChannelError):
+    """Key or certificate material is missing, malformed, expired, or not fit for its role."""
+
+
+class TransportError(ChannelError):
+    """The exchange with the peer failed below the application (connection refused, reset, ...)."""
+
+
+class ChannelTimeout(TransportError):
+    """A connect, read or write deadline passed."""
+
+
+class AuthenticationError(ChannelError):
+    """The peer could not be authenticated (TLS verification, handshake signature, ...)."""
+
+
+class InvalidRecord(AuthenticationError):
+    """An AES-GCM record did not verify. Opaque on purpose, like Fernet's InvalidToken."""
