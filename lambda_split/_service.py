@@ -1,0 +1,281 @@
+"""Trunk sessions: ownership, sequence numbers, token and memory limits, idle expiry.
+
+:class:`TrunkService` is transport-free. The HTTP server and the in-process
+transport both drive it; the model arithmetic is delegated to an executor.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from lambda_split._codec import (
+    SESSION_ID_BYTES,
+    Encoding,
+    Frame,
+    FrameError,
+    FrameKind,
+    FrameLimits,
+    decode_frame,
+    encode_frame,
+)
+from lambda_split._models import Checkpoint
+from lambda_split._parts import PartState, Trunk
+
+
+class ServiceError(Exception):
+    """A request the trunk refuses. Maps to an HTTP status and a JSON error code."""
+
+    def __init__(self, status: int, code: str, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Bounds on what any client can make the trunk hold or compute."""
+
+    max_sessions: int = 64
+    max_tokens_per_session: int = 4096
+    max_batch: int = 8
+    max_step_tokens: int = 2048
+    idle_timeout_s: float = 300.0
+    max_cache_bytes: int = 2 * 1024**3
+    frame: FrameLimits = field(default_factory=FrameLimits)
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_tokens_per_session", "max_batch", "max_step_tokens", "max_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.idle_timeout_s <= 0:
+            raise ValueError("idle_timeout_s must be positive")
+
+
+class Executor(Protocol):
+    """What the service needs from the model side of a trunk."""
+
+    #: Frame kinds a step may carry, and the kind of the reply.
+    step_kinds: frozenset[FrameKind]
+    result_kind: FrameKind
+
+    def new_state(self) -> Any: ...
+    def step(self, state: Any, frame: Frame, limits: ServiceLimits) -> dict[str, torch.Tensor]: ...
+    def state_bytes(self, state: Any) -> int: ...
+    def state_tokens(self, state: Any) -> int: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+class LLMExecutor:
+    """Runs a decoder trunk: hidden (B, T, C) and mask (B, T) in, hidden (B, T, C) out."""
+
+    step_kinds = frozenset({FrameKind.LLM_STEP})
+    result_kind = FrameKind.LLM_RESULT
+
+    def __init__(self, trunk: Trunk) -> None:
+        self.trunk = trunk
+        self.hidden_size = int(trunk.config.hidden_size)
+
+    def new_state(self) -> PartState:
+        return self.trunk.new_state()
+
+    def step(self, state: PartState, frame: Frame, limits: ServiceLimits) -> dict[str, torch.Tensor]:
+        hidden = frame.tensor("hidden", rank=3)
+        mask = frame.tensor("mask", rank=2)
+        batch, length, width = hidden.shape
+        if width != self.hidden_size:
+            raise FrameError(f"hidden size {width} does not match the model's {self.hidden_size}")
+        if tuple(mask.shape) != (batch, length) or frame.encodings["mask"] is not Encoding.U8:
+            raise FrameError("mask must be U8 of shape (batch, tokens)")
+        if int(mask.max()) > 1:
+            raise FrameError("mask values must be 0 or 1")
+        if state.mask is not None and state.mask.shape[0] != batch:
+            raise FrameError(f"batch size changed from {state.mask.shape[0]} to {batch} within the session")
+        if batch > limits.max_batch or length > limits.max_step_tokens:
+            raise ServiceError(413, "step_too_large", f"at most {limits.max_batch} rows of "
+                               f"{limits.max_step_tokens} tokens per step")  # fmt: skip
+        if state.seen + length > limits.max_tokens_per_session:
+            raise ServiceError(422, "session_token_limit", f"a session holds at most "
+                               f"{limits.max_tokens_per_session} tokens")  # fmt: skip
+        with torch.inference_mode():
+            out = self.trunk(hidden.to(self.trunk_dtype), mask.long(), state)
+        return {"hidden": out.float()}
+
+    @property
+    def trunk_dtype(self) -> torch.dtype:
+        return next(iter(self.trunk.parameters()), torch.empty(0)).dtype
+
+    def state_bytes(self, state: PartState) -> int:
+        return state.cache_bytes()
+
+    def state_tokens(self, state: PartState) -> int:
+        return state.seen
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "llm", "hidden_size": self.hidden_size}
+
+
+@dataclass
+class _Session:
+    owner: str
+    wire: Encoding
+    state: Any
+    next_seq: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    busy: bool = False
+    nbytes: int = 0
+
+
+class TrunkService:
+    """Holds trunk sessions for many clients, each bound to the identity that opened it."""
+
+    def __init__(self, executor: Executor, *, limits: ServiceLimits | None = None,
+                 clock: Any = time.monotonic) -> None:  # fmt: skip
+        self.executor = executor
+        self.limits = limits or ServiceLimits()
+        self._clock = clock
+        self._sessions: OrderedDict[bytes, _Session] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+        self._compute = threading.Lock()
+        self.evicted = 0
+        self.expired = 0
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(session.nbytes for session in self._sessions.values())
+
+    def expire_idle(self) -> int:
+        """Drop sessions idle for longer than the timeout; return how many were dropped."""
+        deadline = self._clock() - self.limits.idle_timeout_s
+        with self._lock:
+            stale = [sid for sid, s in self._sessions.items() if s.last_used < deadline and not s.busy]
+            for sid in stale:
+                del self._sessions[sid]
+            self.expired += len(stale)
+        return len(stale)
+
+    def _lookup(self, owner: str, session_id: str) -> tuple[bytes, _Session]:
+        try:
+            raw = bytes.fromhex(session_id)
+        except ValueError:
+            raw = b""
+        session = self._sessions.get(raw) if len(raw) == SESSION_ID_BYTES else None
+        # Another client's session is reported exactly like a missing one.
+        if session is None or not secrets.compare_digest(session.owner, owner):
+            raise ServiceError(404, "session_not_found", "no such session (it may have expired)")
+        return raw, session
+
+    # -- operations -----------------------------------------------------------------------------
+    def open_session(self, owner: str, wire: str) -> dict[str, Any]:
+        try:
+            encoding = Encoding.parse(wire)
+        except ValueError as exc:
+            raise ServiceError(400, "bad_wire_encoding", str(exc)) from None
+        self.expire_idle()
+        with self._lock:
+            if len(self._sessions) >= self.limits.max_sessions:
+                raise ServiceError(503, "too_many_sessions", "the server holds its maximum number of sessions",
+                                   retry_after=5)  # fmt: skip
+            raw = secrets.token_bytes(SESSION_ID_BYTES)
+            self._sessions[raw] = _Session(owner, encoding, self.executor.new_state(), last_used=self._clock())
+        return {
+            "session_id": raw.hex(),
+            "wire": encoding.wire_name,
+            "max_tokens": self.limits.max_tokens_per_session,
+            "idle_timeout_s": self.limits.idle_timeout_s,
+        }
+
+    def step(self, owner: str, session_id: str, body: bytes) -> bytes:
+        with self._lock:
+            raw, session = self._lookup(owner, session_id)
+            if session.busy:
+                raise ServiceError(409, "session_busy", "a step of this session is already running")
+            session.busy = True
+        try:
+            return self._step(raw, session, body)
+        finally:
+            with self._lock:
+                session.busy = False
+                session.last_used = self._clock()
+
+    def _step(self, raw: bytes, session: _Session, body: bytes) -> bytes:
+        try:
+            frame = decode_frame(body, self.limits.frame)
+            if frame.session_id != raw:
+                raise FrameError("frame session id does not match the URL")
+            if frame.kind not in self.executor.step_kinds:
+                raise FrameError(f"frame kind {frame.kind.name} is not served by this trunk")
+            if frame.seq != session.next_seq:
+                raise ServiceError(409, "bad_sequence", f"expected sequence number {session.next_seq}")
+            with self._compute:
+                outputs = self.executor.step(session.state, frame, self.limits)
+        except FrameError as exc:
+            raise ServiceError(400, "bad_frame", str(exc)) from None
+        session.next_seq += 1
+        session.nbytes = self.executor.state_bytes(session.state)
+        with self._lock:
+            if raw in self._sessions:
+                self._sessions.move_to_end(raw)
+            self._enforce_memory(keep=raw)
+        tensors = {name: (value, session.wire) for name, value in outputs.items()}
+        return encode_frame(self.executor.result_kind, raw, frame.seq, tensors, self.limits.frame)
+
+    def _enforce_memory(self, keep: bytes) -> None:
+        while self.cache_bytes > self.limits.max_cache_bytes:
+            victim = next((sid for sid, s in self._sessions.items() if sid != keep and not s.busy), None)
+            if victim is None:
+                break
+            del self._sessions[victim]
+            self.evicted += 1
+
+    def close_session(self, owner: str, session_id: str) -> None:
+        with self._lock:
+            raw, _ = self._lookup(owner, session_id)
+            del self._sessions[raw]
+
+
+def load_llm_service(model: str | Checkpoint, split: str, *, security: str, limits: ServiceLimits | None = None,
+                     progress: Any = None) -> tuple[TrunkService, dict[str, Any]]:  # fmt: skip
+    """Load only the trunk of ``model`` and wrap it in a service; also return the /v1/info body."""
+    from lambda_split._models import fingerprint, resolve
+    from lambda_split._parts import SplitSpec, load_parts
+    from lambda_split.protocol import PROTOCOL_VERSION, WIRE_ENCODINGS
+
+    say = progress or (lambda _message: None)
+    checkpoint = resolve(model) if isinstance(model, str) else model
+    spec = SplitSpec.parse(split, int(checkpoint.config.num_hidden_layers))
+    say(f"loading trunk layers {spec} of {checkpoint.name}")
+    trunk = load_parts(checkpoint, spec, ("trunk",)).trunk
+    if trunk is None:  # pragma: no cover - load_parts always builds what it is asked for
+        raise RuntimeError("trunk was not built")
+    service = TrunkService(LLMExecutor(trunk), limits=limits)
+    info = {
+        "model": checkpoint.name,
+        "fingerprint": fingerprint(checkpoint, (spec.start, spec.stop)),
+        "split": [spec.start, spec.stop],
+        "num_layers": spec.num_layers,
+        "hidden_size": int(checkpoint.config.hidden_size),
+        "security": security,
+        "protocol_version": PROTOCOL_VERSION,
+        "kind": "llm",
+        "wire_encodings": list(WIRE_ENCODINGS),
+        "limits": {
+            "max_batch": service.limits.max_batch,
+            "max_tokens_per_session": service.limits.max_tokens_per_session,
+            "max_frame_bytes": service.limits.frame.max_bytes,
+        },
+    }
+    return service, info

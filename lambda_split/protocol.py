@@ -1,0 +1,85 @@
+"""The wire protocol shared by client and server: paths, content types, error bodies and frames.
+
+HTTP API (protocol version 1)::
+
+    GET    /healthz                         200 {"status": "ok"}
+    GET    /v1/info                         200 {"model", "fingerprint", "split", "num_layers", "hidden_size",
+                                                 "security", "protocol_version", "wire_encodings", "limits"}
+    POST   /v1/sessions                     201 {"session_id", "wire", "max_tokens", "idle_timeout_s"}
+                                                body: {"wire": "fp32"|"fp16"|"bf16"|"int8"}
+    POST   /v1/sessions/{id}/step           200 frame(LLM_RESULT)   body: frame(LLM_STEP)
+    DELETE /v1/sessions/{id}                200 {"closed": true}
+    GET    /metrics                         Prometheus text
+
+A step frame carries ``hidden`` (B, T, C) in the session's wire encoding and ``mask``
+(B, T) as U8 0/1 for the new positions. The result frame carries ``hidden`` (B, T, C)
+in the same encoding, with the same session id and sequence number.
+
+Every error is JSON ``{"error": {"code": str, "message": str}}`` with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import json
+
+from lambda_split._codec import (
+    DEFAULT_LIMITS,
+    INT8_BLOCK,
+    SESSION_ID_BYTES,
+    WIRE_ENCODINGS,
+    Encoding,
+    Frame,
+    FrameError,
+    FrameKind,
+    FrameLimits,
+    decode_frame,
+    encode_frame,
+    encode_tensor,
+)
+
+PROTOCOL_VERSION = 1
+FRAME_CONTENT_TYPE = "application/vnd.lambda-split.frame"
+JSON_CONTENT_TYPE = "application/json"
+
+HEALTH_PATH = "/healthz"
+INFO_PATH = "/v1/info"
+SESSIONS_PATH = "/v1/sessions"
+METRICS_PATH = "/metrics"
+
+
+def session_path(session_id: str) -> str:
+    return f"{SESSIONS_PATH}/{session_id}"
+
+
+def step_path(session_id: str) -> str:
+    return f"{SESSIONS_PATH}/{session_id}/step"
+
+
+def error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "FRAME_CONTENT_TYPE",
+    "HEALTH_PATH",
+    "INFO_PATH",
+    "INT8_BLOCK",
+    "JSON_CONTENT_TYPE",
+    "METRICS_PATH",
+    "PROTOCOL_VERSION",
+    "SESSIONS_PATH",
+    "SESSION_ID_BYTES",
+    "WIRE_ENCODINGS",
+    "Encoding",
+    "Frame",
+    "FrameError",
+    "FrameKind",
+    "FrameLimits",
+    "decode_frame",
+    "encode_frame",
+    "encode_tensor",
+    "error_body",
+    "session_path",
+    "step_path",
+]
