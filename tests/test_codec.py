@@ -1,0 +1,157 @@
+"""The tensor frame: round trips, and every kind of malformed frame raises FrameError."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lambda_split.protocol import (
+    Encoding,
+    FrameError,
+    FrameKind,
+    FrameLimits,
+    decode_frame,
+    encode_frame,
+)
+
+SID = bytes(range(16))
+FLOATS = [Encoding.FP32, Encoding.FP16, Encoding.BF16, Encoding.INT8]
+
+
+def frame(tensor: torch.Tensor, encoding: Encoding = Encoding.FP32, **extra: torch.Tensor) -> bytes:
+    tensors = {"hidden": (tensor, encoding)} | {k: (v, Encoding.U8) for k, v in extra.items()}
+    return encode_frame(FrameKind.LLM_STEP, SID, 7, tensors)
+
+
+def test_fp32_round_trip_is_exact() -> None:
+    x = torch.randn(2, 5, 64)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.uint8)
+    decoded = decode_frame(frame(x, mask=mask))
+    assert decoded.kind is FrameKind.LLM_STEP and decoded.session_id == SID and decoded.seq == 7
+    assert torch.equal(decoded.tensors["hidden"], x)
+    assert torch.equal(decoded.tensors["mask"], mask)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "tolerance"), [(Encoding.FP16, 1e-3), (Encoding.BF16, 8e-3), (Encoding.INT8, 1 / 127)]
+)
+def test_lossy_encodings_stay_within_their_rounding(encoding: Encoding, tolerance: float) -> None:
+    x = torch.randn(3, 7, 576) * 4
+    x[0, 0, 17] = 300.0  # an outlier channel spoils only its own int8 block
+    y = decode_frame(frame(x, encoding)).tensors["hidden"]
+    relative = (y - x).abs() / x.abs().clamp(min=1.0)
+    if encoding is Encoding.INT8:
+        blocks = x.reshape(-1, 64).abs().amax(dim=1, keepdim=True)
+        relative = ((y - x).reshape(-1, 64).abs() / blocks)
+    assert float(relative.max()) <= tolerance
+
+
+def test_int8_payload_size_matches_the_documented_format() -> None:
+    x = torch.randn(1, 3, 576)
+    assert len(frame(x, Encoding.INT8)) - len(frame(x[..., :1], Encoding.INT8)) == (1728 - 3) + 4 * (27 - 1)
+
+
+def test_encoder_refuses_nan() -> None:
+    with pytest.raises(ValueError):
+        frame(torch.tensor([[[float("nan")]]]))
+
+
+@st.composite
+def valid_frames(draw: st.DrawFn) -> bytes:
+    shape = draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+    encoding = draw(st.sampled_from(FLOATS))
+    return frame(torch.randn(*shape), encoding)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_frames(), st.data())
+def test_truncated_frames_are_refused(data: bytes, draw: st.DataObject) -> None:
+    cut = draw.draw(st.integers(0, len(data) - 1))
+    with pytest.raises(FrameError):
+        decode_frame(data[:cut])
+
+
+@settings(max_examples=100)
+@given(valid_frames(), st.binary(min_size=1, max_size=16))
+def test_trailing_bytes_are_refused(data: bytes, tail: bytes) -> None:
+    with pytest.raises(FrameError):
+        decode_frame(data + tail)
+
+
+@settings(max_examples=100)
+@given(valid_frames(), st.integers(0, 255).filter(lambda v: v != 1))
+def test_wrong_version_is_refused(data: bytes, version: int) -> None:
+    with pytest.raises(FrameError, match="version"):
+        decode_frame(data[:4] + bytes([version]) + data[5:])
+
+
+@settings(max_examples=100)
+@given(valid_frames(), st.integers(0, 255).filter(lambda v: v not in {1, 2, 3, 4, 5}))
+def test_unknown_dtype_is_refused(data: bytes, dtype: int) -> None:
+    offset = 32 + 1 + len(b"hidden")
+    with pytest.raises(FrameError, match="encoding"):
+        decode_frame(data[:offset] + bytes([dtype]) + data[offset + 1 :])
+
+
+@settings(max_examples=200)
+@given(valid_frames(), st.data())
+def test_a_shape_that_lies_about_the_byte_count_is_refused(data: bytes, draw: st.DataObject) -> None:
+    offset = 32 + 1 + len(b"hidden") + 1
+    rank = data[offset]
+    dims = list(struct.unpack_from(f"<{rank}I", data, offset + 1))
+    index = draw.draw(st.integers(0, rank - 1))
+    lie = draw.draw(st.integers(0, 2**32 - 1).filter(lambda v: v != dims[index]))
+    dims[index] = lie
+    forged = data[: offset + 1] + struct.pack(f"<{rank}I", *dims) + data[offset + 1 + 4 * rank :]
+    with pytest.raises(FrameError):
+        decode_frame(forged)
+
+
+@settings(max_examples=50)
+@given(st.integers(1, 4))
+def test_oversized_frames_are_refused_before_decoding(extra: int) -> None:
+    data = frame(torch.randn(4, 64))
+    with pytest.raises(FrameError, match="limit"):
+        decode_frame(data, FrameLimits(max_bytes=len(data) - extra))
+
+
+def test_limits_on_rank_elements_and_tensor_count() -> None:
+    data = frame(torch.randn(2, 2, 2, 2))
+    with pytest.raises(FrameError, match="rank"):
+        decode_frame(data, FrameLimits(max_rank=3))
+    with pytest.raises(FrameError, match="elements"):
+        decode_frame(data, FrameLimits(max_elements=15))
+    two = frame(torch.randn(2), mask=torch.ones(2, dtype=torch.uint8))
+    with pytest.raises(FrameError, match="tensors"):
+        decode_frame(two, FrameLimits(max_tensors=1))
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_never_escape_as_another_exception(data: bytes) -> None:
+    try:
+        decode_frame(data)
+    except FrameError:
+        pass
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_frames(), st.data())
+def test_any_single_byte_corruption_decodes_or_raises_frame_error(data: bytes, draw: st.DataObject) -> None:
+    position = draw.draw(st.integers(0, len(data) - 1))
+    value = draw.draw(st.integers(0, 255))
+    try:
+        decode_frame(data[:position] + bytes([value]) + data[position + 1 :])
+    except FrameError:
+        pass
+
+
+def test_nan_and_inf_on_the_wire_are_refused() -> None:
+    data = bytearray(frame(torch.ones(1, 1, 2)))
+    data[-4:] = struct.pack("<f", float("inf"))
+    with pytest.raises(FrameError, match="NaN or Inf"):
+        decode_frame(bytes(data))

@@ -1,0 +1,84 @@
+"""Split generation gives token for token what the monolithic model gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lambda_split import Checkpoint, GenerationConfig, encode_prompts
+from tests.conftest import monolithic
+from tests.helpers import local_client, reference_tokens
+
+PROMPTS = ["What is the capital of France?", "Hi", "Tell me a long story about a dragon and a brave knight."]
+GREEDY_64 = GenerationConfig(max_new_tokens=64)
+
+
+def check_split_matches(checkpoint: Checkpoint, split: str, prompts: list[str]) -> None:
+    client, _ = local_client(checkpoint, split)
+    ids, mask = encode_prompts(client.tokenizer, prompts, chat=True)
+    expected = reference_tokens(monolithic(checkpoint), ids, mask, 64, client.tokenizer.eos_token_id)
+    assert client.generate_ids(ids, mask, GREEDY_64).token_ids == expected
+
+
+@pytest.mark.parametrize("split", ["1:-1", "2:-2", "4:4", "1:8", "3:5"])
+def test_tiny_split_matches_monolithic_for_a_batch(tiny: Checkpoint, split: str) -> None:
+    check_split_matches(tiny, split, PROMPTS)
+
+
+def test_tiny_batch_rows_equal_their_solo_runs(tiny: Checkpoint) -> None:
+    client, _ = local_client(tiny, "2:-2")
+    batch = client.generate(PROMPTS, GREEDY_64).token_ids
+    assert batch == [client.generate(p, GREEDY_64).token_ids[0] for p in PROMPTS]
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("split", ["1:-1", "2:-2", "15:15"])
+def test_smollm2_split_matches_monolithic_for_a_batch(smollm2: Checkpoint, split: str) -> None:
+    check_split_matches(smollm2, split, PROMPTS)
+
+
+@pytest.mark.heavy
+def test_smollm2_answers_sensibly(smollm2: Checkpoint) -> None:
+    client, _ = local_client(smollm2, "2:-2")
+    assert "Paris" in client.generate("What is the capital of France?", GenerationConfig(max_new_tokens=16)).texts[0]
+
+
+def test_parts_hold_only_their_own_weights(tiny: Checkpoint) -> None:
+    from lambda_split import SplitSpec, load_parts
+
+    spec = SplitSpec.parse("2:-2", 8)
+    device = load_parts(tiny, spec, ("head", "tail"))
+    server = load_parts(tiny, spec, ("trunk",))
+    assert device.trunk is None and server.head is None and server.tail is None
+    assert server.trunk is not None and device.head is not None and device.tail is not None
+    trunk_names = {name for name, _ in server.trunk.named_parameters()}
+    assert not any("embed" in n or "lm_head" in n or n.startswith("norm") for n in trunk_names)
+    assert len(server.trunk.layers) == 4 and len(device.head.layers) == 2 and len(device.tail.layers) == 2
+    for module in (device.head, device.tail, server.trunk):
+        assert all(p.device.type == "cpu" for p in module.parameters())  # nothing left on meta
+    trunk_params = sum(p.numel() for p in server.trunk.parameters())
+    per_layer = trunk_params // 4
+    assert sum(p.numel() for p in device.head.layers.parameters()) == 2 * per_layer
+
+
+def test_split_spec_parsing() -> None:
+    from lambda_split import SplitSpec
+
+    assert SplitSpec.parse("2:-2", 30) == SplitSpec(2, 28, 30)
+    assert SplitSpec.parse("4:4", 30).layers("trunk") == range(4, 4)
+    for bad in ("0:4", "5:4", "2:31", "x", "2:-31", "2"):
+        with pytest.raises(ValueError):
+            SplitSpec.parse(bad, 30)
+
+
+def test_fingerprint_is_stable_and_sensitive(tiny: Checkpoint) -> None:
+    from lambda_split import fingerprint, resolve
+
+    assert fingerprint(tiny, (2, 6)) == fingerprint(resolve("tiny-random-llama"), (2, 6))
+    assert fingerprint(tiny, (2, 6)) != fingerprint(tiny, (2, 5))
+
+
+def test_attack_surface_shapes_are_the_models(tiny: Checkpoint) -> None:
+    client, _ = local_client(tiny, "2:-2")
+    hidden = client.head(torch.tensor([[1, 2, 3]]))
+    assert hidden.shape == (1, 3, 64)
