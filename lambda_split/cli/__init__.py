@@ -1,0 +1,223 @@
+"""The ``lambda-split`` command line. See CONTRACT.md for what scripts rely on.
+
+This is the application layer: unlike the library modules of lambda_split, it may import
+the server package, and does so lazily, only for the commands that run a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lambda_split._errors import FingerprintMismatch, ProtocolMismatch, ServerError
+from lambda_split._models import ModelNotFoundError
+from secure_channel import SECURITY_MODES, AuthenticationError, ChannelError, CredentialsError, TransportError
+
+EXIT_OTHER, EXIT_USAGE, EXIT_AUTH, EXIT_SERVER = 1, 2, 3, 4
+DEMO_PROMPT = "In two sentences, why would someone split a language model between a phone and a server?"
+
+
+class UsageError(Exception):
+    """Bad arguments that argparse could not catch; exits 2."""
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def exit_code(exc: BaseException) -> int:
+    from server.config import ConfigError
+
+    if isinstance(exc, (UsageError, ConfigError, ModelNotFoundError, FileExistsError)):
+        return EXIT_USAGE
+    if isinstance(exc, (AuthenticationError, CredentialsError)):
+        return EXIT_AUTH
+    if isinstance(exc, (ServerError, ProtocolMismatch, FingerprintMismatch, TransportError, ChannelError)):
+        return EXIT_SERVER
+    return EXIT_OTHER
+
+
+def read_prompt(prompt: str | None) -> str:
+    text = sys.stdin.read() if prompt in (None, "-") else prompt
+    if not text or not text.strip():
+        raise UsageError("empty prompt: pass PROMPT, or - to read it from stdin")
+    return text.strip("\n")
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from secure_channel import generate_credentials
+
+    kwargs: dict[str, Any] = {"days": args.days, "force": args.force}
+    if args.server_name:
+        kwargs["server_names"] = tuple(args.server_name)
+    if args.client_name:
+        kwargs["client_name"] = args.client_name
+    generate_credentials(args.dir, **kwargs)
+    print(f"wrote ca.pem, server.pem, server.key, client.pem, client.key to {args.dir}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server import load_config, serve
+
+    config = load_config(args.config, model=args.model, split=args.split, security=args.security,
+                         keys=args.keys, host=args.host, port=args.port,
+                         insecure_plain=args.insecure_plain or None).validate()  # fmt: skip
+    return serve(config, on_ready=lambda url: print(f"listening on {url}", flush=True), progress=progress)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lambda_split._client import SplitClient
+    from lambda_split._generate import GenerationConfig
+
+    prompt = read_prompt(args.prompt)
+    config = _generation_config(args, GenerationConfig)
+    progress(f"connecting to {args.server} ({args.security})")
+    with SplitClient.connect(args.server, security=args.security, keys=args.keys, model=args.model,
+                             wire=args.wire, timeout=args.timeout, progress=progress) as client:  # fmt: skip
+        stream = None if args.json else (lambda _row, text: print(text, end="", flush=True))
+        result = client.generate(prompt, config, chat=not args.raw, on_text=stream)
+        stats = client.transport.stats
+        if args.json:
+            print(json.dumps(_result_json(result, client, stats)))
+        else:
+            print()
+            progress(_summary(result, client, stats))
+    return 0
+
+
+def _generation_config(args: argparse.Namespace, cls: Any) -> Any:
+    try:
+        return cls(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()))  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _result_json(result: Any, client: Any, stats: Any) -> dict[str, Any]:
+    decode_s = max(result.elapsed_s - result.time_to_first_token_s, 1e-9)
+    new = result.new_tokens
+    return {
+        "text": result.texts[0],
+        "token_ids": result.token_ids[0],
+        "security": client.transport.security,
+        "split": list(client.info.split),
+        "wire": client.wire.wire_name,
+        "stats": {
+            "new_tokens": new,
+            "tokens_per_s": round((new - 1) / decode_s if new > 1 else new / max(result.elapsed_s, 1e-9), 3),
+            "time_to_first_token_s": round(result.time_to_first_token_s, 4),
+            "bytes_sent": stats.bytes_sent,
+            "bytes_received": stats.bytes_received,
+        },
+    }
+
+
+def _summary(result: Any, client: Any, stats: Any) -> str:
+    data = _result_json(result, client, stats)["stats"]
+    per_token = (stats.bytes_sent + stats.bytes_received) / max(result.new_tokens, 1)
+    return (f"{data['new_tokens']} tokens, {data['tokens_per_s']:.1f} tokens/s, first token "
+            f"{data['time_to_first_token_s']:.2f} s, {per_token:,.0f} wire bytes/token, split "
+            f"{client.info.split[0]}:{client.info.split[1]}, security {client.transport.security}, "
+            f"wire {client.wire.wire_name}")  # fmt: skip
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lambda_split.cli._demo import run_demo
+
+    return run_demo(args.security, model=args.model, split=args.split, prompt=args.prompt or DEMO_PROMPT,
+                    max_new_tokens=args.max_new_tokens, as_json=args.json, progress=progress)  # fmt: skip
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def _security(required: bool, default: str | None = None) -> dict[str, Any]:
+    return {"choices": SECURITY_MODES, "required": required, "default": default,
+            "help": "security mode: " + ", ".join(SECURITY_MODES)}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lambda-split", description="Λ-Split secure split inference")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keys = commands.add_parser("keys", help="manage credentials").add_subparsers(dest="keys_command", required=True)
+    init = keys.add_parser("init", help="create a CA and server and client certificates")
+    init.add_argument("dir")
+    init.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    init.add_argument("--server-name", action="append", help="DNS name or IP for the server (repeatable)")
+    init.add_argument("--client-name", help="common name of the client certificate")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    init.set_defaults(run=cmd_keys_init)
+
+    serve = commands.add_parser("serve", help="run the trunk server")
+    serve.add_argument("--model", help="model name or path (default smollm2-135m)")
+    serve.add_argument("--split", help="A:B, head [0,A) trunk [A,B) tail [B,N); default 2:-2")
+    serve.add_argument("--security", **_security(required=True))
+    serve.add_argument("--keys", help="credentials directory from 'keys init'")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8443; 0 picks a free one)")
+    serve.add_argument("--config", help="TOML config file")
+    serve.add_argument("--insecure-plain", action="store_true", help="allow plain mode on a non-loopback address")
+    serve.set_defaults(run=cmd_serve)
+
+    generate = commands.add_parser("generate", help="generate text with the trunk on a server")
+    generate.add_argument("--server", required=True, help="server URL, e.g. https://127.0.0.1:8443")
+    generate.add_argument("--security", **_security(required=True))
+    generate.add_argument("--keys", help="credentials directory from 'keys init'")
+    generate.add_argument("--model", required=True, help="model name or path; must match the server's")
+    _decoding_options(generate)
+    generate.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
+    generate.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    generate.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
+    generate.add_argument("--json", action="store_true", help="print one JSON object")
+    generate.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
+    generate.set_defaults(run=cmd_generate)
+
+    demo = commands.add_parser("demo", help="server and client on this machine, one streamed answer")
+    demo.add_argument("--security", **_security(required=False, default="tls+aesgcm"))
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--split", default="2:-2")
+    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--prompt")
+    demo.add_argument("--json", action="store_true")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def _decoding_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one line on stderr, the traceback only with --debug
+        if args.debug:
+            traceback.print_exc()
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"lambda-split: error: {message}", file=sys.stderr)
+        return exit_code(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

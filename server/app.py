@@ -1,0 +1,166 @@
+"""The trunk server: routes and the middleware stack, listed once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from anyio import to_thread
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Scope
+
+from lambda_split import ServiceError, TrunkService
+from lambda_split.protocol import FRAME_CONTENT_TYPE, METRICS_PATH
+from secure_channel import AESGCMMiddleware, Credentials, peer_identity
+from server.config import ServerConfig
+from server.middleware import (
+    BodyLimitMiddleware,
+    ConcurrencyLimitMiddleware,
+    RateLimitMiddleware,
+    ReceiveDeadlineMiddleware,
+    SecurityHeadersMiddleware,
+)
+from server.observability import LOGGER, AccessLogMiddleware, Metrics
+
+ANONYMOUS = "anonymous"
+
+
+def owner_of(scope: Scope) -> str:
+    """The authenticated identity sessions are bound to; ``anonymous`` in plain mode."""
+    return peer_identity(scope) or ANONYMOUS
+
+
+def client_key(scope: Scope) -> str:
+    """Who a request counts against for rate limits: the identity, or the source address in plain mode."""
+    identity = peer_identity(scope)
+    if identity:
+        return identity
+    client = scope.get("client")
+    return f"ip:{client[0]}" if client else ANONYMOUS
+
+
+def error(status: int, code: str, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"retry-after": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+class TrunkEndpoints:
+    def __init__(self, service: TrunkService, info: dict[str, Any], metrics: Metrics) -> None:
+        self.service = service
+        self.info = info
+        self.metrics = metrics
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def get_info(self, request: Request) -> Response:
+        return JSONResponse(self.info)
+
+    async def open_session(self, request: Request) -> Response:
+        try:
+            body = json.loads(await request.body() or b"{}")
+            wire = body.get("wire", "fp32") if isinstance(body, dict) else None
+        except (ValueError, UnicodeDecodeError):
+            wire = None
+        if not isinstance(wire, str):
+            return error(400, "bad_request", 'body must be JSON like {"wire": "fp16"}')
+        reply = self.service.open_session(owner_of(request.scope), wire)
+        LOGGER.info("session opened", extra={"fields": {"client": owner_of(request.scope), "wire": wire}})
+        return JSONResponse(reply, status_code=201)
+
+    async def step(self, request: Request) -> Response:
+        if request.headers.get("content-type", "") != FRAME_CONTENT_TYPE:
+            return error(415, "unsupported_media_type", f"step bodies must be {FRAME_CONTENT_TYPE}")
+        body = await request.body()
+        reply = await to_thread.run_sync(self.service.step, owner_of(request.scope),
+                                         request.path_params["session_id"], body)  # fmt: skip
+        return Response(reply, media_type=FRAME_CONTENT_TYPE)
+
+    async def close_session(self, request: Request) -> Response:
+        self.service.close_session(owner_of(request.scope), request.path_params["session_id"])
+        return JSONResponse({"closed": True})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def expire_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.service.expire_idle():
+                LOGGER.info("sessions expired", extra={"fields": {"open": self.service.open_sessions}})
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, ServiceError):  # pragma: no cover - registered for ServiceError only
+        raise exc
+    return error(exc.status, exc.code, exc.message, exc.retry_after)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+    return error(status, code, str(getattr(exc, "detail", "error")))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    LOGGER.error("internal error", extra={"fields": {"route": request.url.path, "type": type(exc).__name__}})
+    return error(500, "internal_error", "the server failed to handle this request")
+
+
+def build_app(service: TrunkService, info: dict[str, Any], config: ServerConfig,
+              credentials: Credentials | None = None, metrics: Metrics | None = None) -> Starlette:  # fmt: skip
+    """Assemble the trunk server. ``credentials`` are required in every mode but plain."""
+    if config.security != "plain" and credentials is None:
+        raise ValueError(f"security mode {config.security} needs server credentials")
+    metrics = metrics or Metrics()
+    metrics.watch(service)
+    endpoints = TrunkEndpoints(service, info, metrics)
+    routes = [
+        Route("/healthz", endpoints.healthz, methods=["GET"]),
+        Route("/v1/info", endpoints.get_info, methods=["GET"]),
+        Route("/v1/sessions", endpoints.open_session, methods=["POST"]),
+        Route("/v1/sessions/{session_id}/step", endpoints.step, methods=["POST"]),
+        Route("/v1/sessions/{session_id}", endpoints.close_session, methods=["DELETE"]),
+        Route(METRICS_PATH, endpoints.metrics_endpoint, methods=["GET"]),
+    ]
+    # Outermost first. The body limit and deadline see the bytes on the wire (sealed records in
+    # aesgcm mode); everything below the AES-GCM layer sees the authenticated inner request.
+    middleware = [
+        Middleware(SecurityHeadersMiddleware),
+        Middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes + 64 * 1024),
+        Middleware(ReceiveDeadlineMiddleware, timeout_s=config.receive_timeout_s),
+    ]
+    if config.security in ("aesgcm", "tls+aesgcm"):
+        middleware.append(Middleware(AESGCMMiddleware, credentials=credentials))
+    middleware += [
+        Middleware(AccessLogMiddleware, metrics=metrics, identify=client_key),
+        Middleware(RateLimitMiddleware, rate_per_s=config.rate_limit_per_s, burst=config.rate_limit_burst,
+                   identify=client_key),  # fmt: skip
+        Middleware(ConcurrencyLimitMiddleware, limit=config.max_concurrency),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(endpoints.expire_forever(config.expiry_interval_s))
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={ServiceError: _service_error, HTTPException: _http_error, Exception: _internal_error},
+        lifespan=lifespan,
+    )
+    app.state.endpoints = endpoints
+    return app

@@ -1,0 +1,138 @@
+"""Server configuration: defaults < TOML file < environment < command line. Unsafe settings fail closed."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lambda_split import ServiceLimits
+from lambda_split._codec import FrameLimits
+from secure_channel import check_security_mode
+
+ENV_PREFIX = "LAMBDA_SPLIT_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid or unsafe; the server refuses to start."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = "smollm2-135m"
+    split: str = "2:-2"
+    security: str = ""
+    keys: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8443
+    insecure_plain: bool = False
+    # request hygiene
+    max_body_bytes: int = 64 * 1024 * 1024
+    receive_timeout_s: float = 30.0
+    max_concurrency: int = 32
+    rate_limit_per_s: float = 200.0
+    rate_limit_burst: int = 400
+    expiry_interval_s: float = 5.0
+    # trunk sessions
+    max_sessions: int = 64
+    max_tokens_per_session: int = 4096
+    max_batch: int = 8
+    max_step_tokens: int = 2048
+    idle_timeout_s: float = 300.0
+    max_cache_bytes: int = 2 * 1024**3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def service_limits(self) -> ServiceLimits:
+        return ServiceLimits(
+            max_sessions=self.max_sessions,
+            max_tokens_per_session=self.max_tokens_per_session,
+            max_batch=self.max_batch,
+            max_step_tokens=self.max_step_tokens,
+            idle_timeout_s=self.idle_timeout_s,
+            max_cache_bytes=self.max_cache_bytes,
+            frame=FrameLimits(max_bytes=self.max_body_bytes),
+        )
+
+    def validate(self) -> ServerConfig:
+        """Return self if safe to run, else raise ConfigError naming the problem."""
+        try:
+            check_security_mode(self.security)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.security != "plain" and not self.keys:
+            raise ConfigError(f"--security {self.security} needs --keys DIR (create one with: lambda-split keys init DIR)")
+        if self.security == "plain" and not _is_loopback(self.host) and not self.insecure_plain:
+            raise ConfigError(
+                f"refusing to serve plain HTTP on non-loopback address {self.host}: anyone on the path can read "
+                "the hidden states and invert them; pass --insecure-plain if you really mean it"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port must be in 0..65535")
+        for name in ("max_body_bytes", "max_concurrency", "rate_limit_burst", "max_sessions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for name in ("receive_timeout_s", "rate_limit_per_s", "expiry_interval_s", "idle_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        try:
+            self.service_limits()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig) if f.name != "extra"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = type(getattr(ServerConfig(), name))
+    if name == "keys":
+        return None if value in (None, "") else str(value)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+
+
+def load_config(file: str | Path | None = None, environ: dict[str, str] | None = None,
+                **overrides: Any) -> ServerConfig:  # fmt: skip
+    """Merge defaults, a TOML file (keys at top level or under [server] and [limits]), environment
+    variables named ``LAMBDA_SPLIT_<FIELD>`` and explicit overrides (``None`` means not given)."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            data = tomllib.loads(Path(file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc}") from None
+        flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        for section in ("server", "limits"):
+            flat.update(data.get(section, {}))
+        unknown = set(flat) - set(_FIELDS)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) in {file}: {', '.join(sorted(unknown))}")
+        values.update(flat)
+    env = os.environ if environ is None else environ
+    for name in _FIELDS:
+        if (ENV_PREFIX + name.upper()) in env:
+            values[name] = env[ENV_PREFIX + name.upper()]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ServerConfig(**{k: _coerce(k, v) for k, v in values.items()})

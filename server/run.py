@@ -1,0 +1,86 @@
+"""Run the trunk server under uvicorn in the configured security mode."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+
+from lambda_split import ServiceLimits, TrunkService, load_llm_service
+from secure_channel import Credentials, load_credentials, uvicorn_config
+from server.app import build_app
+from server.config import ServerConfig
+from server.observability import configure_logging
+
+DIFFUSION_MODELS = ("tiny-random-sd", "tiny-random-sdxl")
+
+
+class ReadyServer(uvicorn.Server):
+    """A uvicorn server that reports its URL once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, scheme: str, on_ready: Callable[[str], None]) -> None:
+        super().__init__(config)
+        self.scheme = scheme
+        self.on_ready = on_ready
+        self.url = ""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.servers and self.servers[0].sockets:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            host = f"[{host}]" if ":" in host else host
+            self.url = f"{self.scheme}://{host}:{port}"
+            self.on_ready(self.url)
+
+
+def load_service(config: ServerConfig, progress: Callable[[str], None]) -> tuple[TrunkService, dict[str, Any]]:
+    limits: ServiceLimits = config.service_limits()
+    if _is_diffusion(config.model):
+        from lambda_split.diffusion import load_diffusion_service
+
+        return load_diffusion_service(config.model, security=config.security, limits=limits, progress=progress)
+    return load_llm_service(config.model, config.split, security=config.security, limits=limits, progress=progress)
+
+
+def _is_diffusion(model: str) -> bool:
+    from pathlib import Path
+
+    return model in DIFFUSION_MODELS or (Path(model) / "model_index.json").is_file()
+
+
+def build_server(config: ServerConfig, *, on_ready: Callable[[str], None],
+                 progress: Callable[[str], None] = lambda _m: None,
+                 service: tuple[TrunkService, dict[str, Any]] | None = None) -> ReadyServer:  # fmt: skip
+    """Validate ``config`` (fails closed), load credentials and the trunk, and return a ready-to-run server."""
+    config.validate()
+    credentials: Credentials | None = None
+    if config.security != "plain":
+        credentials = load_credentials(config.keys or "", "server")
+    trunk_service, info = service or load_service(config, progress)
+    app = build_app(trunk_service, info, config, credentials)
+    uv_config = uvicorn_config(
+        app,
+        host=config.host,
+        port=config.port,
+        security=config.security,
+        credentials=credentials,
+        aesgcm_options={"max_body_bytes": config.max_body_bytes + 64 * 1024},
+        server_header=False,
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=10,
+        h11_max_incomplete_event_size=16 * 1024,
+    )
+    scheme = "https" if config.security in ("tls", "tls+aesgcm") else "http"
+    return ReadyServer(uv_config, scheme, on_ready)
+
+
+def serve(config: ServerConfig, *, on_ready: Callable[[str], None],
+          progress: Callable[[str], None] = lambda _m: None) -> int:  # fmt: skip
+    """Serve until SIGTERM or SIGINT, then shut down gracefully and return 0."""
+    configure_logging()
+    server = build_server(config, on_ready=on_ready, progress=progress)
+    server.run()
+    return 0 if server.started else 1
