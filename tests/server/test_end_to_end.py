@@ -1,0 +1,86 @@
+"""serve + client over a real loopback socket, in every mode."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from lambda_split import Checkpoint, FingerprintMismatch, GenerationConfig, ServerError, SplitClient, encode_prompts
+from secure_channel import AuthenticationError, connect_transport
+from tests.conftest import monolithic
+from tests.helpers import reference_tokens
+from tests.server.conftest import MODES, LiveServer
+
+GREEDY = GenerationConfig(max_new_tokens=32)
+
+
+def connect(server: LiveServer, model: Checkpoint, keys: Path | None = None, wire: str = "fp32") -> SplitClient:
+    keys_dir = None if server.mode == "plain" else (keys or server.keys)
+    return SplitClient.connect(server.url, security=server.mode, keys=keys_dir, model=model, wire=wire)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_gives_the_monolithic_tokens(live: dict[str, LiveServer], tiny: Checkpoint, mode: str) -> None:
+    with connect(live[mode], tiny) as client:
+        ids, mask = encode_prompts(client.tokenizer, ["hello there", "x"], chat=True)
+        expected = reference_tokens(monolithic(tiny), ids, mask, 32, client.tokenizer.eos_token_id)
+        assert client.generate_ids(ids, mask, GREEDY).token_ids == expected
+        assert client.transport.stats.bytes_sent > 0 and client.transport.stats.bytes_received > 0
+
+
+def test_eight_concurrent_clients_each_get_their_solo_output(live: dict[str, LiveServer], tiny: Checkpoint) -> None:
+    prompts = [f"prompt number {i} " * (i + 1) for i in range(8)]
+    with connect(live["tls+aesgcm"], tiny) as client:
+        solo = [client.generate(p, GREEDY).token_ids[0] for p in prompts]
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            with connect(live["tls+aesgcm"], tiny) as own:
+                results[index] = own.generate(prompts[index], GREEDY).token_ids[0]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    assert [results[i] for i in range(8)] == solo
+
+
+def test_client_refuses_a_server_with_another_model(live: dict[str, LiveServer], tiny: Checkpoint) -> None:
+    import dataclasses
+
+    forged = dataclasses.replace(tiny, raw_tensor_bytes=lambda name: b"other weights")
+    with pytest.raises(FingerprintMismatch):
+        connect(live["plain"], forged)
+
+
+def test_client_refuses_a_mode_mismatch(live: dict[str, LiveServer], tiny: Checkpoint) -> None:
+    with pytest.raises(AuthenticationError):
+        SplitClient.connect(live["tls"].url.replace("https", "https"), security="tls+aesgcm",
+                            keys=live["tls"].keys, model=tiny).close()  # fmt: skip
+
+
+def test_sessions_are_bound_to_the_authenticated_client(live: dict[str, LiveServer], tiny: Checkpoint,
+                                                        second_client: Path) -> None:  # fmt: skip
+    from lambda_split import RemoteTrunk
+    from lambda_split.protocol import Encoding
+
+    for mode in ("tls", "aesgcm", "tls+aesgcm"):
+        alice = connect_transport(live[mode].url, mode, keys_dir=live[mode].keys)  # type: ignore[arg-type]
+        bob = connect_transport(live[mode].url, mode, keys_dir=second_client)  # type: ignore[arg-type]
+        session = RemoteTrunk(alice, Encoding.FP32)
+        stolen = RemoteTrunk.__new__(RemoteTrunk)
+        stolen.__dict__.update(session.__dict__, transport=bob)
+        with pytest.raises(ServerError) as refused:
+            stolen.close()
+        assert refused.value.status == 404
+        session.close()  # alice still owns it
+        alice.close()
+        bob.close()
