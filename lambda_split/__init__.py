@@ -1,58 +1,75 @@
-"""Λ-Split: run a generative model's head and tail on your device and its trunk on a server."""
+"""Λ-Split: run a generative model's head and tail on your device and its trunk on a server.
+
+Names are imported on first use (PEP 562), so that ``lambda-split keys init`` and
+``--help`` do not pay for importing torch and transformers.
+"""
 
 from __future__ import annotations
 
-from lambda_split._client import RemoteTrunk, ServerInfo, SplitClient, fetch_info
-from lambda_split._codec import Encoding, FrameError, FrameKind, FrameLimits
-from lambda_split._errors import FingerprintMismatch, ProtocolMismatch, ServerError, SplitError
-from lambda_split._generate import GenerationConfig, GenerationResult, encode_prompts, generate_tokens
-from lambda_split._local import LocalTransport
-from lambda_split._models import BUILTIN_MODELS, Checkpoint, ModelNotFoundError, fingerprint, resolve
-from lambda_split._parts import Head, PartState, SplitModel, SplitSpec, Tail, Trunk, load_parts
-from lambda_split._service import (
-    LLMExecutor,
-    ServiceError,
-    ServiceLimits,
-    TrunkService,
-    load_llm_service,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BUILTIN_MODELS",
-    "Checkpoint",
-    "Encoding",
-    "FingerprintMismatch",
-    "FrameError",
-    "FrameKind",
-    "FrameLimits",
-    "GenerationConfig",
-    "GenerationResult",
-    "Head",
-    "LLMExecutor",
-    "LocalTransport",
-    "ModelNotFoundError",
-    "PartState",
-    "ProtocolMismatch",
-    "RemoteTrunk",
-    "ServerError",
-    "ServerInfo",
-    "ServiceError",
-    "ServiceLimits",
-    "SplitClient",
-    "SplitError",
-    "SplitModel",
-    "SplitSpec",
-    "Tail",
-    "Trunk",
-    "TrunkService",
-    "__version__",
-    "encode_prompts",
-    "fetch_info",
-    "fingerprint",
-    "generate_tokens",
-    "load_llm_service",
-    "load_parts",
-    "resolve",
-]
+_EXPORTS = {
+    "lambda_split._client": ("RemoteTrunk", "ServerInfo", "SplitClient", "fetch_info"),
+    "lambda_split._codec": ("Encoding", "FrameError", "FrameKind", "FrameLimits"),
+    "lambda_split._errors": (
+        "FingerprintMismatch",
+        "ModelNotFoundError",
+        "ProtocolMismatch",
+        "ServerError",
+        "SplitError",
+    ),
+    "lambda_split._generate": ("GenerationConfig", "GenerationResult", "encode_prompts", "generate_tokens"),
+    "lambda_split._local": ("LocalTransport",),
+    "lambda_split._models": ("BUILTIN_MODELS", "Checkpoint", "fingerprint", "preload", "resolve"),
+    "lambda_split._parts": ("Head", "PartState", "SplitModel", "SplitSpec", "Tail", "Trunk", "load_parts"),
+    "lambda_split._service": (
+        "Executor",
+        "LLMExecutor",
+        "ServiceError",
+        "ServiceLimits",
+        "TrunkService",
+        "load_llm_service",
+    ),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted([*_WHERE, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'lambda_split' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from lambda_split._client import RemoteTrunk, ServerInfo, SplitClient, fetch_info
+    from lambda_split._codec import Encoding, FrameError, FrameKind, FrameLimits
+    from lambda_split._errors import (
+        FingerprintMismatch,
+        ModelNotFoundError,
+        ProtocolMismatch,
+        ServerError,
+        SplitError,
+    )
+    from lambda_split._generate import GenerationConfig, GenerationResult, encode_prompts, generate_tokens
+    from lambda_split._local import LocalTransport
+    from lambda_split._models import BUILTIN_MODELS, Checkpoint, fingerprint, preload, resolve
+    from lambda_split._parts import Head, PartState, SplitModel, SplitSpec, Tail, Trunk, load_parts
+    from lambda_split._service import (
+        Executor,
+        LLMExecutor,
+        ServiceError,
+        ServiceLimits,
+        TrunkService,
+        load_llm_service,
+    )

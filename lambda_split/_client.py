@@ -11,11 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from secure_channel import Request, Response, SecurityMode, Transport
 
 from lambda_split._codec import Encoding, FrameError, FrameKind, decode_frame, encode_frame
 from lambda_split._errors import FingerprintMismatch, ProtocolMismatch, ServerError
-from lambda_split._generate import GenerationConfig, GenerationResult, TextCallback, encode_prompts, generate_tokens
+from lambda_split._generate import (
+    GenerationConfig,
+    GenerationResult,
+    TextCallback,
+    encode_prompts,
+    generate_tokens,
+)
 from lambda_split._models import Checkpoint, fingerprint, resolve
 from lambda_split._parts import SplitModel, SplitSpec, load_parts
 from lambda_split.protocol import (
@@ -26,6 +31,7 @@ from lambda_split.protocol import (
     session_path,
     step_path,
 )
+from secure_channel import Request, Response, SecurityMode, Transport
 
 ProgressFn = Callable[[str], None]
 
@@ -44,9 +50,15 @@ class ServerInfo:
     def parse(cls, data: Any) -> ServerInfo:
         try:
             start, stop = data["split"]
-            return cls(str(data["model"]), str(data["fingerprint"]), (int(start), int(stop)),
-                       int(data["num_layers"]), int(data["hidden_size"]), str(data["security"]),
-                       int(data["protocol_version"]))  # fmt: skip
+            return cls(
+                str(data["model"]),
+                str(data["fingerprint"]),
+                (int(start), int(stop)),
+                int(data["num_layers"]),
+                int(data["hidden_size"]),
+                str(data["security"]),
+                int(data["protocol_version"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolMismatch(f"malformed /v1/info reply: {exc}") from None
 
@@ -73,7 +85,9 @@ class RemoteTrunk:
     def __init__(self, transport: Transport, wire: Encoding) -> None:
         self.transport = transport
         self.wire = wire
-        reply = _check(self.transport.exchange(_json_request("POST", SESSIONS_PATH, {"wire": wire.wire_name})), 201)
+        reply = _check(
+            self.transport.exchange(_json_request("POST", SESSIONS_PATH, {"wire": wire.wire_name})), 201
+        )
         try:
             self.session_id = str(reply.json()["session_id"])
             self._raw_id = bytes.fromhex(self.session_id)
@@ -91,7 +105,11 @@ class RemoteTrunk:
             result = decode_frame(reply.content)
         except FrameError as exc:
             raise ProtocolMismatch(f"bad frame from server: {exc}") from None
-        if result.kind is not FrameKind.LLM_RESULT or result.session_id != self._raw_id or result.seq != self.seq:
+        if (
+            result.kind is not FrameKind.LLM_RESULT
+            or result.session_id != self._raw_id
+            or result.seq != self.seq
+        ):
             raise ProtocolMismatch("server reply does not answer this step")
         out = result.tensor("hidden", rank=3)
         if out.shape != hidden.shape:
@@ -113,7 +131,9 @@ class SplitClient:
     checks the server's protocol version, split and model fingerprint.
     """
 
-    def __init__(self, transport: Transport, model: SplitModel, info: ServerInfo, *, wire: str = "fp32") -> None:
+    def __init__(
+        self, transport: Transport, model: SplitModel, info: ServerInfo, *, wire: str = "fp32"
+    ) -> None:
         if not isinstance(transport, Transport):
             raise TypeError("transport must be a secure_channel.Transport")
         if model.head is None or model.tail is None:
@@ -125,9 +145,17 @@ class SplitClient:
         self.wire = Encoding.parse(wire)
 
     @classmethod
-    def connect(cls, url: str, *, security: SecurityMode, keys: str | Path | None = None,
-                model: str | Checkpoint = "smollm2-135m", wire: str = "fp32", timeout: float = 60.0,
-                progress: ProgressFn | None = None) -> SplitClient:  # fmt: skip
+    def connect(
+        cls,
+        url: str,
+        *,
+        security: SecurityMode,
+        keys: str | Path | None = None,
+        model: str | Checkpoint = "smollm2-135m",
+        wire: str = "fp32",
+        timeout: float = 60.0,
+        progress: ProgressFn | None = None,
+    ) -> SplitClient:
         """Open a transport in the named security mode and verify the server. ``security`` has no default."""
         from secure_channel import connect_transport
 
@@ -139,23 +167,35 @@ class SplitClient:
             raise
 
     @classmethod
-    def from_transport(cls, transport: Transport, model: str | Checkpoint, *, wire: str = "fp32",
-                       progress: ProgressFn | None = None) -> SplitClient:  # fmt: skip
+    def from_transport(
+        cls,
+        transport: Transport,
+        model: str | Checkpoint,
+        *,
+        wire: str = "fp32",
+        progress: ProgressFn | None = None,
+    ) -> SplitClient:
         say = progress or (lambda _message: None)
         Encoding.parse(wire)
         info = fetch_info(transport)
         if info.security != transport.security:
-            raise ProtocolMismatch(f"server runs in {info.security!r} mode, this client in {transport.security!r}")
+            raise ProtocolMismatch(
+                f"server runs in {info.security!r} mode, this client in {transport.security!r}"
+            )
         checkpoint = resolve(model) if isinstance(model, str) else model
         if info.num_layers != checkpoint.config.num_hidden_layers:
-            raise FingerprintMismatch(f"server model has {info.num_layers} layers, local model "
-                                      f"{checkpoint.config.num_hidden_layers}")  # fmt: skip
+            raise FingerprintMismatch(
+                f"server model has {info.num_layers} layers, local model "
+                f"{checkpoint.config.num_hidden_layers}"
+            )
         spec = SplitSpec(info.split[0], info.split[1], info.num_layers)
         say(f"verifying the server's trunk {spec} of {checkpoint.name}")
         local = fingerprint(checkpoint, (spec.start, spec.stop))
         if local != info.fingerprint:
-            raise FingerprintMismatch(f"server trunk {info.model} [{spec}] has fingerprint {info.fingerprint}, "
-                                      f"the local model {local}; refusing to send hidden states")  # fmt: skip
+            raise FingerprintMismatch(
+                f"server trunk {info.model} [{spec}] has fingerprint {info.fingerprint}, "
+                f"the local model {local}; refusing to send hidden states"
+            )
         say(f"loading head and tail of {checkpoint.name}")
         return cls(transport, load_parts(checkpoint, spec, ("head", "tail")), info, wire=wire)
 
@@ -163,23 +203,47 @@ class SplitClient:
     def tokenizer(self) -> Any:
         return self.model.checkpoint.tokenizer
 
-    def generate(self, prompt: str | list[str], config: GenerationConfig | None = None, *, chat: bool = True,
-                 on_text: TextCallback | None = None) -> GenerationResult:  # fmt: skip
+    def generate(
+        self,
+        prompt: str | list[str],
+        config: GenerationConfig | None = None,
+        *,
+        chat: bool = True,
+        on_text: TextCallback | None = None,
+    ) -> GenerationResult:
         """Generate for one prompt or a batch. The trunk session lives for this call only."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         input_ids, mask = encode_prompts(self.tokenizer, prompts, chat=chat)
         return self.generate_ids(input_ids, mask, config or GenerationConfig(), on_text=on_text)
 
-    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig, *,
-                     on_text: TextCallback | None = None, keep_logits: bool = False) -> GenerationResult:  # fmt: skip
+    def generate_ids(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        config: GenerationConfig,
+        *,
+        on_text: TextCallback | None = None,
+        keep_logits: bool = False,
+    ) -> GenerationResult:
         trunk = RemoteTrunk(self.transport, self.wire)
         try:
-            return generate_tokens(self.head, trunk, self.tail, self.tokenizer, input_ids,
-                                   attention_mask, config, on_text=on_text, keep_logits=keep_logits)  # fmt: skip
+            return generate_tokens(
+                self.head,
+                trunk,
+                self.tail,
+                self.tokenizer,
+                input_ids,
+                attention_mask,
+                config,
+                on_text=on_text,
+                keep_logits=keep_logits,
+            )
         finally:
             trunk.close()
 
-    def stream(self, prompt: str, config: GenerationConfig | None = None, *, chat: bool = True) -> Iterator[str]:
+    def stream(
+        self, prompt: str, config: GenerationConfig | None = None, *, chat: bool = True
+    ) -> Iterator[str]:
         """Yield text as it is generated."""
         chunks: queue.Queue[str | BaseException | None] = queue.Queue()
 
@@ -211,5 +275,7 @@ class SplitClient:
 def fetch_info(transport: Transport) -> ServerInfo:
     info = ServerInfo.parse(_check(transport.exchange(Request("GET", INFO_PATH)), 200).json())
     if info.protocol_version != PROTOCOL_VERSION:
-        raise ProtocolMismatch(f"server speaks protocol {info.protocol_version}, this client {PROTOCOL_VERSION}")
+        raise ProtocolMismatch(
+            f"server speaks protocol {info.protocol_version}, this client {PROTOCOL_VERSION}"
+        )
     return info

@@ -7,6 +7,8 @@ The tree::
     ├── ProtocolMismatch          the server speaks another protocol version, or sent an unexpected reply
     └── FingerprintMismatch       the server's trunk is not the trunk of the local model and split
 
+    ModelNotFoundError            (a FileNotFoundError) the model name or path names no model
+
 Transport failures are secure_channel's: ``TransportError``, ``ChannelTimeout`` and
 ``AuthenticationError`` reach the caller unchanged.
 """
@@ -34,3 +36,7 @@ class ProtocolMismatch(SplitError):
 
 class FingerprintMismatch(SplitError):
     """The server's model or split differs from the local one; no hidden state was sent."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model name is not built in and the path does not exist or is not a model."""

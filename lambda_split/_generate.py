@@ -193,8 +193,11 @@ def encode_prompts(
     """Tokenise prompts into a left-padded batch, applying the chat template if asked and available."""
     if chat and tokenizer.chat_template:
         texts = [
-            str(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                              add_generation_prompt=True))  # fmt: skip
+            str(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+            )
             for p in prompts
         ]
         add_special = False

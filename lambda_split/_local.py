@@ -3,8 +3,6 @@ from __future__ import annotations
 import json
 import re
 
-from secure_channel import Request, Response, Transport, WireStats
-
 from lambda_split._service import ServiceError, TrunkService
 from lambda_split.protocol import (
     FRAME_CONTENT_TYPE,
@@ -13,6 +11,7 @@ from lambda_split.protocol import (
     SESSIONS_PATH,
     error_body,
 )
+from secure_channel import Request, Response, Transport, WireStats
 
 _SESSION = re.compile(re.escape(SESSIONS_PATH) + r"/([0-9a-f]{1,64})(/step)?\Z")
 

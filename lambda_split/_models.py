@@ -21,14 +21,12 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
+from lambda_split._errors import ModelNotFoundError
+
 SMOLLM2 = "smollm2-135m"
 TINY_LLAMA = "tiny-random-llama"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = (SMOLLM2, TINY_LLAMA)
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model name is not built in and the path does not exist or is not a model."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +147,9 @@ def _directory_checkpoint(path: Path) -> Checkpoint:
         with safe_open(path / "model.safetensors", framework="pt") as handle:
             weight_map = {key: "model.safetensors" for key in handle.keys()}  # noqa: SIM118
     else:
-        raise ModelNotFoundError(f"{path} has no model.safetensors(.index.json); only safetensors is supported")
+        raise ModelNotFoundError(
+            f"{path} has no model.safetensors(.index.json); only safetensors is supported"
+        )
 
     def read_tensors(names: Iterable[str]) -> dict[str, torch.Tensor]:
         requested = set(names)
@@ -213,7 +213,9 @@ def fingerprint(checkpoint: Checkpoint, layer_range: tuple[int, int]) -> str:
     digest.update(config_fingerprint_json(checkpoint.config).encode())
     digest.update(f"\0layers {start}:{stop}\0".encode())
     names = sorted(
-        name for name in meta_model(checkpoint.config).state_dict() if _layer_index(name) in range(start, stop)
+        name
+        for name in meta_model(checkpoint.config).state_dict()
+        if _layer_index(name) in range(start, stop)
     )
     for name in names:
         raw = checkpoint.raw_tensor_bytes(name)

@@ -84,7 +84,9 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 class _LayerStack(nn.Module):
     """A contiguous run of decoder layers with the model's rotary embedding."""
 
-    def __init__(self, config: PretrainedConfig, layers: list[nn.Module], first: int, rotary: nn.Module) -> None:
+    def __init__(
+        self, config: PretrainedConfig, layers: list[nn.Module], first: int, rotary: nn.Module
+    ) -> None:
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(layers)
@@ -133,12 +135,17 @@ def _advance(state: PartState, new_mask: torch.Tensor) -> torch.Tensor:
 class Head(_LayerStack):
     """Embeddings and layers ``[0, A)``: token ids in, hidden states out. Runs on the device."""
 
-    def __init__(self, config: PretrainedConfig, embed: nn.Module, layers: list[nn.Module], rotary: nn.Module):
+    def __init__(
+        self, config: PretrainedConfig, embed: nn.Module, layers: list[nn.Module], rotary: nn.Module
+    ):
         super().__init__(config, layers, 0, rotary)
         self.embed_tokens = embed
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, state: PartState | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        state: PartState | None = None,
     ) -> torch.Tensor:
         state = state if state is not None else self.new_state()
         new_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -160,8 +167,15 @@ class Trunk(_LayerStack):
 class Tail(_LayerStack):
     """Layers ``[B, N)``, the final norm and the LM head: hidden states in, logits out. On the device."""
 
-    def __init__(self, config: PretrainedConfig, layers: list[nn.Module], first: int, rotary: nn.Module,
-                 norm: nn.Module, lm_head: nn.Module):  # fmt: skip
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        layers: list[nn.Module],
+        first: int,
+        rotary: nn.Module,
+        norm: nn.Module,
+        lm_head: nn.Module,
+    ):
         super().__init__(config, layers, first, rotary)
         self.norm = norm
         self.lm_head = lm_head
@@ -208,7 +222,9 @@ def load_parts(
         raise ValueError(f"unknown part(s) {sorted(unknown)}; parts are {PART_NAMES}")
     config = checkpoint.config
     if spec.num_layers != config.num_hidden_layers:
-        raise ValueError(f"split is for {spec.num_layers} layers but the model has {config.num_hidden_layers}")
+        raise ValueError(
+            f"split is for {spec.num_layers} layers but the model has {config.num_hidden_layers}"
+        )
     skeleton = meta_model(config)
     inner = skeleton.model  # type: ignore[attr-defined]
     if not isinstance(getattr(inner, "layers", None), nn.ModuleList):
@@ -226,8 +242,11 @@ def load_parts(
     names = [f"{prefix}.{name}" for prefix, module in wanted.items() for name in module.state_dict()]
     tensors = checkpoint.read_tensors(names)
     for prefix, module in wanted.items():
-        local = {key[len(prefix) + 1 :]: value.to(device) for key, value in tensors.items()
-                 if key.startswith(prefix + ".")}  # fmt: skip
+        local = {
+            key[len(prefix) + 1 :]: value.to(device)
+            for key, value in tensors.items()
+            if key.startswith(prefix + ".")
+        }
         module.load_state_dict(local, strict=True, assign=True)
     del tensors
 

@@ -53,7 +53,13 @@ class ServiceLimits:
     frame: FrameLimits = field(default_factory=FrameLimits)
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_tokens_per_session", "max_batch", "max_step_tokens", "max_cache_bytes"):
+        for name in (
+            "max_sessions",
+            "max_tokens_per_session",
+            "max_batch",
+            "max_step_tokens",
+            "max_cache_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.idle_timeout_s <= 0:
@@ -100,11 +106,15 @@ class LLMExecutor:
         if state.mask is not None and state.mask.shape[0] != batch:
             raise FrameError(f"batch size changed from {state.mask.shape[0]} to {batch} within the session")
         if batch > limits.max_batch or length > limits.max_step_tokens:
-            raise ServiceError(413, "step_too_large", f"at most {limits.max_batch} rows of "
-                               f"{limits.max_step_tokens} tokens per step")  # fmt: skip
+            raise ServiceError(
+                413,
+                "step_too_large",
+                f"at most {limits.max_batch} rows of {limits.max_step_tokens} tokens per step",
+            )
         if state.seen + length > limits.max_tokens_per_session:
-            raise ServiceError(422, "session_token_limit", f"a session holds at most "
-                               f"{limits.max_tokens_per_session} tokens")  # fmt: skip
+            raise ServiceError(
+                422, "session_token_limit", f"a session holds at most {limits.max_tokens_per_session} tokens"
+            )
         with torch.inference_mode():
             out = self.trunk(hidden.to(self.trunk_dtype), mask.long(), state)
         return {"hidden": out.float()}
@@ -137,8 +147,9 @@ class _Session:
 class TrunkService:
     """Holds trunk sessions for many clients, each bound to the identity that opened it."""
 
-    def __init__(self, executor: Executor, *, limits: ServiceLimits | None = None,
-                 clock: Any = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self, executor: Executor, *, limits: ServiceLimits | None = None, clock: Any = time.monotonic
+    ) -> None:
         self.executor = executor
         self.limits = limits or ServiceLimits()
         self._clock = clock
@@ -187,10 +198,13 @@ class TrunkService:
         self.expire_idle()
         with self._lock:
             if len(self._sessions) >= self.limits.max_sessions:
-                raise ServiceError(503, "too_many_sessions", "the server holds its maximum number of sessions",
-                                   retry_after=5)  # fmt: skip
+                raise ServiceError(
+                    503, "too_many_sessions", "the server holds its maximum number of sessions", retry_after=5
+                )
             raw = secrets.token_bytes(SESSION_ID_BYTES)
-            self._sessions[raw] = _Session(owner, encoding, self.executor.new_state(), last_used=self._clock())
+            self._sessions[raw] = _Session(
+                owner, encoding, self.executor.new_state(), last_used=self._clock()
+            )
         return {
             "session_id": raw.hex(),
             "wire": encoding.wire_name,
@@ -247,8 +261,14 @@ class TrunkService:
             del self._sessions[raw]
 
 
-def load_llm_service(model: str | Checkpoint, split: str, *, security: str, limits: ServiceLimits | None = None,
-                     progress: Any = None) -> tuple[TrunkService, dict[str, Any]]:  # fmt: skip
+def load_llm_service(
+    model: str | Checkpoint,
+    split: str,
+    *,
+    security: str,
+    limits: ServiceLimits | None = None,
+    progress: Any = None,
+) -> tuple[TrunkService, dict[str, Any]]:
     """Load only the trunk of ``model`` and wrap it in a service; also return the /v1/info body."""
     from lambda_split._models import fingerprint, resolve
     from lambda_split._parts import SplitSpec, load_parts

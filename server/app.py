@@ -81,8 +81,9 @@ class TrunkEndpoints:
         if request.headers.get("content-type", "") != FRAME_CONTENT_TYPE:
             return error(415, "unsupported_media_type", f"step bodies must be {FRAME_CONTENT_TYPE}")
         body = await request.body()
-        reply = await to_thread.run_sync(self.service.step, owner_of(request.scope),
-                                         request.path_params["session_id"], body)  # fmt: skip
+        reply = await to_thread.run_sync(
+            self.service.step, owner_of(request.scope), request.path_params["session_id"], body
+        )
         return Response(reply, media_type=FRAME_CONTENT_TYPE)
 
     async def close_session(self, request: Request) -> Response:
@@ -116,8 +117,13 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return error(500, "internal_error", "the server failed to handle this request")
 
 
-def build_app(service: TrunkService, info: dict[str, Any], config: ServerConfig,
-              credentials: Credentials | None = None, metrics: Metrics | None = None) -> Starlette:  # fmt: skip
+def build_app(
+    service: TrunkService,
+    info: dict[str, Any],
+    config: ServerConfig,
+    credentials: Credentials | None = None,
+    metrics: Metrics | None = None,
+) -> Starlette:
     """Assemble the trunk server. ``credentials`` are required in every mode but plain."""
     if config.security != "plain" and credentials is None:
         raise ValueError(f"security mode {config.security} needs server credentials")
@@ -143,8 +149,12 @@ def build_app(service: TrunkService, info: dict[str, Any], config: ServerConfig,
         middleware.append(Middleware(AESGCMMiddleware, credentials=credentials))
     middleware += [
         Middleware(AccessLogMiddleware, metrics=metrics, identify=client_key),
-        Middleware(RateLimitMiddleware, rate_per_s=config.rate_limit_per_s, burst=config.rate_limit_burst,
-                   identify=client_key),  # fmt: skip
+        Middleware(
+            RateLimitMiddleware,
+            rate_per_s=config.rate_limit_per_s,
+            burst=config.rate_limit_burst,
+            identify=client_key,
+        ),
         Middleware(ConcurrencyLimitMiddleware, limit=config.max_concurrency),
     ]
 
@@ -159,7 +169,11 @@ def build_app(service: TrunkService, info: dict[str, Any], config: ServerConfig,
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={ServiceError: _service_error, HTTPException: _http_error, Exception: _internal_error},
+        exception_handlers={
+            ServiceError: _service_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
         lifespan=lifespan,
     )
     app.state.endpoints = endpoints

@@ -64,7 +64,9 @@ class ServerConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if self.security != "plain" and not self.keys:
-            raise ConfigError(f"--security {self.security} needs --keys DIR (create one with: lambda-split keys init DIR)")
+            raise ConfigError(
+                f"--security {self.security} needs --keys DIR (create one with: lambda-split keys init DIR)"
+            )
         if self.security == "plain" and not _is_loopback(self.host) and not self.insecure_plain:
             raise ConfigError(
                 f"refusing to serve plain HTTP on non-loopback address {self.host}: anyone on the path can read "
@@ -113,8 +115,9 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}") from None
 
 
-def load_config(file: str | Path | None = None, environ: dict[str, str] | None = None,
-                **overrides: Any) -> ServerConfig:  # fmt: skip
+def load_config(
+    file: str | Path | None = None, environ: dict[str, str] | None = None, **overrides: Any
+) -> ServerConfig:
     """Merge defaults, a TOML file (keys at top level or under [server] and [limits]), environment
     variables named ``LAMBDA_SPLIT_<FIELD>`` and explicit overrides (``None`` means not given)."""
     values: dict[str, Any] = {}

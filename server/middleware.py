@@ -49,7 +49,7 @@ async def _run_guarded(app: ASGIApp, scope: Scope, receive: Receive, send: Send)
 class SecurityHeadersMiddleware:
     """No caching of anything, no content sniffing."""
 
-    HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
+    HEADERS = ((b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"))
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -113,7 +113,9 @@ class ReceiveDeadlineMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                raise Refused(408, "receive_timeout", f"request body not received within {self.timeout_s} s") from None
+                raise Refused(
+                    408, "receive_timeout", f"request body not received within {self.timeout_s} s"
+                ) from None
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
@@ -123,8 +125,15 @@ class ReceiveDeadlineMiddleware:
 class RateLimitMiddleware:
     """A token bucket per client identity; 429 with Retry-After when it runs dry."""
 
-    def __init__(self, app: ASGIApp, rate_per_s: float, burst: int, identify: Callable[[Scope], str],
-                 *, max_clients: int = 10_000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        app: ASGIApp,
+        rate_per_s: float,
+        burst: int,
+        identify: Callable[[Scope], str],
+        *,
+        max_clients: int = 10_000,
+    ) -> None:
         self.app = app
         self.rate, self.burst = rate_per_s, burst
         self.identify = identify

@@ -47,13 +47,25 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("lambda_split_requests", "HTTP requests served", ["method", "route", "status"],
-                                registry=self.registry)  # fmt: skip
-        self.latency = Histogram("lambda_split_request_seconds", "Request latency", ["route"],
-                                 registry=self.registry,
-                                 buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))  # fmt: skip
-        self.refusals = Counter("lambda_split_refusals", "Requests refused with a 4xx or 5xx status", ["status"],
-                                registry=self.registry)  # fmt: skip
+        self.requests = Counter(
+            "lambda_split_requests",
+            "HTTP requests served",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lambda_split_request_seconds",
+            "Request latency",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.refusals = Counter(
+            "lambda_split_refusals",
+            "Requests refused with a 4xx or 5xx status",
+            ["status"],
+            registry=self.registry,
+        )
 
     def watch(self, service: Any) -> None:
         """Report the sessions of ``service`` (a TrunkService) at every scrape."""
@@ -67,14 +79,21 @@ class _SessionCollector(Collector):
     def collect(self) -> list[Metric]:
         service = self.service
         return [
-            GaugeMetricFamily("lambda_split_open_sessions", "Trunk sessions held", value=service.open_sessions),
-            GaugeMetricFamily("lambda_split_kv_cache_bytes", "Bytes of session state (KV cache) held",
-                              value=service.cache_bytes),
-            CounterMetricFamily("lambda_split_sessions_expired", "Sessions dropped after idling",
-                                value=service.expired),
-            CounterMetricFamily("lambda_split_sessions_evicted", "Sessions evicted to bound memory",
-                                value=service.evicted),
-        ]  # fmt: skip
+            GaugeMetricFamily(
+                "lambda_split_open_sessions", "Trunk sessions held", value=service.open_sessions
+            ),
+            GaugeMetricFamily(
+                "lambda_split_kv_cache_bytes",
+                "Bytes of session state (KV cache) held",
+                value=service.cache_bytes,
+            ),
+            CounterMetricFamily(
+                "lambda_split_sessions_expired", "Sessions dropped after idling", value=service.expired
+            ),
+            CounterMetricFamily(
+                "lambda_split_sessions_evicted", "Sessions evicted to bound memory", value=service.evicted
+            ),
+        ]
 
 
 class AccessLogMiddleware:
@@ -113,6 +132,13 @@ class AccessLogMiddleware:
             self.metrics.latency.labels(route).observe(elapsed)
             if status >= 400:
                 self.metrics.refusals.labels(str(status)).inc()
-            fields = {"client": self.identify(scope), "method": scope["method"], "route": route, "status": status,
-                      "ms": round(elapsed * 1000, 2), "bytes_in": sizes["in"], "bytes_out": sizes["out"]}  # fmt: skip
+            fields = {
+                "client": self.identify(scope),
+                "method": scope["method"],
+                "route": route,
+                "status": status,
+                "ms": round(elapsed * 1000, 2),
+                "bytes_in": sizes["in"],
+                "bytes_out": sizes["out"],
+            }
             LOGGER.info("request", extra={"fields": fields})

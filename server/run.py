@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -34,14 +35,28 @@ class ReadyServer(uvicorn.Server):
             self.url = f"{self.scheme}://{host}:{port}"
             self.on_ready(self.url)
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process would die by
+        # the signal; the contract is a graceful shutdown with exit code 0.
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
-def load_service(config: ServerConfig, progress: Callable[[str], None]) -> tuple[TrunkService, dict[str, Any]]:
+
+def load_service(
+    config: ServerConfig, progress: Callable[[str], None]
+) -> tuple[TrunkService, dict[str, Any]]:
     limits: ServiceLimits = config.service_limits()
     if _is_diffusion(config.model):
         from lambda_split.diffusion import load_diffusion_service
 
-        return load_diffusion_service(config.model, security=config.security, limits=limits, progress=progress)
-    return load_llm_service(config.model, config.split, security=config.security, limits=limits, progress=progress)
+        return load_diffusion_service(
+            config.model, security=config.security, limits=limits, progress=progress
+        )
+    return load_llm_service(
+        config.model, config.split, security=config.security, limits=limits, progress=progress
+    )
 
 
 def _is_diffusion(model: str) -> bool:
@@ -50,9 +65,13 @@ def _is_diffusion(model: str) -> bool:
     return model in DIFFUSION_MODELS or (Path(model) / "model_index.json").is_file()
 
 
-def build_server(config: ServerConfig, *, on_ready: Callable[[str], None],
-                 progress: Callable[[str], None] = lambda _m: None,
-                 service: tuple[TrunkService, dict[str, Any]] | None = None) -> ReadyServer:  # fmt: skip
+def build_server(
+    config: ServerConfig,
+    *,
+    on_ready: Callable[[str], None],
+    progress: Callable[[str], None] = lambda _m: None,
+    service: tuple[TrunkService, dict[str, Any]] | None = None,
+) -> ReadyServer:
     """Validate ``config`` (fails closed), load credentials and the trunk, and return a ready-to-run server."""
     config.validate()
     credentials: Credentials | None = None
@@ -77,8 +96,12 @@ def build_server(config: ServerConfig, *, on_ready: Callable[[str], None],
     return ReadyServer(uv_config, scheme, on_ready)
 
 
-def serve(config: ServerConfig, *, on_ready: Callable[[str], None],
-          progress: Callable[[str], None] = lambda _m: None) -> int:  # fmt: skip
+def serve(
+    config: ServerConfig,
+    *,
+    on_ready: Callable[[str], None],
+    progress: Callable[[str], None] = lambda _m: None,
+) -> int:
     """Serve until SIGTERM or SIGINT, then shut down gracefully and return 0."""
     configure_logging()
     server = build_server(config, on_ready=on_ready, progress=progress)

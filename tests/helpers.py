@@ -16,8 +16,9 @@ from lambda_split._service import LLMExecutor
 from lambda_split.protocol import PROTOCOL_VERSION
 
 
-def local_client(checkpoint: Checkpoint, split: str, *, wire: str = "fp32",
-                 limits: ServiceLimits | None = None) -> tuple[SplitClient, TrunkService]:  # fmt: skip
+def local_client(
+    checkpoint: Checkpoint, split: str, *, wire: str = "fp32", limits: ServiceLimits | None = None
+) -> tuple[SplitClient, TrunkService]:
     """A client whose trunk runs in this process, behind the same session protocol as the server."""
     spec = SplitSpec.parse(split, checkpoint.config.num_hidden_layers)
     trunk = load_parts(checkpoint, spec, ("trunk",)).trunk
@@ -34,7 +35,9 @@ def local_client(checkpoint: Checkpoint, split: str, *, wire: str = "fp32",
     return SplitClient.from_transport(LocalTransport(service, info), checkpoint, wire=wire), service
 
 
-def reference_tokens(model: Any, input_ids: Any, mask: Any, new_tokens: int, eos: int | None) -> list[list[int]]:
+def reference_tokens(
+    model: Any, input_ids: Any, mask: Any, new_tokens: int, eos: int | None
+) -> list[list[int]]:
     """Greedy tokens of transformers' own generate(), cut after the first EOS like the split loop."""
     out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
     rows = out[:, input_ids.shape[1] :].tolist()

@@ -13,7 +13,10 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(tiny: Checkpoin
     sample = GenerationConfig(max_new_tokens=32, temperature=1.5, top_k=50, top_p=0.95, seed=7)
     first = client.generate("hello", sample).token_ids
     assert first == client.generate("hello", sample).token_ids
-    assert first != client.generate("hello", GenerationConfig(max_new_tokens=32, temperature=1.5, seed=8)).token_ids
+    assert (
+        first
+        != client.generate("hello", GenerationConfig(max_new_tokens=32, temperature=1.5, seed=8)).token_ids
+    )
     assert first != client.generate("hello", GenerationConfig(max_new_tokens=32)).token_ids
 
 

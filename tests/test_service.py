@@ -108,7 +108,9 @@ def test_idle_sessions_expire(tiny: Checkpoint, clock: Clock) -> None:
     refused("session_not_found", service.step, "a", sid, step_body(sid, 1))
 
 
-def test_kv_cache_memory_is_capped_by_evicting_the_least_recently_used(tiny: Checkpoint, clock: Clock) -> None:
+def test_kv_cache_memory_is_capped_by_evicting_the_least_recently_used(
+    tiny: Checkpoint, clock: Clock
+) -> None:
     per_token = 4 * 2 * 2 * 16 * 4  # layers x (k, v) x kv heads x head dim x fp32
     service = make_service(tiny, clock, max_cache_bytes=per_token * 25)
     old = service.open_session("a", "fp32")["session_id"]

@@ -40,7 +40,10 @@ def test_smollm2_split_matches_monolithic_for_a_batch(smollm2: Checkpoint, split
 @pytest.mark.heavy
 def test_smollm2_answers_sensibly(smollm2: Checkpoint) -> None:
     client, _ = local_client(smollm2, "2:-2")
-    assert "Paris" in client.generate("What is the capital of France?", GenerationConfig(max_new_tokens=16)).texts[0]
+    assert (
+        "Paris"
+        in client.generate("What is the capital of France?", GenerationConfig(max_new_tokens=16)).texts[0]
+    )
 
 
 def test_parts_hold_only_their_own_weights(tiny: Checkpoint) -> None:

@@ -14,8 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lambda_split._errors import FingerprintMismatch, ProtocolMismatch, ServerError
-from lambda_split._models import ModelNotFoundError
+from lambda_split._errors import FingerprintMismatch, ModelNotFoundError, ProtocolMismatch, ServerError
 from secure_channel import SECURITY_MODES, AuthenticationError, ChannelError, CredentialsError, TransportError
 
 EXIT_OTHER, EXIT_USAGE, EXIT_AUTH, EXIT_SERVER = 1, 2, 3, 4
@@ -68,9 +67,16 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from server import load_config, serve
 
-    config = load_config(args.config, model=args.model, split=args.split, security=args.security,
-                         keys=args.keys, host=args.host, port=args.port,
-                         insecure_plain=args.insecure_plain or None).validate()  # fmt: skip
+    config = load_config(
+        args.config,
+        model=args.model,
+        split=args.split,
+        security=args.security,
+        keys=args.keys,
+        host=args.host,
+        port=args.port,
+        insecure_plain=args.insecure_plain or None,
+    ).validate()
     return serve(config, on_ready=lambda url: print(f"listening on {url}", flush=True), progress=progress)
 
 
@@ -81,8 +87,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = read_prompt(args.prompt)
     config = _generation_config(args, GenerationConfig)
     progress(f"connecting to {args.server} ({args.security})")
-    with SplitClient.connect(args.server, security=args.security, keys=args.keys, model=args.model,
-                             wire=args.wire, timeout=args.timeout, progress=progress) as client:  # fmt: skip
+    with SplitClient.connect(
+        args.server,
+        security=args.security,
+        keys=args.keys,
+        model=args.model,
+        wire=args.wire,
+        timeout=args.timeout,
+        progress=progress,
+    ) as client:
         stream = None if args.json else (lambda _row, text: print(text, end="", flush=True))
         result = client.generate(prompt, config, chat=not args.raw, on_text=stream)
         stats = client.transport.stats
@@ -96,8 +109,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generation_config(args: argparse.Namespace, cls: Any) -> Any:
     try:
-        return cls(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()))  # fmt: skip
+        return cls(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop_strings=tuple(args.stop or ()),
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -124,25 +143,38 @@ def _result_json(result: Any, client: Any, stats: Any) -> dict[str, Any]:
 def _summary(result: Any, client: Any, stats: Any) -> str:
     data = _result_json(result, client, stats)["stats"]
     per_token = (stats.bytes_sent + stats.bytes_received) / max(result.new_tokens, 1)
-    return (f"{data['new_tokens']} tokens, {data['tokens_per_s']:.1f} tokens/s, first token "
-            f"{data['time_to_first_token_s']:.2f} s, {per_token:,.0f} wire bytes/token, split "
-            f"{client.info.split[0]}:{client.info.split[1]}, security {client.transport.security}, "
-            f"wire {client.wire.wire_name}")  # fmt: skip
+    return (
+        f"{data['new_tokens']} tokens, {data['tokens_per_s']:.1f} tokens/s, first token "
+        f"{data['time_to_first_token_s']:.2f} s, {per_token:,.0f} wire bytes/token, split "
+        f"{client.info.split[0]}:{client.info.split[1]}, security {client.transport.security}, "
+        f"wire {client.wire.wire_name}"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lambda_split.cli._demo import run_demo
 
-    return run_demo(args.security, model=args.model, split=args.split, prompt=args.prompt or DEMO_PROMPT,
-                    max_new_tokens=args.max_new_tokens, as_json=args.json, progress=progress)  # fmt: skip
+    return run_demo(
+        args.security,
+        model=args.model,
+        split=args.split,
+        prompt=args.prompt or DEMO_PROMPT,
+        max_new_tokens=args.max_new_tokens,
+        as_json=args.json,
+        progress=progress,
+    )
 
 
 # --- parser ------------------------------------------------------------------------------------
 
 
 def _security(required: bool, default: str | None = None) -> dict[str, Any]:
-    return {"choices": SECURITY_MODES, "required": required, "default": default,
-            "help": "security mode: " + ", ".join(SECURITY_MODES)}  # fmt: skip
+    return {
+        "choices": SECURITY_MODES,
+        "required": required,
+        "default": default,
+        "help": "security mode: " + ", ".join(SECURITY_MODES),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    keys = commands.add_parser("keys", help="manage credentials").add_subparsers(dest="keys_command", required=True)
+    keys = commands.add_parser("keys", help="manage credentials").add_subparsers(
+        dest="keys_command", required=True
+    )
     init = keys.add_parser("init", help="create a CA and server and client certificates")
     init.add_argument("dir")
     init.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
@@ -167,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8443; 0 picks a free one)")
     serve.add_argument("--config", help="TOML config file")
-    serve.add_argument("--insecure-plain", action="store_true", help="allow plain mode on a non-loopback address")
+    serve.add_argument(
+        "--insecure-plain", action="store_true", help="allow plain mode on a non-loopback address"
+    )
     serve.set_defaults(run=cmd_serve)
 
     generate = commands.add_parser("generate", help="generate text with the trunk on a server")

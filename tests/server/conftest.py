@@ -32,9 +32,12 @@ class LiveServer:
         self.thread.join(10)
 
 
-def start_server(checkpoint: Checkpoint, mode: str, keys: Path, split: str = "2:-2", **limits: Any) -> LiveServer:
-    config = replace(ServerConfig(model=checkpoint.name, split=split, security=mode, keys=str(keys), port=0),
-                     **limits)  # fmt: skip
+def start_server(
+    checkpoint: Checkpoint, mode: str, keys: Path, split: str = "2:-2", **limits: Any
+) -> LiveServer:
+    config = replace(
+        ServerConfig(model=checkpoint.name, split=split, security=mode, keys=str(keys), port=0), **limits
+    )
     service = load_llm_service(checkpoint, split, security=mode, limits=config.service_limits())
     ready = threading.Event()
     server = build_server(config, on_ready=lambda _url: ready.set(), service=service)

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from lambda_split import Checkpoint, FingerprintMismatch, GenerationConfig, ServerError, SplitClient, encode_prompts
+from lambda_split import (
+    Checkpoint,
+    FingerprintMismatch,
+    GenerationConfig,
+    ServerError,
+    SplitClient,
+    encode_prompts,
+)
 from secure_channel import AuthenticationError, connect_transport
 from tests.conftest import monolithic
 from tests.helpers import reference_tokens
@@ -16,13 +23,17 @@ from tests.server.conftest import MODES, LiveServer
 GREEDY = GenerationConfig(max_new_tokens=32)
 
 
-def connect(server: LiveServer, model: Checkpoint, keys: Path | None = None, wire: str = "fp32") -> SplitClient:
+def connect(
+    server: LiveServer, model: Checkpoint, keys: Path | None = None, wire: str = "fp32"
+) -> SplitClient:
     keys_dir = None if server.mode == "plain" else (keys or server.keys)
     return SplitClient.connect(server.url, security=server.mode, keys=keys_dir, model=model, wire=wire)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_every_mode_gives_the_monolithic_tokens(live: dict[str, LiveServer], tiny: Checkpoint, mode: str) -> None:
+def test_every_mode_gives_the_monolithic_tokens(
+    live: dict[str, LiveServer], tiny: Checkpoint, mode: str
+) -> None:
     with connect(live[mode], tiny) as client:
         ids, mask = encode_prompts(client.tokenizer, ["hello there", "x"], chat=True)
         expected = reference_tokens(monolithic(tiny), ids, mask, 32, client.tokenizer.eos_token_id)
@@ -30,7 +41,9 @@ def test_every_mode_gives_the_monolithic_tokens(live: dict[str, LiveServer], tin
         assert client.transport.stats.bytes_sent > 0 and client.transport.stats.bytes_received > 0
 
 
-def test_eight_concurrent_clients_each_get_their_solo_output(live: dict[str, LiveServer], tiny: Checkpoint) -> None:
+def test_eight_concurrent_clients_each_get_their_solo_output(
+    live: dict[str, LiveServer], tiny: Checkpoint
+) -> None:
     prompts = [f"prompt number {i} " * (i + 1) for i in range(8)]
     with connect(live["tls+aesgcm"], tiny) as client:
         solo = [client.generate(p, GREEDY).token_ids[0] for p in prompts]
@@ -63,12 +76,17 @@ def test_client_refuses_a_server_with_another_model(live: dict[str, LiveServer],
 
 def test_client_refuses_a_mode_mismatch(live: dict[str, LiveServer], tiny: Checkpoint) -> None:
     with pytest.raises(AuthenticationError):
-        SplitClient.connect(live["tls"].url.replace("https", "https"), security="tls+aesgcm",
-                            keys=live["tls"].keys, model=tiny).close()  # fmt: skip
+        SplitClient.connect(
+            live["tls"].url.replace("https", "https"),
+            security="tls+aesgcm",
+            keys=live["tls"].keys,
+            model=tiny,
+        ).close()
 
 
-def test_sessions_are_bound_to_the_authenticated_client(live: dict[str, LiveServer], tiny: Checkpoint,
-                                                        second_client: Path) -> None:  # fmt: skip
+def test_sessions_are_bound_to_the_authenticated_client(
+    live: dict[str, LiveServer], tiny: Checkpoint, second_client: Path
+) -> None:
     from lambda_split import RemoteTrunk
     from lambda_split.protocol import Encoding
 

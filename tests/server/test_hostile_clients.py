@@ -24,7 +24,11 @@ ERROR_STATUSES = {400, 404, 405, 408, 409, 413, 415, 422, 429, 503}
 
 def is_json_error(response: httpx.Response) -> bool:
     body = response.json()
-    return set(body) == {"error"} and set(body["error"]) == {"code", "message"} and "Traceback" not in response.text
+    return (
+        set(body) == {"error"}
+        and set(body["error"]) == {"code", "message"}
+        and "Traceback" not in response.text
+    )
 
 
 def honest_output(server: LiveServer, tiny: Checkpoint) -> list[int]:
@@ -89,8 +93,15 @@ def test_fuzzed_well_formed_frames_with_bad_contents(http: httpx.Client, data: s
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(st.binary(max_size=256), st.recursive(st.none() | st.booleans() | st.floats() | st.text(),
-       lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner)).map(lambda v: json.dumps(v).encode())))  # fmt: skip
+@given(
+    st.one_of(
+        st.binary(max_size=256),
+        st.recursive(
+            st.none() | st.booleans() | st.floats() | st.text(),
+            lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+)
 def test_fuzzed_session_json(http: httpx.Client, body: bytes) -> None:
     reply = http.post("/v1/sessions", content=body, headers={"content-type": "application/json"})
     assert reply.status_code in {201, 400}
@@ -102,7 +113,9 @@ def test_fuzzed_session_json(http: httpx.Client, body: bytes) -> None:
 
 def test_guessed_session_ids_are_not_found(http: httpx.Client) -> None:
     for guess in ("00" * 16, "ff" * 16, "not-hex", "a" * 64):
-        reply = http.post(f"/v1/sessions/{guess}/step", content=b"x", headers={"content-type": FRAME_CONTENT_TYPE})
+        reply = http.post(
+            f"/v1/sessions/{guess}/step", content=b"x", headers={"content-type": FRAME_CONTENT_TYPE}
+        )
         assert reply.status_code == 404 and reply.json()["error"]["code"] == "session_not_found"
 
 
@@ -149,7 +162,9 @@ def test_concurrency_limit_answers_503(make_server: Callable[..., LiveServer]) -
     server = make_server(max_concurrency=1, receive_timeout_s=3)
     parts = urlsplit(server.url)
     hog = socket.create_connection((parts.hostname, parts.port))
-    hog.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{")  # holds the only slot
+    hog.sendall(
+        b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{"
+    )  # holds the only slot
     time.sleep(0.3)
     try:
         reply = httpx.get(server.url + "/v1/info")
@@ -158,8 +173,9 @@ def test_concurrency_limit_answers_503(make_server: Callable[..., LiveServer]) -
         hog.close()
 
 
-def test_a_killed_client_leaves_no_session_after_expiry(make_server: Callable[..., LiveServer],
-                                                        tiny: Checkpoint) -> None:  # fmt: skip
+def test_a_killed_client_leaves_no_session_after_expiry(
+    make_server: Callable[..., LiveServer], tiny: Checkpoint
+) -> None:
     server = make_server(idle_timeout_s=0.5, expiry_interval_s=0.1)
     client = SplitClient.connect(server.url, security="plain", model=tiny)
     from lambda_split import RemoteTrunk
@@ -179,10 +195,14 @@ def test_a_killed_client_leaves_no_session_after_expiry(make_server: Callable[..
     assert "lambda_split_sessions_expired_total 1.0" in httpx.get(server.url + "/metrics").text
 
 
-def test_server_survived_and_honest_output_is_unchanged(target: LiveServer, tiny: Checkpoint,
-                                                        http: httpx.Client) -> None:  # fmt: skip
+def test_server_survived_and_honest_output_is_unchanged(
+    target: LiveServer, tiny: Checkpoint, http: httpx.Client
+) -> None:
     assert http.get("/healthz").json() == {"status": "ok"}
     from tests.helpers import local_client
 
     local, _ = local_client(tiny, "2:-2")
-    assert honest_output(target, tiny) == local.generate("hello", GenerationConfig(max_new_tokens=8)).token_ids[0]
+    assert (
+        honest_output(target, tiny)
+        == local.generate("hello", GenerationConfig(max_new_tokens=8)).token_ids[0]
+    )

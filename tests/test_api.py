@@ -1,0 +1,40 @@
+"""The public API of lambda_split is exactly its __all__, and every name resolves."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+
+import lambda_split
+import lambda_split.protocol
+
+#: Helpers shared between the private modules; deliberately not part of the API.
+INTERNAL = {
+    "meta_model",
+    "config_fingerprint_json",
+    "tiny_llama_config",
+    "byte_tokenizer",
+    "positions_from_mask",
+}
+
+
+def test_every_exported_name_resolves() -> None:
+    for name in lambda_split.__all__:
+        assert getattr(lambda_split, name) is not None
+
+
+def test_all_is_complete() -> None:
+    """Every public class and function of the private modules is exported (or is CLI-only)."""
+    exported = set(lambda_split.__all__) | set(lambda_split.protocol.__all__) | INTERNAL
+    missing = []
+    for info in pkgutil.iter_modules(lambda_split.__path__):
+        if not info.name.startswith("_") or info.name == "__main__":
+            continue
+        module = importlib.import_module(f"lambda_split.{info.name}")
+        for name, value in vars(module).items():
+            if name.startswith("_") or getattr(value, "__module__", None) != module.__name__:
+                continue
+            if (inspect.isclass(value) or inspect.isfunction(value)) and name not in exported:
+                missing.append(f"{info.name}.{name}")
+    assert not missing, f"public but not exported: {missing}"

@@ -1,0 +1,191 @@
+"""The command line as CONTRACT.md fixes it, run as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lambda_split import GenerationConfig
+from tests.helpers import local_client
+
+CLI = [sys.executable, "-m", "lambda_split"]
+
+
+def run(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("keys")
+    assert run("keys", "init", str(directory), "--days", "2").returncode == 0
+    return directory
+
+
+@pytest.fixture(scope="module")
+def served(keys: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    process = subprocess.Popen(
+        [
+            *CLI,
+            "serve",
+            "--model",
+            "tiny-random-llama",
+            "--split",
+            "2:-2",
+            "--security",
+            "tls+aesgcm",
+            "--keys",
+            str(keys),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("listening on https://127.0.0.1:"), line
+    yield process, line.split()[-1]
+    if process.poll() is None:
+        process.kill()
+
+
+def test_keys_init_writes_the_five_files_and_refuses_to_overwrite(keys: Path) -> None:
+    assert sorted(p.name for p in keys.iterdir()) == [
+        "ca.pem",
+        "client.key",
+        "client.pem",
+        "server.key",
+        "server.pem",
+    ]
+    assert (keys / "server.key").stat().st_mode & 0o777 == 0o600
+    assert (keys / "client.key").stat().st_mode & 0o777 == 0o600
+    again = run("keys", "init", str(keys))
+    assert again.returncode != 0 and "exist" in again.stderr and "Traceback" not in again.stderr
+    assert run("keys", "init", str(keys), "--force").returncode == 0
+
+
+def test_generate_json_matches_the_contract(served: tuple[subprocess.Popen[str], str], keys: Path) -> None:
+    _, url = served
+    out = run(
+        "generate",
+        "--server",
+        url,
+        "--security",
+        "tls+aesgcm",
+        "--keys",
+        str(keys),
+        "--model",
+        "tiny-random-llama",
+        "--max-new-tokens",
+        "12",
+        "--json",
+        "hello",
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert set(data) == {"text", "token_ids", "security", "split", "wire", "stats"}
+    assert set(data["stats"]) == {
+        "new_tokens",
+        "tokens_per_s",
+        "time_to_first_token_s",
+        "bytes_sent",
+        "bytes_received",
+    }
+    assert data["security"] == "tls+aesgcm" and data["split"] == [2, 6] and data["wire"] == "fp32"
+    assert data["stats"]["bytes_sent"] > 12 * 64 * 4 and data["stats"]["bytes_received"] > 12 * 64 * 4
+    client, _ = local_client(__import__("lambda_split").resolve("tiny-random-llama"), "2:-2")
+    assert data["token_ids"] == client.generate("hello", GenerationConfig(max_new_tokens=12)).token_ids[0]
+
+
+def test_generate_reads_the_prompt_from_stdin(served: tuple[subprocess.Popen[str], str], keys: Path) -> None:
+    _, url = served
+    args = [
+        "generate",
+        "--server",
+        url,
+        "--security",
+        "tls+aesgcm",
+        "--keys",
+        str(keys),
+        "--model",
+        "tiny-random-llama",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]
+    from_stdin = run(*args, stdin="hello")
+    assert from_stdin.returncode == 0
+    assert (
+        json.loads(from_stdin.stdout)["token_ids"]
+        == json.loads(run(*args, "-", stdin="hello").stdout)["token_ids"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["generate", "--security", "tls"], 2),  # usage: missing --server and --model
+        (["serve", "--model", "tiny-random-llama"], 2),  # usage: no --security, there is no default
+        (["serve", "--security", "tls", "--model", "tiny-random-llama"], 2),  # tls without --keys
+        (["serve", "--security", "plain", "--host", "0.0.0.0", "--model", "tiny-random-llama"], 2),
+        (
+            [
+                "generate",
+                "--server",
+                "http://127.0.0.1:9",
+                "--security",
+                "plain",
+                "--model",
+                "tiny-random-llama",
+                "hi",
+            ],
+            4,
+        ),  # nothing listens there
+    ],
+)
+def test_errors_exit_with_the_contract_codes(args: list[str], code: int) -> None:
+    out = run(*args)
+    assert out.returncode == code, out.stderr
+    assert ("Traceback" not in out.stderr and out.stderr.strip().count("\n") <= 1) or code == 2
+
+
+def test_wrong_credentials_exit_3(served: tuple[subprocess.Popen[str], str], tmp_path: Path) -> None:
+    _, url = served
+    assert run("keys", "init", str(tmp_path)).returncode == 0  # a different CA
+    out = run(
+        "generate",
+        "--server",
+        url,
+        "--security",
+        "tls+aesgcm",
+        "--keys",
+        str(tmp_path),
+        "--model",
+        "tiny-random-llama",
+        "hi",
+    )
+    assert out.returncode == 3, out.stderr
+    assert out.stderr.splitlines()[-1].startswith("lambda-split: error:") and "Traceback" not in out.stderr
+
+
+def test_sigterm_shuts_the_server_down_with_exit_0(served: tuple[subprocess.Popen[str], str]) -> None:
+    process, _ = served
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 0
+
+
+def test_the_library_never_imports_the_server() -> None:
+    code = "import lambda_split, lambda_split.protocol, sys; print(any(m.split('.')[0] == 'server' for m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True
+    )
+    assert out.stdout.strip() == "False"
