@@ -52,24 +52,55 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from lambda_split._client import RemoteTrunk, ServerInfo, SplitClient, fetch_info
-    from lambda_split._codec import Encoding, FrameError, FrameKind, FrameLimits
-    from lambda_split._errors import (
-        FingerprintMismatch,
-        ModelNotFoundError,
-        ProtocolMismatch,
-        ServerError,
-        SplitError,
+    from lambda_split._client import (
+        RemoteTrunk as RemoteTrunk,
+        ServerInfo as ServerInfo,
+        SplitClient as SplitClient,
+        fetch_info as fetch_info,
     )
-    from lambda_split._generate import GenerationConfig, GenerationResult, encode_prompts, generate_tokens
-    from lambda_split._local import LocalTransport
-    from lambda_split._models import BUILTIN_MODELS, Checkpoint, fingerprint, preload, resolve
-    from lambda_split._parts import Head, PartState, SplitModel, SplitSpec, Tail, Trunk, load_parts
+    from lambda_split._codec import (
+        Encoding as Encoding,
+        FrameError as FrameError,
+        FrameKind as FrameKind,
+        FrameLimits as FrameLimits,
+    )
+    from lambda_split._errors import (
+        FingerprintMismatch as FingerprintMismatch,
+        ModelNotFoundError as ModelNotFoundError,
+        ProtocolMismatch as ProtocolMismatch,
+        ServerError as ServerError,
+        SplitError as SplitError,
+    )
+    from lambda_split._generate import (
+        GenerationConfig as GenerationConfig,
+        GenerationResult as GenerationResult,
+        encode_prompts as encode_prompts,
+        generate_tokens as generate_tokens,
+    )
+    from lambda_split._local import (
+        LocalTransport as LocalTransport,
+    )
+    from lambda_split._models import (
+        BUILTIN_MODELS as BUILTIN_MODELS,
+        Checkpoint as Checkpoint,
+        fingerprint as fingerprint,
+        preload as preload,
+        resolve as resolve,
+    )
+    from lambda_split._parts import (
+        Head as Head,
+        PartState as PartState,
+        SplitModel as SplitModel,
+        SplitSpec as SplitSpec,
+        Tail as Tail,
+        Trunk as Trunk,
+        load_parts as load_parts,
+    )
     from lambda_split._service import (
-        Executor,
-        LLMExecutor,
-        ServiceError,
-        ServiceLimits,
-        TrunkService,
-        load_llm_service,
+        Executor as Executor,
+        LLMExecutor as LLMExecutor,
+        ServiceError as ServiceError,
+        ServiceLimits as ServiceLimits,
+        TrunkService as TrunkService,
+        load_llm_service as load_llm_service,
     )

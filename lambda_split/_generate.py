@@ -173,7 +173,7 @@ def _choose(
 ) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scores = warpers(ids, logits)
+    scores = warpers(ids, logits)  # type: ignore[arg-type]
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 

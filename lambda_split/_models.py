@@ -48,7 +48,8 @@ class Checkpoint:
 def meta_model(config: PretrainedConfig) -> torch.nn.Module:
     """Build the model's module tree on the meta device: structure only, no memory."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        model: torch.nn.Module = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    return model
 
 
 def resolve(model: str) -> Checkpoint:
@@ -91,7 +92,9 @@ def _gguf_checkpoint(path: Path, *, name: str) -> Checkpoint:
         wanted = set(names)
         # GGUF tensors are quantised blocks; transformers dequantises the whole file at once.
         # We keep only the part's tensors, so the rest is freed as soon as this returns.
-        parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=meta_model(config))
+        parsed = load_gguf_checkpoint(  # type: ignore[no-untyped-call]
+            str(path), return_tensors=True, model_to_load=meta_model(config)
+        )
         tensors: dict[str, torch.Tensor] = parsed["tensors"]
         if "lm_head.weight" in wanted and "lm_head.weight" not in tensors:
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
@@ -262,7 +265,7 @@ def _tiny_llama_state() -> dict[str, torch.Tensor]:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_LLAMA_SEED)
-        model = LlamaForCausalLM(tiny_llama_config())
+        model = LlamaForCausalLM(tiny_llama_config())  # type: ignore[arg-type]
         # Random init gives near-uniform logits; a wider embedding makes greedy decoding decisive.
         torch.nn.init.normal_(model.model.embed_tokens.weight, std=1.0)
         torch.nn.init.normal_(model.lm_head.weight, std=0.5)
@@ -297,7 +300,7 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
     tokenizer.chat_template = CHATML_TEMPLATE

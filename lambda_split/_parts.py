@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,7 +103,7 @@ class _LayerStack(nn.Module):
         if len(self.layers) == 0:
             return hidden
         position_ids = positions_from_mask(mask)[:, -length:]  # (B, T)
-        mask_args = dict(
+        mask_args: dict[str, Any] = dict(
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=mask,
@@ -186,7 +187,8 @@ class Tail(_LayerStack):
         state = state if state is not None else self.new_state()
         new_mask = attention_mask if attention_mask is not None else _ones(hidden)
         hidden = self.run(hidden, _advance(state, new_mask), state)
-        return self.lm_head(self.norm(hidden))  # (B, T, V)
+        logits: torch.Tensor = self.lm_head(self.norm(hidden))  # (B, T, V)
+        return logits
 
 
 def _ones(hidden: torch.Tensor) -> torch.Tensor:
@@ -225,8 +227,8 @@ def load_parts(
         raise ValueError(
             f"split is for {spec.num_layers} layers but the model has {config.num_hidden_layers}"
         )
-    skeleton = meta_model(config)
-    inner = skeleton.model  # type: ignore[attr-defined]
+    skeleton: Any = meta_model(config)
+    inner: Any = skeleton.model
     if not isinstance(getattr(inner, "layers", None), nn.ModuleList):
         raise ValueError(f"{type(skeleton).__name__} has no model.layers; only decoder-only LMs can be split")
 
@@ -238,7 +240,7 @@ def load_parts(
         wanted["model.embed_tokens"] = inner.embed_tokens
     if "tail" in parts:
         wanted["model.norm"] = inner.norm
-        wanted["lm_head"] = skeleton.lm_head  # type: ignore[assignment]
+        wanted["lm_head"] = skeleton.lm_head
     names = [f"{prefix}.{name}" for prefix, module in wanted.items() for name in module.state_dict()]
     tensors = checkpoint.read_tensors(names)
     for prefix, module in wanted.items():

@@ -16,7 +16,7 @@ def check_security_mode(mode: str) -> SecurityMode:
     """Return ``mode`` if it names a security mode, else raise ValueError. There is no default."""
     if mode not in SECURITY_MODES:
         raise ValueError(f"unknown security mode {mode!r}; choose one of {', '.join(SECURITY_MODES)}")
-    return mode  # type: ignore[return-value]
+    return mode
 
 
 @dataclass(frozen=True)

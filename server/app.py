@@ -145,7 +145,7 @@ def build_app(
         Middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes + 64 * 1024),
         Middleware(ReceiveDeadlineMiddleware, timeout_s=config.receive_timeout_s),
     ]
-    if config.security in ("aesgcm", "tls+aesgcm"):
+    if config.security in ("aesgcm", "tls+aesgcm") and credentials is not None:
         middleware.append(Middleware(AESGCMMiddleware, credentials=credentials))
     middleware += [
         Middleware(AccessLogMiddleware, metrics=metrics, identify=client_key),
