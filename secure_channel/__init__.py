@@ -1,7 +1,14 @@
-"""Pluggable transports for Λ-Split: plain, TLS 1.3 with mutual auth, AES-GCM with mutual auth, and both."""
+"""Pluggable transports for Λ-Split: plain, TLS 1.3 with mutual auth, AES-GCM with mutual auth, and both.
+
+Client side: :func:`connect_transport` builds the stack for a security mode. Server side:
+:func:`uvicorn_config` installs TLS, the peer-certificate protocol and :class:`AESGCMMiddleware`;
+the app reads the authenticated client with :func:`peer_identity`. Keys: :func:`generate_credentials`
+and :func:`load_credentials`. See SECURITY.md for the protocol.
+"""
 
 from __future__ import annotations
 
+from secure_channel._aesgcm import AESGCMTransport
 from secure_channel._base import (
     SECURITY_MODES,
     Request,
@@ -19,21 +26,61 @@ from secure_channel._exceptions import (
     InvalidRecord,
     TransportError,
 )
+from secure_channel._factory import connect_transport
+from secure_channel._handshake import ClientHandshake, ServerHandshake
+from secure_channel._identity import peer_identity
+from secure_channel._keys import (
+    Credentials,
+    cert_identity,
+    check_certificate,
+    generate_credentials,
+    load_credentials,
+)
+from secure_channel._middleware import AESGCMMiddleware
 from secure_channel._mock import MockTransport
+from secure_channel._net import CountingBackend
+from secure_channel._plain import PlainTransport
+from secure_channel._records import ClientChannel, RecordOpener, RecordSealer, ReplayWindow, ServerChannel
+from secure_channel._tls import client_ssl_context, server_ssl_context
+from secure_channel._tls_transport import TLSTransport
+from secure_channel._uvicorn import PeerCertH11Protocol, uvicorn_config
 
 __all__ = [
     "SECURITY_MODES",
+    "AESGCMMiddleware",
+    "AESGCMTransport",
     "AuthenticationError",
     "ChannelError",
     "ChannelTimeout",
+    "ClientChannel",
+    "ClientHandshake",
+    "CountingBackend",
+    "Credentials",
     "CredentialsError",
     "InvalidRecord",
     "MockTransport",
+    "PeerCertH11Protocol",
+    "PlainTransport",
+    "RecordOpener",
+    "RecordSealer",
+    "ReplayWindow",
     "Request",
     "Response",
     "SecurityMode",
+    "ServerChannel",
+    "ServerHandshake",
+    "TLSTransport",
     "Transport",
     "TransportError",
     "WireStats",
+    "cert_identity",
+    "check_certificate",
     "check_security_mode",
+    "client_ssl_context",
+    "connect_transport",
+    "generate_credentials",
+    "load_credentials",
+    "peer_identity",
+    "server_ssl_context",
+    "uvicorn_config",
 ]

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import threading
+
+from secure_channel._base import Request, Response, SecurityMode, Transport
+from secure_channel._exceptions import AuthenticationError, InvalidRecord, TransportError
+from secure_channel._handshake import ClientHandshake
+from secure_channel._keys import Credentials
+from secure_channel._records import DEFAULT_REKEY_MESSAGES, DEFAULT_REKEY_SECONDS, ClientChannel
+from secure_channel._wire import (
+    CONTENT_TYPE,
+    HANDSHAKE_PATH,
+    SECURE_PATH,
+    SESSION_HEADER,
+    _decode_response,
+    _encode_request,
+    _WireFormatError,
+)
+
+_OUTER = {"plain": "aesgcm", "tls": "tls+aesgcm"}
+
+
+def _error_code(response: Response) -> str:
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return "unknown"
+    return code if isinstance(code, str) else "unknown"
+
+
+class AESGCMTransport(Transport):
+    """Application-layer AES-256-GCM with mutual authentication, over any inner transport.
+
+    The whole request (method, path, headers, body) travels as one sealed record in a
+    ``POST /v1/secure``; the response comes back the same way. A SIGMA-I handshake
+    (two round trips, see SECURITY.md) runs on first use, when the server forgets the
+    session, and when the record counters run out.
+    """
+
+    def __init__(
+        self,
+        inner: Transport,
+        credentials: Credentials,
+        *,
+        server_name: str | None = None,
+        rekey_after_messages: int = DEFAULT_REKEY_MESSAGES,
+        rekey_after_seconds: float = DEFAULT_REKEY_SECONDS,
+    ) -> None:
+        """``inner`` is a plain or TLS transport; ``credentials`` the client credentials.
+
+        ``server_name`` is the name the server certificate must carry; it defaults to the
+        host of ``inner`` (its ``host`` attribute).
+        """
+        if inner.security not in _OUTER:
+            raise ValueError(f"AESGCMTransport needs a plain or tls inner transport, got {inner.security}")
+        if credentials.role != "client":
+            raise ValueError("AESGCMTransport needs client credentials")
+        name = server_name or getattr(inner, "host", None)
+        if not isinstance(name, str) or not name:
+            raise ValueError("server_name is required when the inner transport has no host")
+        self.security: SecurityMode = _OUTER[inner.security]  # type: ignore[assignment]
+        self.stats = inner.stats
+        self.inner = inner
+        self.peer_identity: str | None = None
+        self._creds = credentials
+        self._server_name = name
+        self._rekey = (rekey_after_messages, rekey_after_seconds)
+        self._channel: ClientChannel | None = None
+        self._lock = threading.Lock()
+        # Build a throw-away channel so bad rekey bounds fail here, not on first use.
+        ClientChannel(
+            bytes(16),
+            bytes(32),
+            bytes(32),
+            rekey_after_messages=rekey_after_messages,
+            rekey_after_seconds=rekey_after_seconds,
+        )
+
+    def _post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> Response:
+        return self.inner.exchange(
+            Request("POST", path, content=body, headers={"content-type": CONTENT_TYPE, **(headers or {})})
+        )
+
+    def handshake(self) -> None:
+        """Run a fresh handshake now (it also runs lazily). Raises AuthenticationError."""
+        with self._lock:
+            self._handshake()
+
+    def _handshake(self) -> None:
+        self._channel = None
+        hs = ClientHandshake(self._creds, self._server_name)
+        msg3 = hs.process_msg2(self._handshake_step(hs.start()))
+        sid, c2s, s2c = hs.finish(self._handshake_step(msg3))
+        self._channel = ClientChannel(
+            sid, c2s, s2c, rekey_after_messages=self._rekey[0], rekey_after_seconds=self._rekey[1]
+        )
+        self.peer_identity = hs.peer_identity
+
+    def _handshake_step(self, message: bytes) -> bytes:
+        response = self._post(HANDSHAKE_PATH, message)
+        if response.status != 200:
+            raise AuthenticationError(f"server refused the handshake ({_error_code(response)})")
+        return response.content
+
+    def exchange(self, request: Request) -> Response:
+        """Seal ``request``, send it, open and return the response (see :meth:`Transport.exchange`).
+
+        Raises InvalidRecord if the response does not authenticate, AuthenticationError if
+        the handshake fails, and TransportError for anything below.
+        """
+        plaintext = _encode_request(request)
+        with self._lock:
+            for attempt in (0, 1):
+                if self._channel is None or self._channel.exhausted:
+                    self._handshake()
+                channel = self._channel
+                if channel is None:
+                    raise AuthenticationError("no session")
+                record, sequence = channel.seal_request(plaintext)
+                response = self._post(SECURE_PATH, record, {SESSION_HEADER: channel.session_id.hex()})
+                if response.status == 200:
+                    try:
+                        return _decode_response(channel.open_response(response.content, sequence))
+                    except _WireFormatError as exc:
+                        raise TransportError("server sent a malformed sealed response") from exc
+                code = _error_code(response)
+                if response.status == 401 and code == "unknown_session" and attempt == 0:
+                    self._channel = None
+                    continue
+                if code == "invalid_record":
+                    raise InvalidRecord("server rejected the sealed request")
+                raise TransportError(f"sealed exchange failed: HTTP {response.status} ({code})")
+        raise AuthenticationError("server keeps forgetting the session")
+
+    def close(self) -> None:
+        with self._lock:
+            self._channel = None
+        self.inner.close()

@@ -1,0 +1,94 @@
+"""Shared machinery of the HTTP transports: an httpcore pool over the counting backend."""
+
+from __future__ import annotations
+
+import ssl
+from urllib.parse import urlsplit
+
+import httpcore
+
+from secure_channel._base import Request, Response, SecurityMode, Transport, WireStats
+from secure_channel._exceptions import AuthenticationError, ChannelTimeout, TransportError
+from secure_channel._net import CountingBackend, _tls_failure
+
+DEFAULT_TIMEOUT = 30.0
+_HOP_BY_HOP = frozenset(
+    {"host", "content-length", "connection", "transfer-encoding", "keep-alive", "upgrade"}
+)
+
+
+def _split_base_url(base_url: str, scheme: str) -> tuple[str, int]:
+    """Return ``(host, port)`` of ``base_url``; raise ValueError unless it uses ``scheme``."""
+    parts = urlsplit(base_url)
+    if parts.scheme != scheme:
+        raise ValueError(f"expected a {scheme}:// URL, got {base_url!r}")
+    if not parts.hostname:
+        raise ValueError(f"no host in {base_url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"base URL must be scheme://host[:port], got {base_url!r}")
+    return parts.hostname, parts.port or (443 if scheme == "https" else 80)
+
+
+class _HTTPCoreTransport(Transport):
+    """Base of :class:`PlainTransport` and :class:`TLSTransport`: one keep-alive pool per transport."""
+
+    _scheme: str
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        security: SecurityMode,
+        ssl_context: ssl.SSLContext | None,
+        timeout: float,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self._host, self._port = _split_base_url(base_url, self._scheme)
+        self.base_url = base_url.rstrip("/")
+        self.security = security
+        self.stats = WireStats()
+        self._timeout = timeout
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ssl_context,
+            max_connections=4,
+            keepalive_expiry=60.0,
+            network_backend=CountingBackend(self.stats),
+        )
+        self._closed = False
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    def exchange(self, request: Request) -> Response:
+        """Send ``request`` over HTTP/1.1 on a pooled connection and read the whole response."""
+        if self._closed:
+            raise TransportError("transport is closed")
+        if not request.path.startswith("/"):
+            raise ValueError("request path must start with '/'")
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
+        timeouts = {"connect": self._timeout, "read": self._timeout, "write": self._timeout}
+        try:
+            resp = self._pool.request(
+                request.method,
+                httpcore.URL(scheme=self._scheme, host=self._host, port=self._port, target=request.path),
+                headers=headers,
+                content=request.content,
+                extensions={"timeout": {**timeouts, "pool": self._timeout}},
+            )
+        except AuthenticationError:
+            raise
+        except ssl.SSLError as exc:
+            raise _tls_failure(exc) from exc
+        except httpcore.TimeoutException as exc:
+            raise ChannelTimeout(f"{type(exc).__name__} talking to {self.base_url}") from exc
+        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol, OSError) as exc:
+            raise TransportError(f"{type(exc).__name__} talking to {self.base_url}: {exc}") from exc
+        out_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in resp.headers}
+        return Response(status=resp.status, content=resp.content, headers=out_headers)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
