@@ -6,6 +6,9 @@ nothing of the model is re-implemented. A part holds only the weights it runs.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -191,6 +194,18 @@ class Tail(_LayerStack):
         return logits
 
 
+def _return_freed_memory() -> None:
+    """Hand memory freed after loading back to the OS.
+
+    Reading a checkpoint (GGUF dequantises all of it) frees far more than a part keeps; glibc
+    holds on to those pages unless asked, which would make a part's resident memory look like
+    the whole model's.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _ones(hidden: torch.Tensor) -> torch.Tensor:
     return torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
 
@@ -251,6 +266,7 @@ def load_parts(
         }
         module.load_state_dict(local, strict=True, assign=True)
     del tensors
+    _return_freed_memory()
 
     with torch.device(device):
         rotary = type(inner.rotary_emb)(config=config)

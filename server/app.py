@@ -146,7 +146,9 @@ def build_app(
         Middleware(ReceiveDeadlineMiddleware, timeout_s=config.receive_timeout_s),
     ]
     if config.security in ("aesgcm", "tls+aesgcm") and credentials is not None:
-        middleware.append(Middleware(AESGCMMiddleware, credentials=credentials))
+        middleware.append(
+            Middleware(AESGCMMiddleware, credentials=credentials, max_body_bytes=config.max_body_bytes + 64 * 1024)
+        )
     middleware += [
         Middleware(AccessLogMiddleware, metrics=metrics, identify=client_key),
         Middleware(

@@ -85,7 +85,6 @@ def build_server(
         port=config.port,
         security=config.security,
         credentials=credentials,
-        aesgcm_options={"max_body_bytes": config.max_body_bytes + 64 * 1024},
         server_header=False,
         access_log=False,
         log_level="warning",
