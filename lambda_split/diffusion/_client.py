@@ -1,0 +1,301 @@
+"""The device side of the diffusion split: everything but the U-Net runs here.
+
+:class:`DiffusionClient` assembles the unmodified diffusers pipeline around a
+:class:`TrunkUNet` whose trunk is a :class:`RemoteUNetTrunk` session, so prompt text
+and pixels stay on the device and only prompt embeddings, latents and noise
+predictions cross the transport.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+
+from lambda_split._client import _check
+from lambda_split._codec import Encoding
+from lambda_split._errors import FingerprintMismatch, ProtocolMismatch
+from lambda_split.diffusion._sources import DiffusionSource, resolve_diffusion
+from lambda_split.diffusion._trunk import RemoteUNetTrunk, TrunkUNet
+from lambda_split.protocol import INFO_PATH, PROTOCOL_VERSION
+from secure_channel import Request, SecurityMode, Transport
+
+StepCallback = Callable[[int, int], None]
+ProgressFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DiffusionServerInfo:
+    model: str
+    fingerprint: str
+    pipeline: str
+    in_channels: int
+    out_channels: int
+    cross_attention_dim: int
+    sample_size: tuple[int, int]
+    security: str
+    protocol_version: int
+
+    @classmethod
+    def parse(cls, data: Any) -> DiffusionServerInfo:
+        try:
+            if data.get("kind") != "diffusion":
+                raise ProtocolMismatch(
+                    f"the server runs a {data.get('kind', 'llm')!r} trunk, not a diffusion U-Net"
+                )
+            height, width = data["sample_size"]
+            return cls(
+                str(data["model"]),
+                str(data["fingerprint"]),
+                str(data["pipeline"]),
+                int(data["in_channels"]),
+                int(data["out_channels"]),
+                int(data["cross_attention_dim"]),
+                (int(height), int(width)),
+                str(data["security"]),
+                int(data["protocol_version"]),
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ProtocolMismatch(f"malformed /v1/info reply: {exc}") from None
+
+
+def fetch_diffusion_info(transport: Transport) -> DiffusionServerInfo:
+    info = DiffusionServerInfo.parse(_check(transport.exchange(Request("GET", INFO_PATH)), 200).json())
+    if info.protocol_version != PROTOCOL_VERSION:
+        raise ProtocolMismatch(
+            f"server speaks protocol {info.protocol_version}, this client {PROTOCOL_VERSION}"
+        )
+    return info
+
+
+@dataclass(frozen=True)
+class DiffusionResult:
+    images: list[Any]
+    steps: int
+    trunk_calls: int
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+
+
+class DiffusionClient:
+    """Runs a diffusion pipeline on the device with its U-Net on a server, through ``transport``.
+
+    The transport is required and decides the security mode. Before any embedding is
+    sent, :meth:`from_transport` checks the server's protocol, mode, pipeline type and
+    U-Net fingerprint against the local model.
+    """
+
+    def __init__(
+        self, transport: Transport, source: DiffusionSource, info: DiffusionServerInfo, *, wire: str = "fp32"
+    ) -> None:
+        if not isinstance(transport, Transport):
+            raise TypeError("transport must be a secure_channel.Transport")
+        self.transport = transport
+        self.source = source
+        self.info = info
+        self.wire = Encoding.parse(wire)
+        self.unet = TrunkUNet(source.unet_config)
+        self.pipeline = source.assemble(self.unet)
+
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        *,
+        security: SecurityMode,
+        keys: str | Path | None = None,
+        model: str | DiffusionSource | None = None,
+        wire: str = "fp32",
+        timeout: float = 120.0,
+        progress: ProgressFn | None = None,
+    ) -> DiffusionClient:
+        """Open a transport in the named security mode and verify the server. ``security`` has no default."""
+        from secure_channel import connect_transport
+
+        transport = connect_transport(url, security, keys_dir=keys, timeout=timeout)
+        try:
+            return cls.from_transport(transport, model, wire=wire, progress=progress)
+        except BaseException:
+            transport.close()
+            raise
+
+    @classmethod
+    def from_transport(
+        cls,
+        transport: Transport,
+        model: str | DiffusionSource | None = None,
+        *,
+        wire: str = "fp32",
+        progress: ProgressFn | None = None,
+    ) -> DiffusionClient:
+        """Verify the server behind ``transport`` and load the local device components of ``model``.
+
+        ``model`` defaults to the server's model name, which works for the built-in tiny models.
+        """
+        say = progress or (lambda _message: None)
+        Encoding.parse(wire)
+        info = fetch_diffusion_info(transport)
+        if info.security != transport.security:
+            raise ProtocolMismatch(
+                f"server runs in {info.security!r} mode, this client in {transport.security!r}"
+            )
+        source = resolve_diffusion(model or info.model) if not isinstance(model, DiffusionSource) else model
+        if source.pipeline != info.pipeline:
+            raise FingerprintMismatch(
+                f"server runs an {info.pipeline} U-Net, the local model is {source.pipeline}"
+            )
+        say(f"verifying the server's U-Net against {source.name}")
+        if source.fingerprint != info.fingerprint:
+            raise FingerprintMismatch(
+                f"server U-Net {info.model} has fingerprint {info.fingerprint}, the local "
+                f"model {source.fingerprint}; refusing to send prompt embeddings"
+            )
+        say(f"loading the text encoders, scheduler and VAE of {source.name}")
+        return cls(transport, source, info, wire=wire)
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        steps: int = 30,
+        seed: int = 0,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str | Any | None = None,
+        on_step: StepCallback | None = None,
+        output_type: str = "pil",
+        **pipeline_kwargs: Any,
+    ) -> DiffusionResult:
+        """Run the pipeline; the U-Net session lives for this call only.
+
+        ``scheduler`` is a scheduler object or the class name of one in diffusers
+        (``"DDIMScheduler"``), built from the pipeline's scheduler config. ``on_step``
+        receives (steps done, steps in total). Extra keyword arguments go to the pipeline.
+        """
+        if steps < 1:
+            raise ValueError("steps must be at least 1")
+        pipe = self.pipeline
+        original = pipe.scheduler
+        if scheduler is not None:
+            pipe.scheduler = make_scheduler(scheduler, original.config)
+        start = time.perf_counter()
+        sent, received = self.transport.stats.bytes_sent, self.transport.stats.bytes_received
+        trunk = RemoteUNetTrunk(self.transport, self.wire)
+        self.unet.trunk = trunk
+        try:
+            output = pipe(
+                prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt,
+                height=height,
+                width=width,
+                generator=torch.Generator().manual_seed(seed),
+                output_type=output_type,
+                callback_on_step_end=_step_callback(on_step, steps),
+                **pipeline_kwargs,
+            )
+        finally:
+            self.unet.trunk = None
+            pipe.scheduler = original
+            trunk.close()
+        return DiffusionResult(
+            list(output.images),
+            steps,
+            trunk.calls,
+            time.perf_counter() - start,
+            self.transport.stats.bytes_sent - sent,
+            self.transport.stats.bytes_received - received,
+        )
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> DiffusionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_scheduler(scheduler: str | Any, config: Any) -> Any:
+    """A scheduler object as given, or the diffusers scheduler class of that name built from ``config``."""
+    if not isinstance(scheduler, str):
+        return scheduler
+    cls: Any = getattr(diffusers, scheduler, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ValueError(f"unknown scheduler {scheduler!r}")
+    factory: Any = cls
+    return factory.from_config(config)
+
+
+def _step_callback(on_step: StepCallback | None, total: int) -> Any:
+    if on_step is None:
+        return None
+
+    def callback(_pipe: Any, index: int, _timestep: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
+        on_step(index + 1, total)
+        return {}
+
+    return callback
+
+
+@dataclass(frozen=True)
+class ImagineStats:
+    path: str
+    steps: int
+    trunk_calls: int
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+    width: int
+    height: int
+    wire: str
+
+
+def imagine(
+    client_or_transport: DiffusionClient | Transport,
+    prompt: str,
+    steps: int,
+    seed: int,
+    out_path: str | Path,
+    progress: StepCallback | None = None,
+    *,
+    model: str | None = None,
+    wire: str = "fp32",
+    guidance_scale: float = 5.0,
+) -> ImagineStats:
+    """Generate one image through the split and write it as a PNG; the body of ``lambda-split imagine``.
+
+    Given a transport, the client is built (and the server verified) first; ``model``
+    defaults to the server's model name. ``progress`` receives (steps done, steps in total).
+    """
+    out = Path(out_path)
+    if out.suffix.lower() != ".png":
+        raise ValueError("the output file must end in .png")
+    if isinstance(client_or_transport, DiffusionClient):
+        client = client_or_transport
+    else:
+        client = DiffusionClient.from_transport(client_or_transport, model, wire=wire)
+    result = client.generate(prompt, steps=steps, seed=seed, guidance_scale=guidance_scale, on_step=progress)
+    image = result.images[0]
+    image.save(out, format="PNG")
+    return ImagineStats(
+        str(out),
+        result.steps,
+        result.trunk_calls,
+        result.seconds,
+        result.bytes_sent,
+        result.bytes_received,
+        image.width,
+        image.height,
+        client.wire.wire_name,
+    )

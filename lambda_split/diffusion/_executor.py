@@ -1,0 +1,228 @@
+"""The server side of the diffusion split: a U-Net behind :class:`TrunkService`.
+
+A session first receives one DIFFUSION_CONTEXT frame with the prompt embeddings
+(``encoder_hidden_states`` (B, L, D) and, for SDXL, ``text_embeds`` (B, P) and
+``time_ids`` (B, K)); the reply is ``accepted`` = [B, L]. Each DIFFUSION_STEP frame then
+carries ``latents`` (B, C, H, W), the scaled model input with both guidance halves, and
+``timestep`` (1,) or (B,) in FP32; the reply is ``noise_pred`` (B, C_out, H, W). A new
+context frame replaces the old one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from lambda_split._codec import Encoding, Frame, FrameError, FrameKind
+from lambda_split._service import ServiceError, ServiceLimits, TrunkService
+from lambda_split.diffusion._trunk import EXACT_NAMES
+
+MAX_ABS_TIMESTEP = 1e5
+
+
+@dataclass(frozen=True)
+class DiffusionLimits:
+    """Bounds on one diffusion session: U-Net calls, and latent side as a multiple of the native size."""
+
+    max_steps_per_session: int = 256
+    max_side_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_steps_per_session < 1:
+            raise ValueError("max_steps_per_session must be at least 1")
+        if self.max_side_factor <= 0:
+            raise ValueError("max_side_factor must be positive")
+
+
+@dataclass
+class DiffusionState:
+    context: dict[str, torch.Tensor] | None = None
+    steps: int = 0
+    batch: int = 0
+
+
+class DiffusionExecutor:
+    """Runs a U-Net: prompt context once per session, then latents and a timestep in, noise out."""
+
+    step_kinds = frozenset({FrameKind.DIFFUSION_CONTEXT, FrameKind.DIFFUSION_STEP})
+    result_kind = FrameKind.DIFFUSION_RESULT
+
+    def __init__(self, unet: UNet2DConditionModel, limits: DiffusionLimits | None = None) -> None:
+        """Wrap ``unet``; refuse U-Nets whose extra conditioning this protocol does not carry."""
+        config = unet.config
+        if config.class_embed_type is not None or config.time_cond_proj_dim is not None:
+            raise ValueError("U-Nets with class labels or timestep conditions are not supported")
+        if config.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type {config.addition_embed_type!r} is not supported")
+        if not isinstance(config.cross_attention_dim, int):
+            raise ValueError("per-block cross_attention_dim is not supported")
+        self.unet = unet.eval()
+        self.limits = limits or DiffusionLimits()
+        self.in_channels = int(config.in_channels)
+        self.out_channels = int(config.out_channels)
+        self.context_dim = int(config.encoder_hid_dim or config.cross_attention_dim)
+        size = config.sample_size
+        self.sample_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.text_time = config.addition_embed_type == "text_time"
+        self.add_in_features = int(unet.add_embedding.linear_1.in_features) if self.text_time else 0
+        self.time_embed_dim = int(config.addition_time_embed_dim or 0)
+
+    @property
+    def pipeline(self) -> str:
+        return "sdxl" if self.text_time else "sd"
+
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        dtype: torch.dtype = next(iter(self.unet.parameters())).dtype
+        return dtype
+
+    def new_state(self) -> DiffusionState:
+        return DiffusionState()
+
+    def step(self, state: DiffusionState, frame: Frame, limits: ServiceLimits) -> dict[str, torch.Tensor]:
+        for name, encoding in frame.encodings.items():
+            if encoding is Encoding.U8 or (name in EXACT_NAMES and encoding is not Encoding.FP32):
+                raise FrameError(f"tensor {name!r} may not use the {encoding.wire_name} encoding")
+        if frame.kind is FrameKind.DIFFUSION_CONTEXT:
+            return self._context(state, frame, limits)
+        return self._step(state, frame, limits)
+
+    def _context(self, state: DiffusionState, frame: Frame, limits: ServiceLimits) -> dict[str, torch.Tensor]:
+        expected = (
+            {"encoder_hidden_states", "text_embeds", "time_ids"}
+            if self.text_time
+            else {"encoder_hidden_states"}
+        )
+        if set(frame.tensors) != expected:
+            raise FrameError(f"a context frame carries exactly {', '.join(sorted(expected))}")
+        hidden = frame.tensor("encoder_hidden_states", rank=3)  # (B, L, D)
+        batch, length, width = hidden.shape
+        if width != self.context_dim:
+            raise FrameError(
+                f"encoder_hidden_states width {width} does not match the U-Net's {self.context_dim}"
+            )
+        if batch > limits.max_batch or length > limits.max_step_tokens:
+            raise ServiceError(
+                413,
+                "step_too_large",
+                f"at most {limits.max_batch} rows of {limits.max_step_tokens} context tokens",
+            )
+        context = {"encoder_hidden_states": hidden}
+        if self.text_time:
+            text = frame.tensor("text_embeds", rank=2)  # (B, P)
+            time_ids = frame.tensor("time_ids", rank=2)  # (B, K)
+            if text.shape[0] != batch or time_ids.shape[0] != batch:
+                raise FrameError("text_embeds and time_ids must have the batch size of encoder_hidden_states")
+            if text.shape[1] + self.time_embed_dim * time_ids.shape[1] != self.add_in_features:
+                raise FrameError(
+                    f"text_embeds and time_ids do not add up to the U-Net's "
+                    f"{self.add_in_features} added-embedding features"
+                )
+            context |= {"text_embeds": text, "time_ids": time_ids}
+        state.context = {name: value.to(self.unet_dtype) for name, value in context.items()}
+        state.batch = batch
+        return {"accepted": torch.tensor([float(batch), float(length)])}
+
+    def _step(self, state: DiffusionState, frame: Frame, limits: ServiceLimits) -> dict[str, torch.Tensor]:
+        if state.context is None:
+            raise ServiceError(409, "missing_context", "send the prompt context before the first step")
+        if set(frame.tensors) != {"latents", "timestep"}:
+            raise FrameError("a step frame carries exactly latents and timestep")
+        latents = frame.tensor("latents", rank=4)  # (B, C, H, W)
+        timestep = frame.tensor("timestep", rank=1)  # (1,) or (B,)
+        batch, channels, height, width = latents.shape
+        if channels != self.in_channels:
+            raise FrameError(f"latents have {channels} channels, the U-Net takes {self.in_channels}")
+        if batch != state.batch:
+            raise FrameError(f"latents batch {batch} does not match the context batch {state.batch}")
+        max_h, max_w = (int(side * self.limits.max_side_factor) for side in self.sample_size)
+        if height > max_h or width > max_w:
+            raise ServiceError(413, "step_too_large", f"latents are at most {max_h}x{max_w}")
+        if timestep.shape[0] not in (1, batch) or float(timestep.abs().max()) > MAX_ABS_TIMESTEP:
+            raise FrameError("timestep must be (1,) or (batch,) with values of magnitude at most 1e5")
+        if state.steps >= self.limits.max_steps_per_session:
+            raise ServiceError(
+                422,
+                "session_step_limit",
+                f"a session runs at most {self.limits.max_steps_per_session} U-Net steps",
+            )
+        context = state.context
+        added = {name: context[name] for name in ("text_embeds", "time_ids") if name in context}
+        with torch.inference_mode():
+            out = self.unet(
+                latents.to(self.unet_dtype),
+                timestep,
+                encoder_hidden_states=context["encoder_hidden_states"],
+                added_cond_kwargs=added or None,
+                return_dict=False,
+            )[0]
+        state.steps += 1
+        return {"noise_pred": out.float()}
+
+    def state_bytes(self, state: DiffusionState) -> int:
+        context = state.context or {}
+        return sum(value.numel() * value.element_size() for value in context.values())
+
+    def state_tokens(self, state: DiffusionState) -> int:
+        return state.steps
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "diffusion",
+            "pipeline": self.pipeline,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "sample_size": list(self.sample_size),
+            "cross_attention_dim": self.context_dim,
+        }
+
+
+def _unet_block_count(unet: UNet2DConditionModel) -> int:
+    """Down blocks, the mid block and up blocks: what /v1/info reports as ``num_layers``."""
+    return len(unet.down_blocks) + (1 if unet.mid_block is not None else 0) + len(unet.up_blocks)
+
+
+def load_diffusion_service(
+    model: str,
+    *,
+    security: str,
+    limits: ServiceLimits | None = None,
+    diffusion_limits: DiffusionLimits | None = None,
+    progress: Any = None,
+) -> tuple[TrunkService, dict[str, Any]]:
+    """Load only the U-Net of ``model`` and wrap it in a service; also return the /v1/info body.
+
+    The whole U-Net is the trunk, so ``split`` is ``[0, num_layers]`` with ``num_layers``
+    the U-Net's block count, and ``hidden_size`` is the latent channel count.
+    """
+    from lambda_split.diffusion._sources import resolve_diffusion
+    from lambda_split.protocol import PROTOCOL_VERSION, WIRE_ENCODINGS
+
+    say = progress or (lambda _message: None)
+    source = resolve_diffusion(model)
+    say(f"loading the U-Net of {source.name}")
+    executor = DiffusionExecutor(source.load_unet(), diffusion_limits)
+    say(f"fingerprinting the U-Net of {source.name}")
+    service = TrunkService(executor, limits=limits)
+    blocks = _unet_block_count(executor.unet)
+    info = {
+        "model": source.name,
+        "fingerprint": source.fingerprint,
+        "split": [0, blocks],
+        "num_layers": blocks,
+        "hidden_size": executor.in_channels,
+        "security": security,
+        "protocol_version": PROTOCOL_VERSION,
+        **executor.describe(),
+        "wire_encodings": list(WIRE_ENCODINGS),
+        "limits": {
+            "max_batch": service.limits.max_batch,
+            "max_steps_per_session": executor.limits.max_steps_per_session,
+            "max_latent_size": [int(side * executor.limits.max_side_factor) for side in executor.sample_size],
+            "max_frame_bytes": service.limits.frame.max_bytes,
+        },
+    }
+    return service, info
