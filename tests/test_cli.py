@@ -134,7 +134,22 @@ def test_generate_reads_the_prompt_from_stdin(served: tuple[subprocess.Popen[str
     ("args", "code"),
     [
         (["generate", "--security", "tls"], 2),  # usage: missing --server and --model
-        (["serve", "--model", "tiny-random-llama"], 2),  # usage: no --security, there is no default
+        (["serve", "--model", "tiny-random-llama"], 2),
+        (
+            [
+                "imagine",
+                "--server",
+                "http://127.0.0.1:9",
+                "--security",
+                "plain",
+                "--model",
+                "tiny-random-sd",
+                "--out",
+                "picture.jpg",
+                "a fox",
+            ],
+            2,
+        ),  # usage: no --security, there is no default
         (["serve", "--security", "tls", "--model", "tiny-random-llama"], 2),  # tls without --keys
         (["serve", "--security", "plain", "--host", "0.0.0.0", "--model", "tiny-random-llama"], 2),
         (

@@ -151,6 +151,46 @@ def _summary(result: Any, client: Any, stats: Any) -> str:
     )
 
 
+def cmd_imagine(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from lambda_split.diffusion import imagine
+    from secure_channel import connect_transport
+
+    prompt = read_prompt(args.prompt)
+    if not args.out.lower().endswith(".png"):
+        raise UsageError("--out must name a .png file")
+    if args.steps < 1 or args.guidance < 0:
+        raise UsageError("--steps must be at least 1 and --guidance at least 0")
+    progress(f"connecting to {args.server} ({args.security})")
+    started = time.perf_counter()
+
+    def on_step(done: int, total: int) -> None:
+        print(f"\rstep {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    with connect_transport(args.server, args.security, keys_dir=args.keys, timeout=args.timeout) as transport:
+        stats = imagine(
+            transport,
+            prompt,
+            args.steps,
+            args.seed,
+            args.out,
+            on_step,
+            model=args.model,
+            wire=args.wire,
+            guidance_scale=args.guidance,
+        )
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(stats), "security": args.security}))
+    else:
+        progress(
+            f"wrote {stats.path} ({stats.width}x{stats.height}) in {time.perf_counter() - started:.1f} s: "
+            f"{stats.steps} steps, {stats.bytes_sent:,} bytes sent and {stats.bytes_received:,} received "
+            f"({args.security}, wire {stats.wire})"
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lambda_split.cli._demo import run_demo
 
@@ -218,6 +258,25 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     generate.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
     generate.set_defaults(run=cmd_generate)
+
+    imagine = commands.add_parser("imagine", help="generate an image with the U-Net on a server")
+    imagine.add_argument("--server", required=True, help="server URL")
+    imagine.add_argument("--security", **_security(required=True))
+    imagine.add_argument("--keys", help="credentials directory from 'keys init'")
+    imagine.add_argument(
+        "--model", required=True, help="tiny-random-sd, tiny-random-sdxl or a pipeline directory"
+    )
+    imagine.add_argument("--steps", type=int, default=30)
+    imagine.add_argument("--seed", type=int, default=0)
+    imagine.add_argument(
+        "--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)"
+    )
+    imagine.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
+    imagine.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    imagine.add_argument("--out", required=True, help="output PNG file")
+    imagine.add_argument("--json", action="store_true", help="print one JSON object")
+    imagine.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
+    imagine.set_defaults(run=cmd_imagine)
 
     demo = commands.add_parser("demo", help="server and client on this machine, one streamed answer")
     demo.add_argument("--security", **_security(required=False, default="tls+aesgcm"))

@@ -33,12 +33,18 @@ class LiveServer:
 
 
 def start_server(
-    checkpoint: Checkpoint, mode: str, keys: Path, split: str = "2:-2", **limits: Any
+    checkpoint: Checkpoint | str, mode: str, keys: Path, split: str = "2:-2", **limits: Any
 ) -> LiveServer:
-    config = replace(
-        ServerConfig(model=checkpoint.name, split=split, security=mode, keys=str(keys), port=0), **limits
-    )
-    service = load_llm_service(checkpoint, split, security=mode, limits=config.service_limits())
+    """Serve ``checkpoint`` (an LLM checkpoint, or a diffusion model name) on a free loopback port."""
+    name = checkpoint if isinstance(checkpoint, str) else checkpoint.name
+    config = replace(ServerConfig(model=name, split=split, security=mode, keys=str(keys), port=0), **limits)
+    service: tuple[Any, dict[str, Any]]
+    if isinstance(checkpoint, str):
+        from lambda_split.diffusion import load_diffusion_service
+
+        service = load_diffusion_service(checkpoint, security=mode, limits=config.service_limits())
+    else:
+        service = load_llm_service(checkpoint, split, security=mode, limits=config.service_limits())
     ready = threading.Event()
     server = build_server(config, on_ready=lambda _url: ready.set(), service=service)
     thread = threading.Thread(target=server.run, daemon=True)
