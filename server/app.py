@@ -32,6 +32,7 @@ from server.middleware import (
 from server.observability import LOGGER, AccessLogMiddleware, Metrics
 
 ANONYMOUS = "anonymous"
+HANDSHAKE_PATHS = frozenset({"/v1/handshake"})
 
 
 def owner_of(scope: Scope) -> str:
@@ -146,9 +147,18 @@ def build_app(
         Middleware(ReceiveDeadlineMiddleware, timeout_s=config.receive_timeout_s),
     ]
     if config.security in ("aesgcm", "tls+aesgcm") and credentials is not None:
-        middleware.append(
-            Middleware(AESGCMMiddleware, credentials=credentials, max_body_bytes=config.max_body_bytes + 64 * 1024)
-        )
+        middleware += [
+            Middleware(
+                RateLimitMiddleware,
+                rate_per_s=config.handshake_rate_per_s,
+                burst=config.handshake_burst,
+                identify=client_key,
+                only_paths=HANDSHAKE_PATHS,
+            ),
+            Middleware(
+                AESGCMMiddleware, credentials=credentials, max_body_bytes=config.max_body_bytes + 64 * 1024
+            ),
+        ]
     middleware += [
         Middleware(AccessLogMiddleware, metrics=metrics, identify=client_key),
         Middleware(

@@ -36,6 +36,8 @@ class ServerConfig:
     max_concurrency: int = 32
     rate_limit_per_s: float = 200.0
     rate_limit_burst: int = 400
+    handshake_rate_per_s: float = 5.0
+    handshake_burst: int = 20
     expiry_interval_s: float = 5.0
     # trunk sessions
     max_sessions: int = 64
@@ -74,10 +76,22 @@ class ServerConfig:
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError("port must be in 0..65535")
-        for name in ("max_body_bytes", "max_concurrency", "rate_limit_burst", "max_sessions"):
+        for name in (
+            "max_body_bytes",
+            "max_concurrency",
+            "rate_limit_burst",
+            "handshake_burst",
+            "max_sessions",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        for name in ("receive_timeout_s", "rate_limit_per_s", "expiry_interval_s", "idle_timeout_s"):
+        for name in (
+            "receive_timeout_s",
+            "rate_limit_per_s",
+            "handshake_rate_per_s",
+            "expiry_interval_s",
+            "idle_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         try:

@@ -123,7 +123,11 @@ class ReceiveDeadlineMiddleware:
 
 
 class RateLimitMiddleware:
-    """A token bucket per client identity; 429 with Retry-After when it runs dry."""
+    """A token bucket per client identity; 429 with Retry-After when it runs dry.
+
+    ``only_paths`` restricts it to those paths (the AES-GCM handshake, which costs the server
+    signature work before any identity is known).
+    """
 
     def __init__(
         self,
@@ -133,15 +137,18 @@ class RateLimitMiddleware:
         identify: Callable[[Scope], str],
         *,
         max_clients: int = 10_000,
+        only_paths: frozenset[str] | None = None,
     ) -> None:
         self.app = app
+        self.only_paths = only_paths
         self.rate, self.burst = rate_per_s, burst
         self.identify = identify
         self.max_clients = max_clients
         self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") == "/healthz":
+        path = scope.get("path")
+        if scope["type"] != "http" or path == "/healthz" or (self.only_paths and path not in self.only_paths):
             return await self.app(scope, receive, send)
         key, now = self.identify(scope), time.monotonic()
         tokens, last = self.buckets.pop(key, (float(self.burst), now))

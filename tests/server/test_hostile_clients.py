@@ -206,3 +206,12 @@ def test_server_survived_and_honest_output_is_unchanged(
         honest_output(target, tiny)
         == local.generate("hello", GenerationConfig(max_new_tokens=8)).token_ids[0]
     )
+
+
+def test_handshake_floods_are_rate_limited_per_address(make_server: Callable[..., LiveServer]) -> None:
+    server = make_server("aesgcm", handshake_rate_per_s=1.0, handshake_burst=3)
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        replies = [client.post("/v1/handshake", content=b"\x01\x01" + bytes(64)) for _ in range(6)]
+    statuses = [r.status_code for r in replies]
+    assert statuses[:3] != [429] * 3 and statuses[3:] == [429] * 3
+    assert replies[-1].headers["retry-after"] and is_json_error(replies[-1])
