@@ -1,0 +1,16 @@
+"""Λ-Split threat model: capture the real traffic, look for leaks, attack what leaks.
+
+Submodules (import the one you need; only :mod:`threat_model.attacks` and
+:mod:`threat_model.eavesdrop` import torch / lambda_split):
+
+* :mod:`threat_model.capture` — loopback packet capture (AF_PACKET or relay), reassembly, pcap.
+* :mod:`threat_model.detectors` — text, token-id, hidden-state and pixel leak detectors.
+* :mod:`threat_model.traffic` — message sizes, counts and timing; length-inference tests.
+* :mod:`threat_model.attacks` — tail replay, SipIt prompt inversion, cheap probes.
+* :mod:`threat_model.eavesdrop` — decode plaintext tensor frames from captured streams.
+* :mod:`threat_model.baselines` — a deliberately leaky cloud-only completion API.
+"""
+
+from __future__ import annotations
+
+__all__ = ["attacks", "baselines", "capture", "detectors", "eavesdrop", "traffic"]

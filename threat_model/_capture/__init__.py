@@ -1,0 +1,1 @@
+"""Packet capture internals: header parsing, pcap I/O, TCP reassembly, sniffer and relay."""

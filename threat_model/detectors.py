@@ -1,0 +1,311 @@
+"""Leak detectors run over captured byte streams.
+
+A detector is built from one kind of secret (the prompt, the token ids, the hidden
+states the head sent, an output image) and reports :class:`Finding` objects: which
+stream, which direction, the byte offset and length, and which encoding of the secret
+matched. A finding never carries the secret; its ``preview`` shows at most the first
+three bytes of the match.
+
+Plugging in a new secret (a diffusion prompt, latents, an image) means building
+another detector; :func:`scan_streams` takes any mix of them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import urllib.parse
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from threat_model._capture._reassembly import TcpStream
+from threat_model._windows import WindowIndex
+
+__all__ = [
+    "Detector",
+    "Finding",
+    "HiddenStateDetector",
+    "ImageSignatureDetector",
+    "Match",
+    "PixelDetector",
+    "TextLeakDetector",
+    "TokenIdDetector",
+    "encode_wire",
+    "scan_bytes",
+    "scan_streams",
+]
+
+
+@dataclass(frozen=True)
+class Match:
+    """Bytes ``[offset, offset + length)`` of a haystack matched ``variant`` of the secret."""
+
+    variant: str
+    offset: int
+    length: int
+    preview: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    detector: str
+    variant: str
+    stream: int
+    direction: str
+    offset: int
+    length: int
+    preview: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.detector}/{self.variant}: stream {self.stream} {self.direction} "
+            f"bytes {self.offset}..{self.offset + self.length} ({self.preview})"
+        )
+
+
+class Detector(Protocol):
+    name: str
+
+    def scan(self, data: bytes) -> list[Match]: ...
+
+
+def redact(data: bytes) -> str:
+    """At most three bytes of a match, then its length: enough to eyeball, not to leak."""
+    return f"{data[:3]!r}… ({len(data)} bytes)"
+
+
+class _IndexedDetector:
+    """Shared machinery: labelled needles grouped by window length, one index per length."""
+
+    name = "indexed"
+
+    def __init__(
+        self, needles: Iterable[tuple[str, bytes, int]], *, fold_ascii: bool = False, max_hits: int = 16
+    ) -> None:
+        groups: dict[int, list[tuple[str, bytes]]] = {}
+        for label, data, k in needles:
+            groups.setdefault(k, []).append((label, data))
+        self._indexes = [WindowIndex(items, k, fold_ascii=fold_ascii) for k, items in sorted(groups.items())]
+        self._max_hits = max_hits
+        if not any(len(index) for index in self._indexes):
+            raise ValueError(f"{type(self).__name__}: the secret yields no window to search for")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} ({sum(len(i) for i in self._indexes)} windows)>"
+
+    def scan(self, data: bytes) -> list[Match]:
+        matches: list[Match] = []
+        for index in self._indexes:
+            hits, _ = index.scan(data, max_hits=self._max_hits)
+            matches += [
+                Match(h.label, h.offset, h.length, redact(data[h.offset : h.offset + h.length])) for h in hits
+            ]
+        return sorted(matches, key=lambda m: m.offset)
+
+
+def _text_forms(text: str) -> list[tuple[str, bytes, int]]:
+    """(encoding, bytes, bytes per character at least) for one form of a text."""
+    forms = [
+        ("utf-8", text.encode("utf-8"), 1),
+        ("utf-16-le", text.encode("utf-16-le"), 2),
+        ("utf-16-be", text.encode("utf-16-be"), 2),
+        ("json", json.dumps(text)[1:-1].encode("ascii"), 1),
+        ("json-utf8", json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8"), 1),
+        ("url", urllib.parse.quote(text, safe="").encode("ascii"), 1),
+        ("url-plus", urllib.parse.quote_plus(text).encode("ascii"), 1),
+    ]
+    unique: dict[bytes, tuple[str, bytes, int]] = {}
+    for name, data, unit in forms:
+        unique.setdefault(data, (name, data, unit))
+    return list(unique.values())
+
+
+class TextLeakDetector(_IndexedDetector):
+    """Any ``min_chars``-character substring of the secrets, case-folded, in common encodings.
+
+    Encodings: UTF-8, UTF-16-LE/BE, JSON string escapes (``\\uXXXX`` and raw UTF-8),
+    URL percent-encoding, and base64 at all three alignments (base64 only catches
+    substrings of at least ``ceil(1.5 * min_chars) - 1`` characters). Case folding is ASCII
+    folding of haystack and needle alike, plus the lower- and upper-case forms of the secret.
+    """
+
+    def __init__(self, secrets: Sequence[str] | str, *, min_chars: int = 8, name: str = "text") -> None:
+        if min_chars < 4:
+            raise ValueError("min_chars must be at least 4")
+        secrets = [secrets] if isinstance(secrets, str) else list(secrets)
+        self.name = name
+        needles: list[tuple[str, bytes, int]] = []
+        for number, secret in enumerate(secrets):
+            if len(secret) < 1:
+                raise ValueError("empty secret")
+            variants = dict.fromkeys((secret, secret.casefold(), secret.lower(), secret.upper()))
+            for form in variants:
+                for encoding, data, unit in _text_forms(form):
+                    needles.append((f"secret{number}:{encoding}", data, min(len(data), unit * min_chars)))
+            raw = secret.encode("utf-8")
+            k64 = max(4, (3 * min_chars) // 2)
+            for shift in range(3):
+                piece = base64.b64encode(raw[shift:]).rstrip(b"=")
+                needles.append((f"secret{number}:base64", piece[: len(piece) - 3], k64))
+        super().__init__([n for n in needles if n[2] >= 4 and len(n[1]) >= n[2]], fold_ascii=True)
+
+
+class TokenIdDetector(_IndexedDetector):
+    """``window`` consecutive token ids (or all, if fewer) packed as int16/32/64 LE/BE or in decimal."""
+
+    def __init__(
+        self, sequences: Sequence[Sequence[int]] | Sequence[int], *, window: int = 4, name: str = "token_ids"
+    ) -> None:
+        if window < 1:
+            raise ValueError("window must be positive")
+        items: list[Any] = list(sequences)
+        if items and isinstance(items[0], (int, np.integer)):
+            seqs = [[int(i) for i in items]]
+        else:
+            seqs = [[int(i) for i in s] for s in items]
+        self.name = name
+        needles: list[tuple[str, bytes, int]] = []
+        for seq in seqs:
+            if not seq:
+                continue
+            count = min(window, len(seq))
+            ids = np.asarray(seq, dtype=np.int64)
+            formats = [("int32", "i4"), ("int64", "i8")]
+            if ids.min() >= 0 and ids.max() < 65536:
+                formats.append(("uint16", "u2"))
+            for kind, code in formats:
+                for order, suffix in (("<", "le"), (">", "be")):
+                    data = ids.astype(order + code).tobytes()
+                    needles.append((f"{kind}-{suffix}", data, count * int(code[1])))
+            for sep in (", ", ","):
+                text = sep.join(map(str, seq)).encode("ascii")
+                spans = (sep.join(map(str, seq[i : i + count])) for i in range(len(seq) - count + 1))
+                shortest = min(len(span) for span in spans)
+                if shortest >= 8:
+                    needles.append((f"decimal'{sep}'", text, shortest))
+        super().__init__(needles)
+
+
+def _as_float32(tensor: Any) -> np.ndarray:
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach().to("cpu").float().numpy()
+    return np.ascontiguousarray(np.asarray(tensor, dtype=np.float32)).reshape(-1)
+
+
+def encode_wire(tensor: Any, encoding: str) -> bytes:
+    """The payload bytes of ``tensor`` in a wire encoding (fp32, fp16, bf16, int8 blockwise-64)."""
+    flat = _as_float32(tensor)
+    if encoding == "fp32":
+        return flat.astype("<f4").tobytes()
+    if encoding == "fp16":
+        return flat.astype("<f2").tobytes()
+    if encoding == "bf16":
+        bits = flat.view(np.uint32).astype(np.uint64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even
+        return rounded.astype("<u2").tobytes()
+    if encoding == "int8":
+        blocks = -(-len(flat) // 64)
+        padded = np.zeros((blocks, 64), dtype=np.float32)
+        padded.reshape(-1)[: len(flat)] = flat
+        scales = (np.abs(padded).max(axis=1) / np.float32(127.0)).astype(np.float32)
+        safe = np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)
+        q = np.clip(np.round(padded / safe[:, None]), -127, 127).astype(np.int8)
+        return bytes(scales.astype("<f4").tobytes() + q.reshape(-1)[: len(flat)].tobytes())
+    raise ValueError(f"unknown wire encoding {encoding!r}")
+
+
+class HiddenStateDetector(_IndexedDetector):
+    """Any ``window``-byte run of the encoded tensors (the head's sends, the trunk's replies).
+
+    ``encoding`` is a wire name or a callable returning the bytes the codec produced for
+    one tensor, so the detector sees exactly what a plaintext frame would carry.
+    """
+
+    def __init__(
+        self,
+        tensors: Iterable[Any],
+        encoding: str | Callable[[Any], bytes] = "fp16",
+        *,
+        window: int = 64,
+        name: str = "hidden_states",
+    ) -> None:
+        encode = encoding if callable(encoding) else (lambda t: encode_wire(t, encoding))
+        label = encoding if isinstance(encoding, str) else getattr(encoding, "__name__", "custom")
+        self.name = name
+        needles = [
+            (f"{label}#{i}", data, min(window, len(data)))
+            for i, t in enumerate(tensors)
+            if len(data := encode(t)) >= 8
+        ]
+        super().__init__(needles)
+
+
+class PixelDetector(_IndexedDetector):
+    """``rows`` consecutive rows of an 8-bit image as RGB, RGBA (alpha 255) or BGR bytes."""
+
+    def __init__(
+        self, images: Iterable[Any], *, rows: int = 2, max_window: int = 4096, name: str = "pixels"
+    ) -> None:
+        self.name = name
+        needles: list[tuple[str, bytes, int]] = []
+        for i, image in enumerate(images):
+            pixels = np.asarray(image)
+            if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+                raise ValueError("images must be uint8 arrays of shape (H, W, 3|4)")
+            rgb = pixels[:, :, :3]
+            alpha = np.full((*rgb.shape[:2], 1), 255, dtype=np.uint8)
+            forms = {"rgb": rgb, "rgba": np.concatenate([rgb, alpha], axis=2), "bgr": rgb[:, :, ::-1]}
+            if pixels.shape[2] == 4:
+                forms["rgba"] = pixels
+            for form, array in forms.items():
+                data = np.ascontiguousarray(array).tobytes()
+                k = min(len(data), max(16, min(max_window, rows * array.shape[1] * array.shape[2])))
+                needles.append((f"{form}#{i}", data, k))
+        super().__init__(needles)
+
+
+@dataclass
+class ImageSignatureDetector:
+    """Encoded images by signature: PNG, JPEG (JFIF, Exif, Adobe, bare DQT), WebP, GIF."""
+
+    name: str = "image_signature"
+    _pattern: re.Pattern[bytes] = field(
+        default=re.compile(
+            rb"(?P<png>\x89PNG\r\n\x1a\n)"
+            rb"|(?P<jpeg>\xff\xd8\xff(?:\xe0..JFIF\x00|\xe1..Exif\x00|\xee..Adobe|\xdb\x00[\x43\x84]))"
+            rb"|(?P<webp>RIFF....WEBP)|(?P<gif>GIF8[79]a)",
+            re.DOTALL,
+        ),
+        repr=False,
+    )
+
+    def scan(self, data: bytes) -> list[Match]:
+        return [
+            Match(str(m.lastgroup), m.start(), m.end() - m.start(), redact(m.group()))
+            for m in self._pattern.finditer(data)
+        ]
+
+
+def scan_bytes(
+    detectors: Iterable[Detector], data: bytes, *, stream: int = 0, direction: str = "c2s"
+) -> list[Finding]:
+    return [
+        Finding(d.name, m.variant, stream, direction, m.offset, m.length, m.preview)
+        for d in detectors
+        for m in d.scan(data)
+    ]
+
+
+def scan_streams(detectors: Iterable[Detector], streams: Sequence[TcpStream]) -> list[Finding]:
+    """Run every detector over both directions of every stream."""
+    detectors = list(detectors)
+    findings: list[Finding] = []
+    for number, stream in enumerate(streams):
+        for direction in ("c2s", "s2c"):
+            data = stream.c2s.data if direction == "c2s" else stream.s2c.data
+            findings += scan_bytes(detectors, data, stream=number, direction=direction)
+    return findings
