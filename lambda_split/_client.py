@@ -45,6 +45,7 @@ class ServerInfo:
     hidden_size: int
     security: str
     protocol_version: int
+    kind: str = "llm"
 
     @classmethod
     def parse(cls, data: Any) -> ServerInfo:
@@ -58,6 +59,7 @@ class ServerInfo:
                 int(data["hidden_size"]),
                 str(data["security"]),
                 int(data["protocol_version"]),
+                str(data.get("kind", "llm")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolMismatch(f"malformed /v1/info reply: {exc}") from None
@@ -178,6 +180,8 @@ class SplitClient:
         say = progress or (lambda _message: None)
         Encoding.parse(wire)
         info = fetch_info(transport)
+        if info.kind != "llm":
+            raise ProtocolMismatch(f"the server runs a {info.kind} trunk, not a language model")
         if info.security != transport.security:
             raise ProtocolMismatch(
                 f"server runs in {info.security!r} mode, this client in {transport.security!r}"

@@ -102,3 +102,12 @@ def test_sessions_are_bound_to_the_authenticated_client(
         session.close()  # alice still owns it
         alice.close()
         bob.close()
+
+
+def test_llm_client_refuses_a_diffusion_server(tiny: Checkpoint, tmp_path: Path) -> None:
+    from lambda_split import LocalTransport, ProtocolMismatch
+    from lambda_split.diffusion import load_diffusion_service
+
+    service, info = load_diffusion_service("tiny-random-sd", security="plain")
+    with pytest.raises(ProtocolMismatch, match="diffusion"):
+        SplitClient.from_transport(LocalTransport(service, info), tiny)
