@@ -25,6 +25,7 @@ _EXPORTS = {
     "lambda_split._local": ("LocalTransport",),
     "lambda_split._models": ("BUILTIN_MODELS", "Checkpoint", "fingerprint", "preload", "resolve"),
     "lambda_split._parts": ("Head", "PartState", "SplitModel", "SplitSpec", "Tail", "Trunk", "load_parts"),
+    "lambda_split._session": ("RemoteSession",),
     "lambda_split._service": (
         "Executor",
         "LLMExecutor",
@@ -54,27 +55,53 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from lambda_split._client import (
         RemoteTrunk as RemoteTrunk,
+    )
+    from lambda_split._client import (
         ServerInfo as ServerInfo,
+    )
+    from lambda_split._client import (
         SplitClient as SplitClient,
+    )
+    from lambda_split._client import (
         fetch_info as fetch_info,
     )
     from lambda_split._codec import (
         Encoding as Encoding,
+    )
+    from lambda_split._codec import (
         FrameError as FrameError,
+    )
+    from lambda_split._codec import (
         FrameKind as FrameKind,
+    )
+    from lambda_split._codec import (
         FrameLimits as FrameLimits,
     )
     from lambda_split._errors import (
         FingerprintMismatch as FingerprintMismatch,
+    )
+    from lambda_split._errors import (
         ModelNotFoundError as ModelNotFoundError,
+    )
+    from lambda_split._errors import (
         ProtocolMismatch as ProtocolMismatch,
+    )
+    from lambda_split._errors import (
         ServerError as ServerError,
+    )
+    from lambda_split._errors import (
         SplitError as SplitError,
     )
     from lambda_split._generate import (
         GenerationConfig as GenerationConfig,
+    )
+    from lambda_split._generate import (
         GenerationResult as GenerationResult,
+    )
+    from lambda_split._generate import (
         encode_prompts as encode_prompts,
+    )
+    from lambda_split._generate import (
         generate_tokens as generate_tokens,
     )
     from lambda_split._local import (
@@ -82,25 +109,58 @@ if TYPE_CHECKING:
     )
     from lambda_split._models import (
         BUILTIN_MODELS as BUILTIN_MODELS,
+    )
+    from lambda_split._models import (
         Checkpoint as Checkpoint,
+    )
+    from lambda_split._models import (
         fingerprint as fingerprint,
+    )
+    from lambda_split._models import (
         preload as preload,
+    )
+    from lambda_split._models import (
         resolve as resolve,
     )
     from lambda_split._parts import (
         Head as Head,
+    )
+    from lambda_split._parts import (
         PartState as PartState,
+    )
+    from lambda_split._parts import (
         SplitModel as SplitModel,
+    )
+    from lambda_split._parts import (
         SplitSpec as SplitSpec,
+    )
+    from lambda_split._parts import (
         Tail as Tail,
+    )
+    from lambda_split._parts import (
         Trunk as Trunk,
+    )
+    from lambda_split._parts import (
         load_parts as load_parts,
     )
     from lambda_split._service import (
         Executor as Executor,
+    )
+    from lambda_split._service import (
         LLMExecutor as LLMExecutor,
+    )
+    from lambda_split._service import (
         ServiceError as ServiceError,
+    )
+    from lambda_split._service import (
         ServiceLimits as ServiceLimits,
+    )
+    from lambda_split._service import (
         TrunkService as TrunkService,
+    )
+    from lambda_split._service import (
         load_llm_service as load_llm_service,
+    )
+    from lambda_split._session import (
+        RemoteSession as RemoteSession,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -12,8 +11,8 @@ from typing import Any
 
 import torch
 
-from lambda_split._codec import Encoding, FrameError, FrameKind, decode_frame, encode_frame
-from lambda_split._errors import FingerprintMismatch, ProtocolMismatch, ServerError
+from lambda_split._codec import Encoding, FrameKind
+from lambda_split._errors import FingerprintMismatch, ProtocolMismatch
 from lambda_split._generate import (
     GenerationConfig,
     GenerationResult,
@@ -23,15 +22,12 @@ from lambda_split._generate import (
 )
 from lambda_split._models import Checkpoint, fingerprint, resolve
 from lambda_split._parts import SplitModel, SplitSpec, load_parts
+from lambda_split._session import RemoteSession, check_reply
 from lambda_split.protocol import (
-    FRAME_CONTENT_TYPE,
     INFO_PATH,
     PROTOCOL_VERSION,
-    SESSIONS_PATH,
-    session_path,
-    step_path,
 )
-from secure_channel import Request, Response, SecurityMode, Transport
+from secure_channel import Request, SecurityMode, Transport
 
 ProgressFn = Callable[[str], None]
 
@@ -65,64 +61,16 @@ class ServerInfo:
             raise ProtocolMismatch(f"malformed /v1/info reply: {exc}") from None
 
 
-def _check(response: Response, expected: int) -> Response:
-    if response.status == expected:
-        return response
-    try:
-        error = response.json()["error"]
-        code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        code, message = "http_error", f"unexpected HTTP {response.status}"
-    raise ServerError(response.status, code, message)
-
-
-def _json_request(method: str, path: str, data: Any = None) -> Request:
-    body = b"" if data is None else json.dumps(data).encode()
-    return Request(method, path, body, {"content-type": "application/json"} if body else {})
-
-
-class RemoteTrunk:
+class RemoteTrunk(RemoteSession):
     """One trunk session on the server, called like the local trunk: ``hidden, mask -> hidden``."""
-
-    def __init__(self, transport: Transport, wire: Encoding) -> None:
-        self.transport = transport
-        self.wire = wire
-        reply = _check(
-            self.transport.exchange(_json_request("POST", SESSIONS_PATH, {"wire": wire.wire_name})), 201
-        )
-        try:
-            self.session_id = str(reply.json()["session_id"])
-            self._raw_id = bytes.fromhex(self.session_id)
-        except (ValueError, KeyError, TypeError):
-            raise ProtocolMismatch("malformed session reply") from None
-        self.seq = 0
-        self.closed = False
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         tensors = {"hidden": (hidden, self.wire), "mask": (mask.to(torch.uint8), Encoding.U8)}
-        frame = encode_frame(FrameKind.LLM_STEP, self._raw_id, self.seq, tensors)
-        request = Request("POST", step_path(self.session_id), frame, {"content-type": FRAME_CONTENT_TYPE})
-        reply = _check(self.transport.exchange(request), 200)
-        try:
-            result = decode_frame(reply.content)
-        except FrameError as exc:
-            raise ProtocolMismatch(f"bad frame from server: {exc}") from None
-        if (
-            result.kind is not FrameKind.LLM_RESULT
-            or result.session_id != self._raw_id
-            or result.seq != self.seq
-        ):
-            raise ProtocolMismatch("server reply does not answer this step")
+        result = self.exchange(FrameKind.LLM_STEP, tensors, FrameKind.LLM_RESULT)
         out = result.tensor("hidden", rank=3)
         if out.shape != hidden.shape:
             raise ProtocolMismatch(f"server returned shape {tuple(out.shape)} for {tuple(hidden.shape)}")
-        self.seq += 1
         return out.to(hidden.dtype)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            _check(self.transport.exchange(Request("DELETE", session_path(self.session_id))), 200)
 
 
 class SplitClient:
@@ -277,7 +225,7 @@ class SplitClient:
 
 
 def fetch_info(transport: Transport) -> ServerInfo:
-    info = ServerInfo.parse(_check(transport.exchange(Request("GET", INFO_PATH)), 200).json())
+    info = ServerInfo.parse(check_reply(transport.exchange(Request("GET", INFO_PATH)), 200).json())
     if info.protocol_version != PROTOCOL_VERSION:
         raise ProtocolMismatch(
             f"server speaks protocol {info.protocol_version}, this client {PROTOCOL_VERSION}"

@@ -16,6 +16,8 @@ INTERNAL = {
     "tiny_llama_config",
     "byte_tokenizer",
     "positions_from_mask",
+    "check_reply",
+    "json_request",
 }
 
 

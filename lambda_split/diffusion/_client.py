@@ -17,9 +17,9 @@ from typing import Any
 import diffusers
 import torch
 
-from lambda_split._client import _check
 from lambda_split._codec import Encoding
 from lambda_split._errors import FingerprintMismatch, ProtocolMismatch
+from lambda_split._session import check_reply
 from lambda_split.diffusion._sources import DiffusionSource, resolve_diffusion
 from lambda_split.diffusion._trunk import RemoteUNetTrunk, TrunkUNet
 from lambda_split.protocol import INFO_PATH, PROTOCOL_VERSION
@@ -65,7 +65,7 @@ class DiffusionServerInfo:
 
 
 def fetch_diffusion_info(transport: Transport) -> DiffusionServerInfo:
-    info = DiffusionServerInfo.parse(_check(transport.exchange(Request("GET", INFO_PATH)), 200).json())
+    info = DiffusionServerInfo.parse(check_reply(transport.exchange(Request("GET", INFO_PATH)), 200).json())
     if info.protocol_version != PROTOCOL_VERSION:
         raise ProtocolMismatch(
             f"server speaks protocol {info.protocol_version}, this client {PROTOCOL_VERSION}"

@@ -17,12 +17,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from lambda_split._client import _check, _json_request
-from lambda_split._codec import Encoding, FrameError, FrameKind, decode_frame, encode_frame
+from lambda_split._codec import Encoding, Frame, FrameKind
 from lambda_split._errors import ProtocolMismatch
+from lambda_split._session import RemoteSession
 from lambda_split.diffusion._sources import meta_unet
-from lambda_split.protocol import FRAME_CONTENT_TYPE, SESSIONS_PATH, session_path, step_path
-from secure_channel import Request, Transport
+from secure_channel import Transport
 
 Context = Mapping[str, torch.Tensor]
 TrunkFn = Callable[[torch.Tensor, torch.Tensor, Context], torch.Tensor]
@@ -111,33 +110,20 @@ class LocalUNetTrunk:
         return out
 
 
-class RemoteUNetTrunk:
+class RemoteUNetTrunk(RemoteSession):
     """One U-Net session on the server. Sends the prompt embeddings once, then one frame per call."""
 
     def __init__(self, transport: Transport, wire: Encoding) -> None:
-        self.transport = transport
-        self.wire = wire
-        reply = _check(
-            self.transport.exchange(_json_request("POST", SESSIONS_PATH, {"wire": wire.wire_name})), 201
-        )
-        try:
-            self.session_id = str(reply.json()["session_id"])
-            self._raw_id = bytes.fromhex(self.session_id)
-        except (ValueError, KeyError, TypeError):
-            raise ProtocolMismatch("malformed session reply") from None
-        self.seq = 0
+        super().__init__(transport, wire)
         self.calls = 0
-        self.closed = False
         self._sent: dict[str, torch.Tensor] | None = None
 
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: Context) -> torch.Tensor:
         if not self._already_sent(context):
-            self._exchange(FrameKind.DIFFUSION_CONTEXT, dict(context), FrameKind.DIFFUSION_RESULT)
+            self._exchange(FrameKind.DIFFUSION_CONTEXT, dict(context))
             self._sent = dict(context)
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
-        result = self._exchange(
-            FrameKind.DIFFUSION_STEP, {"latents": latents, "timestep": t}, FrameKind.DIFFUSION_RESULT
-        )
+        result = self._exchange(FrameKind.DIFFUSION_STEP, {"latents": latents, "timestep": t})
         noise_pred = result.tensor("noise_pred", rank=4)
         if noise_pred.shape[0] != latents.shape[0] or noise_pred.shape[2:] != latents.shape[2:]:
             raise ProtocolMismatch(
@@ -153,24 +139,9 @@ class RemoteUNetTrunk:
             return False
         return all(sent[name] is value or torch.equal(sent[name], value) for name, value in context.items())
 
-    def _exchange(self, kind: FrameKind, tensors: dict[str, torch.Tensor], expect: FrameKind) -> Any:
+    def _exchange(self, kind: FrameKind, tensors: dict[str, torch.Tensor]) -> Frame:
         encoded = {
             name: (value.detach().float(), Encoding.FP32 if name in EXACT_NAMES else self.wire)
             for name, value in tensors.items()
         }
-        frame = encode_frame(kind, self._raw_id, self.seq, encoded)
-        request = Request("POST", step_path(self.session_id), frame, {"content-type": FRAME_CONTENT_TYPE})
-        reply = _check(self.transport.exchange(request), 200)
-        try:
-            result = decode_frame(reply.content)
-        except FrameError as exc:
-            raise ProtocolMismatch(f"bad frame from server: {exc}") from None
-        if result.kind is not expect or result.session_id != self._raw_id or result.seq != self.seq:
-            raise ProtocolMismatch("server reply does not answer this step")
-        self.seq += 1
-        return result
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            _check(self.transport.exchange(Request("DELETE", session_path(self.session_id))), 200)
+        return self.exchange(kind, encoded, FrameKind.DIFFUSION_RESULT)
