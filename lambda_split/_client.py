@@ -82,7 +82,13 @@ class SplitClient:
     """
 
     def __init__(
-        self, transport: Transport, model: SplitModel, info: ServerInfo, *, wire: str = "fp32"
+        self,
+        transport: Transport,
+        model: SplitModel,
+        info: ServerInfo,
+        *,
+        wire: str = "fp32",
+        prompt_bucket: int = 0,
     ) -> None:
         if not isinstance(transport, Transport):
             raise TypeError("transport must be a secure_channel.Transport")
@@ -93,6 +99,11 @@ class SplitClient:
         self.head, self.tail = model.head, model.tail
         self.info = info
         self.wire = Encoding.parse(wire)
+        if prompt_bucket < 0:
+            raise ValueError("prompt_bucket must be >= 0")
+        #: Left-pad prompts to a multiple of this many tokens (0: off). Hides the exact prompt
+        #: length from anyone who sees frame sizes, at the cost of computing the padding.
+        self.prompt_bucket = prompt_bucket
 
     @classmethod
     def connect(
@@ -105,13 +116,16 @@ class SplitClient:
         wire: str = "fp32",
         timeout: float = 60.0,
         progress: ProgressFn | None = None,
+        prompt_bucket: int = 0,
     ) -> SplitClient:
         """Open a transport in the named security mode and verify the server. ``security`` has no default."""
         from secure_channel import connect_transport
 
         transport = connect_transport(url, security, keys_dir=keys, timeout=timeout)
         try:
-            return cls.from_transport(transport, model, wire=wire, progress=progress)
+            return cls.from_transport(
+                transport, model, wire=wire, progress=progress, prompt_bucket=prompt_bucket
+            )
         except BaseException:
             transport.close()
             raise
@@ -124,6 +138,7 @@ class SplitClient:
         *,
         wire: str = "fp32",
         progress: ProgressFn | None = None,
+        prompt_bucket: int = 0,
     ) -> SplitClient:
         say = progress or (lambda _message: None)
         Encoding.parse(wire)
@@ -149,7 +164,8 @@ class SplitClient:
                 f"the local model {local}; refusing to send hidden states"
             )
         say(f"loading head and tail of {checkpoint.name}")
-        return cls(transport, load_parts(checkpoint, spec, ("head", "tail")), info, wire=wire)
+        parts = load_parts(checkpoint, spec, ("head", "tail"))
+        return cls(transport, parts, info, wire=wire, prompt_bucket=prompt_bucket)
 
     @property
     def tokenizer(self) -> Any:
@@ -165,7 +181,9 @@ class SplitClient:
     ) -> GenerationResult:
         """Generate for one prompt or a batch. The trunk session lives for this call only."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        input_ids, mask = encode_prompts(self.tokenizer, prompts, chat=chat)
+        input_ids, mask = encode_prompts(
+            self.tokenizer, prompts, chat=chat, pad_to_multiple_of=self.prompt_bucket
+        )
         return self.generate_ids(input_ids, mask, config or GenerationConfig(), on_text=on_text)
 
     def generate_ids(

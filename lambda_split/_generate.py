@@ -188,9 +188,13 @@ def _eos_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, chat: bool
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, chat: bool, pad_to_multiple_of: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise prompts into a left-padded batch, applying the chat template if asked and available."""
+    """Tokenise prompts into a left-padded batch, applying the chat template if asked and available.
+
+    ``pad_to_multiple_of`` left-pads the batch to a multiple of that many tokens, so the prefill
+    frame's size shows only a bucket of the prompt length, not the length itself.
+    """
     if chat and tokenizer.chat_template:
         texts = [
             str(
@@ -206,5 +210,11 @@ def encode_prompts(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+    encoded = tokenizer(
+        texts,
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=add_special,
+        pad_to_multiple_of=pad_to_multiple_of or None,
+    )
     return encoded["input_ids"], encoded["attention_mask"]

@@ -51,3 +51,30 @@ def test_eos_stops_generation() -> None:
 def test_bad_generation_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         GenerationConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_prompt_buckets_hide_the_prompt_length_and_keep_the_output(tiny: Checkpoint) -> None:
+    from secure_channel import Request, Response
+
+    client, _ = local_client(tiny, "2:-2")
+    prefill_sizes: list[int] = []
+    exchange = client.transport.exchange
+
+    def recording(request: Request) -> Response:
+        if request.path.endswith("/step"):
+            prefill_sizes.append(len(request.content))
+        return exchange(request)
+
+    client.transport.exchange = recording  # type: ignore[method-assign]
+
+    def run(prompt: str) -> tuple[list[int], int]:
+        prefill_sizes.clear()
+        tokens = client.generate(prompt, GenerationConfig(max_new_tokens=6)).token_ids[0]
+        return tokens, prefill_sizes[0]
+
+    prompts = ("hi", "hello there!")  # both under 64 tokens with the chat template
+    plain = [run(p) for p in prompts]
+    client.prompt_bucket = 64
+    padded = [run(p) for p in prompts]
+    assert [tokens for tokens, _ in padded] == [tokens for tokens, _ in plain]
+    assert plain[0][1] != plain[1][1] and padded[0][1] == padded[1][1]

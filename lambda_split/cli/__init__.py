@@ -95,6 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         wire=args.wire,
         timeout=args.timeout,
         progress=progress,
+        prompt_bucket=args.pad_prompt,
     ) as client:
         stream = None if args.json else (lambda _row, text: print(text, end="", flush=True))
         result = client.generate(prompt, config, chat=not args.raw, on_text=stream)
@@ -255,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
     generate.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
     generate.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
+    generate.add_argument(
+        "--pad-prompt",
+        type=int,
+        default=0,
+        metavar="N",
+        help="left-pad the prompt to a multiple of N tokens, so frame sizes show only a bucket of its length",
+    )
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     generate.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
     generate.set_defaults(run=cmd_generate)
