@@ -46,6 +46,7 @@ class ServerConfig:
     max_step_tokens: int = 2048
     idle_timeout_s: float = 300.0
     max_cache_bytes: int = 2 * 1024**3
+    max_diffusion_steps: int = 256  # U-Net calls per diffusion session
     extra: dict[str, Any] = field(default_factory=dict)
 
     def service_limits(self) -> ServiceLimits:
@@ -82,6 +83,7 @@ class ServerConfig:
             "rate_limit_burst",
             "handshake_burst",
             "max_sessions",
+            "max_diffusion_steps",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

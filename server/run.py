@@ -49,10 +49,14 @@ def load_service(
 ) -> tuple[TrunkService, dict[str, Any]]:
     limits: ServiceLimits = config.service_limits()
     if _is_diffusion(config.model):
-        from lambda_split.diffusion import load_diffusion_service
+        from lambda_split.diffusion import DiffusionLimits, load_diffusion_service
 
         return load_diffusion_service(
-            config.model, security=config.security, limits=limits, progress=progress
+            config.model,
+            security=config.security,
+            limits=limits,
+            diffusion_limits=DiffusionLimits(max_steps_per_session=config.max_diffusion_steps),
+            progress=progress,
         )
     return load_llm_service(
         config.model, config.split, security=config.security, limits=limits, progress=progress
