@@ -23,7 +23,8 @@ _EXPORTS = {
     ),
     "lambda_split._generate": ("GenerationConfig", "GenerationResult", "encode_prompts", "generate_tokens"),
     "lambda_split._local": ("LocalTransport",),
-    "lambda_split._models": ("BUILTIN_MODELS", "Checkpoint", "fingerprint", "preload", "resolve"),
+    "lambda_split._names": ("BUILTIN_MODELS",),
+    "lambda_split._models": ("Checkpoint", "fingerprint", "preload", "resolve"),
     "lambda_split._parts": ("Head", "PartState", "SplitModel", "SplitSpec", "Tail", "Trunk", "load_parts"),
     "lambda_split._session": ("RemoteSession",),
     "lambda_split._service": (
@@ -108,9 +109,6 @@ if TYPE_CHECKING:
         LocalTransport as LocalTransport,
     )
     from lambda_split._models import (
-        BUILTIN_MODELS as BUILTIN_MODELS,
-    )
-    from lambda_split._models import (
         Checkpoint as Checkpoint,
     )
     from lambda_split._models import (
@@ -121,6 +119,9 @@ if TYPE_CHECKING:
     )
     from lambda_split._models import (
         resolve as resolve,
+    )
+    from lambda_split._names import (
+        BUILTIN_MODELS as BUILTIN_MODELS,
     )
     from lambda_split._parts import (
         Head as Head,

@@ -22,11 +22,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from lambda_split._errors import ModelNotFoundError
+from lambda_split._names import BUILTIN_MODELS, SMOLLM2, TINY_LLAMA
 
-SMOLLM2 = "smollm2-135m"
-TINY_LLAMA = "tiny-random-llama"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_MODELS = (SMOLLM2, TINY_LLAMA)
 
 
 @dataclass(frozen=True)
