@@ -9,8 +9,11 @@ Submodules (import the one you need; only :mod:`threat_model.attacks` and
 * :mod:`threat_model.attacks` — tail replay, SipIt prompt inversion, cheap probes.
 * :mod:`threat_model.eavesdrop` — decode plaintext tensor frames from captured streams.
 * :mod:`threat_model.baselines` — a deliberately leaky cloud-only completion API.
+* :mod:`threat_model.sweep` — attack recovery and cost vs split depth and wire encoding.
+* :mod:`threat_model.suite` — ``lambda-split eavesdrop``: every mode against a live server,
+  with policy, positive controls and the sweep; :mod:`threat_model.report` renders it.
 """
 
 from __future__ import annotations
 
-__all__ = ["attacks", "baselines", "capture", "detectors", "eavesdrop", "traffic"]
+__all__ = ["attacks", "baselines", "capture", "detectors", "eavesdrop", "report", "suite", "sweep", "traffic"]

@@ -4,7 +4,8 @@
 POSTs the prompt as JSON and gets the text back as JSON, or streamed token by token
 as server-sent events (the setting of Weiss et al. 2024). Run in plaintext it is the
 positive control of the leak suite; wrapped in TLS it is the control for traffic
-analysis (content hidden, sizes not).
+analysis (content hidden, sizes not). ``POST /v1/upload`` takes any body (an image, packed
+token ids) and answers with its length: the "upload it to the cloud" baseline.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 Responder = Callable[[str], Sequence[tuple[int, str]]]
 COMPLETIONS_PATH = "/v1/completions"
+UPLOAD_PATH = "/v1/upload"
 
 
 def echo_responder(prompt: str) -> list[tuple[int, str]]:
@@ -37,6 +39,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if self.path == UPLOAD_PATH:
+            self._send(200, json.dumps({"bytes": len(body)}).encode(), "application/json")
+            return
         request = json.loads(body)
         tokens = list(self.server.responder(str(request["prompt"])))
         if not request.get("stream"):
@@ -111,3 +116,14 @@ def cloud_complete(
         return result
     events = [json.loads(line[6:]) for line in raw.decode().split("\n") if line.startswith("data: ")]
     return {"text": "".join(e["token"] for e in events), "token_ids": [e["id"] for e in events]}
+
+
+def cloud_upload(port: int, data: bytes, *, content_type: str = "application/octet-stream") -> int:
+    """POST ``data`` in plaintext to a :class:`CloudBaselineServer`; return the length it acknowledged."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", UPLOAD_PATH, body=data, headers={"Content-Type": content_type})
+        reply: dict[str, Any] = json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+    return int(reply["bytes"])

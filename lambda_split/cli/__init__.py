@@ -192,6 +192,25 @@ def cmd_imagine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lambda_split.cli.bench import run_bench
+
+    return run_bench(
+        out=args.out,
+        as_json=args.json,
+        quick=args.quick,
+        model=args.model,
+        progress=progress,
+        threads=args.threads,
+    )
+
+
+def cmd_eavesdrop(args: argparse.Namespace) -> int:
+    from threat_model.suite import run_from_args
+
+    return run_from_args(args, progress)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lambda_split.cli._demo import run_demo
 
@@ -285,6 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--json", action="store_true", help="print one JSON object")
     imagine.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
     imagine.set_defaults(run=cmd_imagine)
+
+    from lambda_split.cli.bench import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser(
+        "bench", help="measure what each security mode, split and wire encoding costs"
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(run=cmd_bench)
+
+    from threat_model.suite import add_arguments as add_eavesdrop_arguments
+
+    eavesdrop = commands.add_parser(
+        "eavesdrop", help="capture the real packets in each mode, look for leaks and attack what decodes"
+    )
+    add_eavesdrop_arguments(eavesdrop)
+    eavesdrop.set_defaults(run=cmd_eavesdrop)
 
     demo = commands.add_parser("demo", help="server and client on this machine, one streamed answer")
     demo.add_argument("--security", **_security(required=False, default="tls+aesgcm"))

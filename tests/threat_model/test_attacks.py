@@ -180,29 +180,3 @@ def test_attacks_plug_into_a_hand_sliced_transformers_model() -> None:
         captured, head_fn, model_order_fn(logits_fn, 97), encoding="bf16", truth=ids[0].tolist()
     )
     assert result.accuracy == 1.0
-
-
-@pytest.mark.heavy
-def test_smollm2_prompt_inversion_and_tail_replay() -> None:
-    ls = pytest.importorskip("lambda_split")
-    checkpoint = ls.resolve("smollm2-135m")
-    spec = ls.SplitSpec.parse("2:-2", checkpoint.config.num_hidden_layers)
-    parts = ls.load_parts(checkpoint, spec, ("head", "trunk", "tail"))
-    tokenizer = checkpoint.tokenizer
-    ids, _ = ls.encode_prompts(tokenizer, ["What is the capital of France?"], chat=True)
-    returned, generated = greedy_session(parts, ids, steps=6, wire="fp16")
-    assert tail_replay(returned, parts.tail, prompt_length=ids.shape[1], truth=generated).accuracy == 1.0
-    with torch.inference_mode():
-        captured = wire_roundtrip(parts.head(ids), "fp16")
-    order = model_order_fn(full_logits(parts), checkpoint.config.vocab_size, tokenizer.bos_token_id)
-    result = invert_prompt(
-        captured,
-        None,
-        order,
-        encoding="fp16",
-        truth=ids[0].tolist(),
-        step_fn=cached_step_fn(parts.head),
-        batch_size=256,
-    )
-    print("smollm2 inversion:", result.summary())
-    assert result.accuracy == 1.0

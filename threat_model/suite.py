@@ -1,0 +1,363 @@
+"""``lambda-split eavesdrop``: the automated eavesdropping suite against a live loopback server.
+
+For every requested security mode it starts the real trunk server (fresh credentials in
+a temporary directory), runs real client sessions while capturing the packets (AF_PACKET
+when privileged, else an in-path relay; the report names which), and judges the capture:
+
+* every mode: no prompt or output text, no token-id sequence, no pixels on the wire;
+* ``tls``, ``aesgcm``, ``tls+aesgcm``: no plaintext hidden state or latent either, no frame
+  decodes, so the attacks recover nothing;
+* ``plain``: the hidden states are on the wire and the suite *requires* exact prompt
+  inversion and tail replay to succeed, proving the attacks work;
+* positive controls (leaky baselines, and plain mode's hidden states) must all fire.
+
+The exit code is 0 when the policy holds and 1 otherwise. Use :func:`add_arguments` to
+build the command line and :func:`run_eavesdrop` (or :func:`run_from_args`) to run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from threat_model.capture import Method
+
+if TYPE_CHECKING:  # the live machinery imports torch; the CLI parser must not
+    from threat_model._live import TransportWrapper
+
+MODES = ("plain", "tls", "aesgcm", "tls+aesgcm")
+DEFAULT_PROMPT = "I live in Paris."
+DIFFUSION_PROMPT = "a photo of my passport lying on the kitchen table"
+TRAFFIC_PROMPTS = (
+    ("Hi.", 3),
+    ("What is the weather like in Paris in the spring?", 6),
+    ("Please write me a long and detailed history of the city of Paris, from the Romans to today.", 10),
+)
+WEISS_TEXT = "Paris is the capital of France, and its history runs from a Celtic village to a modern city."
+Progress = Callable[[str], None]
+
+__all__ = ["MODES", "SuiteOptions", "add_arguments", "run_eavesdrop", "run_from_args"]
+
+
+@dataclass(frozen=True)
+class SuiteOptions:
+    """Everything but the mode, output and model; the keyword arguments of :func:`run_eavesdrop`."""
+
+    split: str = "2:-2"
+    wire: str = "fp16"
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 8
+    chat: bool = False
+    capture: Method = "auto"
+    diffusion: bool = True
+    diffusion_model: str = "tiny-random-sd"
+    diffusion_steps: int = 4
+    guidance: float = 5.0
+    sweep: bool = True
+    depths: tuple[int, ...] | None = None
+    sweep_wires: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+    threads: int | None = None  # torch intra-op threads; 1 is steadier on a busy machine
+    # Negative testing of the suite itself (Python only, no command-line flag): a wrapper around
+    # the client transport, or running the server and client in plain whatever the mode says.
+    transport_wrapper: TransportWrapper | None = field(default=None, repr=False)
+    downgrade_to_plain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 3:
+            raise ValueError("max_new_tokens must be at least 3 (the traffic analysis needs decode steps)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be at least 1")
+        if self.diffusion_steps < 1:
+            raise ValueError("diffusion_steps must be at least 1")
+        if not self.prompt.strip():
+            raise ValueError("empty prompt")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("split depths must be positive")
+    return values
+
+
+def _wire_list(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in ("fp32", "fp16", "bf16", "int8")]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"wire encodings are fp32, fp16, bf16, int8; got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``lambda-split eavesdrop``; their ``dest`` names are run_eavesdrop's arguments."""
+    parser.add_argument(
+        "--security", default="all", choices=[*MODES, "all"], help="mode to attack (default all)"
+    )
+    parser.add_argument("--out", metavar="DIR", help="write report.md, report.json, pcaps/ and the plot here")
+    parser.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument(
+        "--model", default="tiny-random-llama", help="language model (default tiny-random-llama)"
+    )
+    parser.add_argument("--split", default="2:-2", help="split A:B of the live runs (default 2:-2)")
+    parser.add_argument("--wire", default="fp16", choices=["fp32", "fp16", "bf16", "int8"])
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the secret prompt of the main session")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--chat", action="store_true", help="apply the chat template (longer prompts)")
+    parser.add_argument("--capture", default="auto", choices=["auto", "af_packet", "relay"])
+    parser.add_argument(
+        "--no-diffusion", dest="diffusion", action="store_false", help="skip the diffusion run"
+    )
+    parser.add_argument("--diffusion-model", default="tiny-random-sd")
+    parser.add_argument("--diffusion-steps", type=int, default=4)
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the attack sweep")
+    parser.add_argument("--depths", type=_int_list, help="split depths A of the sweep, e.g. 1,2,4,8,12")
+    parser.add_argument("--sweep-wires", type=_wire_list, default=("fp32", "fp16", "bf16", "int8"))
+    parser.add_argument("--threads", type=int, help="torch threads (1 is steadier on a busy machine)")
+
+
+def run_from_args(args: argparse.Namespace, progress: Progress) -> int:
+    """Run with a namespace built by a parser that :func:`add_arguments` filled."""
+    names = {f.name for f in dataclasses.fields(SuiteOptions)} - {"transport_wrapper", "downgrade_to_plain"}
+    options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return run_eavesdrop(
+        security=args.security,
+        out=args.out,
+        as_json=args.as_json,
+        model=args.model,
+        progress=progress,
+        **options,
+    )
+
+
+def run_eavesdrop(
+    *, security: str, out: str | None, as_json: bool, model: str, progress: Progress, **options: Any
+) -> int:
+    """Run the suite; print a summary (or one JSON object); write files under ``out``; return the exit code."""
+    from threat_model import report as render
+
+    opts = SuiteOptions(**options)
+    if security != "all" and security not in MODES:
+        raise ValueError(f"unknown security mode {security!r}")
+    modes = list(MODES) if security == "all" else [security]
+    out_dir = Path(out) if out else None
+    if out_dir is not None:
+        (out_dir / "pcaps").mkdir(parents=True, exist_ok=True)
+    result = collect(modes, model, opts, out_dir, progress)
+    if out_dir is not None:
+        result["files"] = render.write_outputs(result, out_dir)
+    if as_json:
+        print(json.dumps(result, allow_nan=False, default=str))
+    else:
+        sys.stdout.write(render.render_text(result))
+        sys.stdout.flush()
+    return 0 if result["policy"]["passed"] else 1
+
+
+def _pcaps(sessions: Sequence[Any], out_dir: Path | None, stem: str) -> list[str]:
+    if out_dir is None:
+        return []
+    paths = []
+    for number, session in enumerate(sessions):
+        path = out_dir / "pcaps" / f"{stem}-{number}.pcap"
+        session.capture.write_pcap(path)
+        paths.append(str(path))
+    return paths
+
+
+def collect(
+    modes: Sequence[str], model: str, opts: SuiteOptions, out_dir: Path | None, progress: Progress
+) -> dict[str, Any]:
+    """Run every mode (and the controls and the sweep) and return the JSON-ready report."""
+    from lambda_split import encode_prompts, load_llm_service, preload, resolve
+    from secure_channel import generate_credentials
+    from threat_model import _controls as controls
+    from threat_model._modes import Attacker, evaluate_diffusion, evaluate_llm
+
+    if opts.threads is not None:
+        import torch
+
+        torch.set_num_threads(opts.threads)
+    progress(f"loading {model}")
+    checkpoint = preload(resolve(model))
+    attacker = Attacker(checkpoint, opts.split)
+    prompts = [(opts.prompt, opts.max_new_tokens), *TRAFFIC_PROMPTS]
+    results: dict[str, Any] = {}
+    methods: set[str] = set()
+    from threat_model._live import LLMClient, live_server
+
+    first_main = None
+    with tempfile.TemporaryDirectory(prefix="lambda-split-eavesdrop-") as keys:
+        progress("creating fresh credentials")
+        generate_credentials(keys, days=1)
+        run_modes = [*modes, *(["plain"] if "plain" not in modes else [])]
+        for index, mode in enumerate(run_modes):
+            control = index >= len(modes)
+            actual = "plain" if opts.downgrade_to_plain else mode
+            progress(f"{mode}: trunk server {opts.split} of {model}, capturing {len(prompts)} sessions")
+            service = load_llm_service(checkpoint, opts.split, security=actual)
+            client = LLMClient(checkpoint, opts.wire, opts.chat, opts.transport_wrapper)
+            with live_server(service, model=model, split=opts.split, security=actual, keys=keys) as server:
+                sessions = [client.session(server, actual, keys, p, n, opts.capture) for p, n in prompts]
+            methods |= {s.capture.method for s in sessions}
+            first_main = first_main or sessions[0]
+            progress(f"{mode}: scanning the capture and attacking what decodes")
+            evaluated = evaluate_llm(mode, sessions, wire=opts.wire, attacker=None if control else attacker)
+            evaluated["pcaps"] = _pcaps(sessions, out_dir, f"llm-{mode}")
+            evaluated["split"] = list(client.split_client.info.split)
+            if control:
+                results.setdefault("plain (control)", {})["llm"] = evaluated
+            else:
+                results.setdefault(mode, {})["llm"] = evaluated
+        if opts.diffusion:
+            _run_diffusion(
+                run_modes, modes, opts, keys, out_dir, results, methods, progress, evaluate_diffusion
+            )
+        method: Method = (
+            opts.capture if opts.capture != "auto" else ("af_packet" if "af_packet" in methods else "relay")
+        )
+        progress("positive controls: leaky cloud baselines")
+        pcap_dir = out_dir / "pcaps" if out_dir else None
+        ids, _ = encode_prompts(checkpoint.tokenizer, [opts.prompt], chat=opts.chat)
+        control_rows = controls.llm_controls(opts.prompt, ids[0].tolist(), method=method, pcap_dir=pcap_dir)
+        control_rows.append(
+            controls.streaming_token_lengths(keys, WEISS_TEXT, method=method, pcap_dir=pcap_dir)
+        )
+        if opts.diffusion:
+            image = next(iter(r["diffusion"]["_image"] for r in results.values() if "diffusion" in r))
+            control_rows += controls.diffusion_controls(
+                DIFFUSION_PROMPT, image, method=method, pcap_dir=pcap_dir
+            )
+    for entry in results.values():
+        entry.get("diffusion", {}).pop("_image", None)
+    server_view = _server_view(attacker, first_main, opts.wire)
+    sweep = None
+    if opts.sweep:
+        from threat_model.sweep import attack_sweep, default_depths
+
+        depths = opts.depths or default_depths(model, int(checkpoint.config.num_hidden_layers))
+        progress(f"attack sweep over split depths {list(depths)} and wires {list(opts.sweep_wires)}")
+        rows = attack_sweep(
+            checkpoint, ids[0].tolist(), depths=depths, wires=opts.sweep_wires, progress=progress
+        )
+        sweep = {"model": model, "depths": list(depths), "wires": list(opts.sweep_wires), "rows": rows}
+    return _assemble(modes, model, opts, results, control_rows, server_view, sweep, methods)
+
+
+def _run_diffusion(
+    run_modes: Sequence[str],
+    modes: Sequence[str],
+    opts: SuiteOptions,
+    keys: str,
+    out_dir: Path | None,
+    results: dict[str, Any],
+    methods: set[str],
+    progress: Progress,
+    evaluate: Callable[..., dict[str, Any]],
+) -> None:
+    from lambda_split.diffusion import load_diffusion_service, resolve_diffusion
+
+    source = resolve_diffusion(opts.diffusion_model)
+    for index, mode in enumerate(run_modes):
+        actual = "plain" if opts.downgrade_to_plain else mode
+        progress(f"{mode}: diffusion trunk server ({opts.diffusion_model}), one captured image")
+        service = load_diffusion_service(opts.diffusion_model, security=actual)
+        from threat_model._live import diffusion_session, live_server
+
+        with live_server(
+            service, model=opts.diffusion_model, split="2:-2", security=actual, keys=keys
+        ) as server:
+            session = diffusion_session(
+                server,
+                actual,
+                keys,
+                source,
+                DIFFUSION_PROMPT,
+                wire=opts.wire,
+                steps=opts.diffusion_steps,
+                guidance=opts.guidance,
+                seed=7,
+                method=opts.capture,
+            )
+        methods.add(session.capture.method)
+        evaluated = evaluate(mode, session, wire=opts.wire, guidance=opts.guidance)
+        evaluated["pcaps"] = _pcaps([session], out_dir, f"diffusion-{mode}")
+        evaluated["_image"] = session.image
+        results.setdefault(mode if index < len(modes) else "plain (control)", {})["diffusion"] = evaluated
+
+
+def _server_view(attacker: Any, session: Any, wire: str) -> dict[str, Any]:
+    """What the curious trunk server can do in every mode: it decrypts the same tensors and inverts them."""
+    from threat_model.attacks import wire_roundtrip
+
+    if session is None:
+        return {}
+    inversion = attacker.invert(wire_roundtrip(session.sent[0], wire), wire, session.prompt_ids)
+    replay = attacker.replay(session.received, session.token_ids)
+    return {
+        "inversion_accuracy": inversion.accuracy,
+        "inversion_forwards_per_token": round(inversion.forwards_per_token, 1),
+        "tail_replay_accuracy": replay.accuracy,
+        "note": "the trunk server sees these hidden states in every mode; with public weights it inverts them",
+    }
+
+
+def _assemble(
+    modes: Sequence[str],
+    model: str,
+    opts: SuiteOptions,
+    results: dict[str, Any],
+    control_rows: list[dict[str, Any]],
+    server_view: dict[str, Any],
+    sweep: dict[str, Any] | None,
+    methods: set[str],
+) -> dict[str, Any]:
+    failures = [
+        f"{mode}/{kind}: {c['check']} ({c['detail']})"
+        for mode, entry in results.items()
+        for kind, evaluated in entry.items()
+        for c in evaluated["checks"]
+        if not c["passed"]
+    ]
+    failures += [f"control {c['control']} did not fire" for c in control_rows if not c["fired"]]
+    warnings = [
+        "the trunk server sees hidden states in every mode; with the public weights it recovers the "
+        "prompt and the answer (see server_view). Encryption protects against the wire, not the server."
+    ]
+    if "plain" in modes:
+        warnings.insert(
+            0,
+            "plain mode gives NO confidentiality against a known-model eavesdropper: the hidden states on the "
+            "wire invert to the exact prompt and replay to the exact answer.",
+        )
+    if "relay" in methods:
+        warnings.append(
+            "captured with the in-path relay (no CAP_NET_RAW): bytes are real, segmentation is the relay's"
+        )
+    if opts.downgrade_to_plain or opts.transport_wrapper is not None:
+        warnings.append("negative test: the transport was deliberately weakened; this run must fail")
+    return {
+        "command": "lambda-split eavesdrop",
+        "model": model,
+        "split": opts.split,
+        "wire": opts.wire,
+        "modes": list(modes),
+        "capture_method": sorted(methods),
+        "prompt": opts.prompt,
+        "diffusion_model": opts.diffusion_model if opts.diffusion else None,
+        "policy": {"passed": not failures, "failures": failures},
+        "results": results,
+        "controls": control_rows,
+        "server_view": server_view,
+        "sweep": sweep,
+        "warnings": warnings,
+    }
