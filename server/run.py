@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -110,3 +111,33 @@ def serve(
     server = build_server(config, on_ready=on_ready, progress=progress)
     server.run()
     return 0 if server.started else 1
+
+
+class BackgroundServer:
+    """A trunk server on its own thread, for the demo, the benchmarks, the eavesdrop suite and tests.
+
+    ``service`` is an already loaded ``(TrunkService, info)``, so several servers (one per
+    security mode, say) can share one model in memory. Use as a context manager, or call
+    :meth:`stop`.
+    """
+
+    def __init__(self, config: ServerConfig, service: tuple[TrunkService, dict[str, Any]], *,
+                 name: str = "trunk-server", timeout_s: float = 60.0) -> None:  # fmt: skip
+        ready = threading.Event()
+        self.server = build_server(config, on_ready=lambda _url: ready.set(), service=service)
+        self.thread = threading.Thread(target=self.server.run, name=name, daemon=True)
+        self.thread.start()
+        if not ready.wait(timeout_s):
+            self.stop()
+            raise RuntimeError(f"the {config.security} trunk server did not start within {timeout_s:g} s")
+        self.url = self.server.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -9,7 +9,6 @@ diffusion client runs over a :class:`lambda_split.diffusion.RecordingTransport`.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,20 +33,11 @@ def live_server(
     service: tuple[Any, dict[str, Any]], *, model: str, split: str, security: str, keys: str | None
 ) -> Iterator[LiveServer]:
     """Run ``server.build_server`` on a free loopback port for the duration of the block."""
-    from server import ServerConfig, build_server
+    from server import BackgroundServer, ServerConfig
 
     config = ServerConfig(model=model, split=split, security=security, keys=keys, port=0)
-    ready = threading.Event()
-    server = build_server(config, on_ready=lambda _url: ready.set(), service=service)
-    thread = threading.Thread(target=server.run, name=f"eavesdrop-{security}", daemon=True)
-    thread.start()
-    try:
-        if not ready.wait(60):
-            raise RuntimeError(f"the {security} trunk server did not start")
+    with BackgroundServer(config, service, name=f"eavesdrop-{security}") as server:
         yield LiveServer(server.url, int(server.url.rsplit(":", 1)[1]))
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def client_url(server: LiveServer, capture: Capture) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 
@@ -26,7 +25,7 @@ def run_demo(
     progress: Callable[[str], None],
 ) -> int:
     from secure_channel import generate_credentials
-    from server import ServerConfig, build_server
+    from server import BackgroundServer, ServerConfig
 
     with tempfile.TemporaryDirectory(prefix="lambda-split-demo-") as keys:
         if security != "plain":
@@ -36,14 +35,8 @@ def run_demo(
         checkpoint = preload(resolve(model))
         service = load_llm_service(checkpoint, split, security=security, progress=progress)
         config = ServerConfig(model=model, split=split, security=security, keys=keys, port=0)
-        ready = threading.Event()
-        server = build_server(config, on_ready=lambda _url: ready.set(), service=service)
-        thread = threading.Thread(target=server.run, name="trunk-server", daemon=True)
-        thread.start()
-        if not ready.wait(60):
-            raise RuntimeError("the demo server did not start")
-        progress(f"trunk server listening on {server.url} ({security})")
-        try:
+        with BackgroundServer(config, service) as server:
+            progress(f"trunk server listening on {server.url} ({security})")
             client = SplitClient.connect(
                 server.url,
                 security=security,  # type: ignore[arg-type]
@@ -61,9 +54,6 @@ def run_demo(
                 )
                 elapsed = time.perf_counter() - started
                 stats = client.transport.stats
-        finally:
-            server.should_exit = True
-            thread.join(15)
     per_token = (stats.bytes_sent + stats.bytes_received) / max(result.new_tokens, 1)
     tokens_per_s = result.new_tokens / elapsed
     if as_json:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 
 from lambda_split import Checkpoint, TrunkService, load_llm_service
-from server import ReadyServer, ServerConfig, build_server
+from server import BackgroundServer, ServerConfig
 from tests.secure_channel.conftest import PKI
 
 MODES = ("plain", "tls", "aesgcm", "tls+aesgcm")
@@ -24,12 +23,10 @@ class LiveServer:
     url: str
     keys: Path
     service: TrunkService
-    server: ReadyServer
-    thread: threading.Thread
+    running: BackgroundServer
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.running.stop()
 
 
 def start_server(
@@ -45,13 +42,8 @@ def start_server(
         service = load_diffusion_service(checkpoint, security=mode, limits=config.service_limits())
     else:
         service = load_llm_service(checkpoint, split, security=mode, limits=config.service_limits())
-    ready = threading.Event()
-    server = build_server(config, on_ready=lambda _url: ready.set(), service=service)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    if not ready.wait(30):
-        raise RuntimeError("trunk server did not start")
-    return LiveServer(mode, server.url, keys, service[0], server, thread)
+    running = BackgroundServer(config, service)
+    return LiveServer(mode, running.url, keys, service[0], running)
 
 
 @pytest.fixture(scope="session")

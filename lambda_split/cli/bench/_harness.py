@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import itertools
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -29,6 +28,10 @@ from lambda_split._models import preload, resolve
 from lambda_split._parts import PART_NAMES, SplitModel, SplitSpec, Trunk, load_parts
 from lambda_split._service import TrunkService, load_llm_service
 from lambda_split.protocol import INFO_PATH
+
+if TYPE_CHECKING:
+    from server import BackgroundServer
+
 from secure_channel import (
     Request,
     SecurityMode,
@@ -195,12 +198,12 @@ class Servers:
         self.keys = self._keys.name
         generate_credentials(self.keys, days=1)
         self.progress = progress
-        self._running: dict[tuple[str, str], tuple[Any, threading.Thread]] = {}
+        self._running: dict[tuple[str, str], BackgroundServer] = {}
 
     def url(self, env: Served, mode: str) -> str:
         key = (env.name, mode)
         if key not in self._running:
-            from server import ServerConfig, build_server
+            from server import BackgroundServer, ServerConfig
 
             start, stop = env.info["split"]
             config = ServerConfig(
@@ -214,19 +217,11 @@ class Servers:
                 handshake_rate_per_s=1e9,
                 handshake_burst=10**9,
             )
-            ready = threading.Event()
-            server = build_server(
-                config,
-                on_ready=lambda _url: ready.set(),
-                service=(env.service, {**env.info, "security": mode}),
+            self._running[key] = BackgroundServer(
+                config, (env.service, {**env.info, "security": mode}), name=f"bench-{mode}"
             )
-            thread = threading.Thread(target=server.run, name=f"bench-{mode}", daemon=True)
-            thread.start()
-            if not ready.wait(60):
-                raise RuntimeError(f"the {mode} trunk server did not start")
-            self._running[key] = (server, thread)
-            self.progress(f"trunk server for {env.name} listening on {server.url} ({mode})")
-        return str(self._running[key][0].url)
+            self.progress(f"trunk server for {env.name} listening on {self._running[key].url} ({mode})")
+        return self._running[key].url
 
     def connect(self, env: Served, mode: str) -> Transport:
         """A connected transport: TCP, TLS and the AES-GCM handshake are done before this returns."""
@@ -237,10 +232,10 @@ class Servers:
         return transport
 
     def close(self) -> None:
-        for server, _thread in self._running.values():
-            server.should_exit = True
-        for _server, thread in self._running.values():
-            thread.join(15)
+        for server in self._running.values():
+            server.server.should_exit = True  # stop them all first, then wait
+        for server in self._running.values():
+            server.stop()
         self._running.clear()
         self._keys.cleanup()
 
