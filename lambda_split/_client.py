@@ -22,7 +22,7 @@ from lambda_split._generate import (
 )
 from lambda_split._models import Checkpoint, fingerprint, resolve
 from lambda_split._parts import SplitModel, SplitSpec, load_parts
-from lambda_split._session import RemoteSession, check_reply
+from lambda_split._session import RemoteSession, check_reply, connect_verified
 from lambda_split.protocol import (
     INFO_PATH,
     PROTOCOL_VERSION,
@@ -119,16 +119,15 @@ class SplitClient:
         prompt_bucket: int = 0,
     ) -> SplitClient:
         """Open a transport in the named security mode and verify the server. ``security`` has no default."""
-        from secure_channel import connect_transport
-
-        transport = connect_transport(url, security, keys_dir=keys, timeout=timeout)
-        try:
-            return cls.from_transport(
+        return connect_verified(
+            url,
+            security,
+            keys,
+            timeout,
+            lambda transport: cls.from_transport(
                 transport, model, wire=wire, progress=progress, prompt_bucket=prompt_bucket
-            )
-        except BaseException:
-            transport.close()
-            raise
+            ),
+        )
 
     @classmethod
     def from_transport(

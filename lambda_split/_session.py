@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 from lambda_split._codec import Encoding, Frame, FrameError, FrameKind, decode_frame, encode_frame
 from lambda_split._errors import ProtocolMismatch, ServerError
 from lambda_split.protocol import FRAME_CONTENT_TYPE, SESSIONS_PATH, session_path, step_path
-from secure_channel import Request, Response, Transport
+from secure_channel import Request, Response, SecurityMode, Transport
+
+T = TypeVar("T")
 
 
 def check_reply(response: Response, expected: int) -> Response:
@@ -67,3 +70,22 @@ class RemoteSession:
         if not self.closed:
             self.closed = True
             check_reply(self.transport.exchange(Request("DELETE", session_path(self.session_id))), 200)
+
+
+def connect_verified(
+    url: str,
+    security: SecurityMode,
+    keys: str | Path | None,
+    timeout: float,
+    verify: Callable[[Transport], T],
+) -> T:
+    """Open a transport in ``security`` mode and hand it to ``verify`` (a client's ``from_transport``);
+    the transport is closed again if verification fails."""
+    from secure_channel import connect_transport
+
+    transport = connect_transport(url, security, keys_dir=keys, timeout=timeout)
+    try:
+        return verify(transport)
+    except BaseException:
+        transport.close()
+        raise

@@ -18,6 +18,7 @@ INTERNAL = {
     "positions_from_mask",
     "check_reply",
     "json_request",
+    "connect_verified",
 }
 
 

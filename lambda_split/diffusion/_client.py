@@ -19,7 +19,7 @@ import torch
 
 from lambda_split._codec import Encoding
 from lambda_split._errors import FingerprintMismatch, ProtocolMismatch
-from lambda_split._session import check_reply
+from lambda_split._session import check_reply, connect_verified
 from lambda_split.diffusion._sources import DiffusionSource, resolve_diffusion
 from lambda_split.diffusion._trunk import RemoteUNetTrunk, TrunkUNet
 from lambda_split.protocol import INFO_PATH, PROTOCOL_VERSION
@@ -116,14 +116,13 @@ class DiffusionClient:
         progress: ProgressFn | None = None,
     ) -> DiffusionClient:
         """Open a transport in the named security mode and verify the server. ``security`` has no default."""
-        from secure_channel import connect_transport
-
-        transport = connect_transport(url, security, keys_dir=keys, timeout=timeout)
-        try:
-            return cls.from_transport(transport, model, wire=wire, progress=progress)
-        except BaseException:
-            transport.close()
-            raise
+        return connect_verified(
+            url,
+            security,
+            keys,
+            timeout,
+            lambda transport: cls.from_transport(transport, model, wire=wire, progress=progress),
+        )
 
     @classmethod
     def from_transport(
