@@ -190,32 +190,13 @@ class TokenIdDetector(_IndexedDetector):
         super().__init__(needles)
 
 
-def _as_float32(tensor: Any) -> np.ndarray:
-    if hasattr(tensor, "detach"):
-        tensor = tensor.detach().to("cpu").float().numpy()
-    return np.ascontiguousarray(np.asarray(tensor, dtype=np.float32)).reshape(-1)
-
-
 def encode_wire(tensor: Any, encoding: str) -> bytes:
-    """The payload bytes of ``tensor`` in a wire encoding (fp32, fp16, bf16, int8 blockwise-64)."""
-    flat = _as_float32(tensor)
-    if encoding == "fp32":
-        return flat.astype("<f4").tobytes()
-    if encoding == "fp16":
-        return flat.astype("<f2").tobytes()
-    if encoding == "bf16":
-        bits = flat.view(np.uint32).astype(np.uint64)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even
-        return rounded.astype("<u2").tobytes()
-    if encoding == "int8":
-        blocks = -(-len(flat) // 64)
-        padded = np.zeros((blocks, 64), dtype=np.float32)
-        padded.reshape(-1)[: len(flat)] = flat
-        scales = (np.abs(padded).max(axis=1) / np.float32(127.0)).astype(np.float32)
-        safe = np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)
-        q = np.clip(np.round(padded / safe[:, None]), -127, 127).astype(np.int8)
-        return bytes(scales.astype("<f4").tobytes() + q.reshape(-1)[: len(flat)].tobytes())
-    raise ValueError(f"unknown wire encoding {encoding!r}")
+    """The payload bytes of ``tensor`` (torch or numpy) in a wire encoding, from the project's own codec."""
+    import torch
+
+    from lambda_split.protocol import Encoding, encode_tensor
+
+    return encode_tensor(torch.as_tensor(tensor, dtype=torch.float32), Encoding.parse(encoding))
 
 
 class HiddenStateDetector(_IndexedDetector):
