@@ -82,7 +82,6 @@ class ServerConfig:
             "max_concurrency",
             "rate_limit_burst",
             "handshake_burst",
-            "max_sessions",
             "max_diffusion_steps",
         ):
             if getattr(self, name) < 1:
@@ -92,11 +91,10 @@ class ServerConfig:
             "rate_limit_per_s",
             "handshake_rate_per_s",
             "expiry_interval_s",
-            "idle_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        try:
+        try:  # the session limits check themselves
             self.service_limits()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None

@@ -1,0 +1,52 @@
+"""Server configuration: precedence, and failing closed on anything unsafe or invalid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server import ConfigError, load_config
+
+
+def test_file_then_environment_then_arguments(tmp_path: Path) -> None:
+    file = tmp_path / "server.toml"
+    file.write_text('[server]\nsecurity = "plain"\nport = 9000\n[limits]\nmax_sessions = 5\nmax_batch = 2\n')
+    config = load_config(file, {"LAMBDA_SPLIT_MAX_SESSIONS": "7", "LAMBDA_SPLIT_PORT": "9001"}, port=9002)
+    assert (config.security, config.port, config.max_sessions, config.max_batch) == ("plain", 9002, 7, 2)
+    assert config.validate().service_limits().max_sessions == 7
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"security": "plain", "host": "0.0.0.0"},
+        {"security": "tls"},
+        {"security": "aesgcm"},
+        {"security": ""},
+        {"security": "rot13"},
+        {"security": "plain", "max_sessions": 0},
+        {"security": "plain", "idle_timeout_s": 0},
+        {"security": "plain", "max_tokens_per_session": 0},
+        {"security": "plain", "max_body_bytes": 0},
+        {"security": "plain", "receive_timeout_s": 0},
+        {"security": "plain", "max_diffusion_steps": 0},
+        {"security": "plain", "port": 70000},
+    ],
+)
+def test_unsafe_or_invalid_settings_fail_closed(settings: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        load_config(None, {}, **settings).validate()
+
+
+def test_plain_on_a_public_address_needs_the_explicit_flag() -> None:
+    load_config(None, {}, security="plain", host="0.0.0.0", insecure_plain=True).validate()
+
+
+def test_unknown_file_settings_and_bad_values_are_refused(tmp_path: Path) -> None:
+    file = tmp_path / "server.toml"
+    file.write_text("max_sesions = 3\n")
+    with pytest.raises(ConfigError, match="max_sesions"):
+        load_config(file, {})
+    with pytest.raises(ConfigError, match="port"):
+        load_config(None, {"LAMBDA_SPLIT_PORT": "eighty"})
