@@ -131,6 +131,8 @@ def generate_tokens(
     started = time.perf_counter()
     first_token_at = 0.0
 
+    # Text is decoded every step only when something reads it then (streaming, stop strings).
+    track_text = on_text is not None or bool(config.stop_strings)
     ids, mask = input_ids, attention_mask
     for step in range(config.max_new_tokens):
         hidden = head(ids, mask, head_state)  # (B, T, C)
@@ -147,11 +149,14 @@ def generate_tokens(
                 continue
             token = int(next_ids[row])
             rows[row].append(token)
+            done[row] = token in eos_ids
+            if not track_text:
+                continue
             text = streamers[row].text(rows[row])
             cut = streamers[row].stop_index(text) if config.stop_strings else None
             if cut is not None:
                 text = text[:cut]
-            done[row] = token in eos_ids or cut is not None
+                done[row] = True
             texts[row] = text
             if on_text is not None:
                 delta = streamers[row].delta(text, final=done[row] or step == config.max_new_tokens - 1)
@@ -161,6 +166,8 @@ def generate_tokens(
             break
         ids = next_ids[:, None]  # (B, 1)
         mask = torch.ones_like(ids)
+    if not track_text:
+        texts = [streamer.text(row) for streamer, row in zip(streamers, rows, strict=True)]
     return GenerationResult(rows, texts, first_token_at, time.perf_counter() - started, kept)
 
 
