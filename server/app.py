@@ -20,7 +20,7 @@ from starlette.types import Scope
 
 from lambda_split import ServiceError, TrunkService
 from lambda_split.protocol import FRAME_CONTENT_TYPE, METRICS_PATH
-from secure_channel import AESGCMMiddleware, Credentials, peer_identity
+from secure_channel import AESGCMMiddleware, Credentials, ServerTrust, peer_identity
 from server.config import ServerConfig
 from server.middleware import (
     BodyLimitMiddleware,
@@ -122,7 +122,7 @@ def build_app(
     service: TrunkService,
     info: dict[str, Any],
     config: ServerConfig,
-    credentials: Credentials | None = None,
+    credentials: Credentials | ServerTrust | None = None,
     metrics: Metrics | None = None,
 ) -> Starlette:
     """Assemble the trunk server. ``credentials`` are required in every mode but plain."""
