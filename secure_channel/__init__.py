@@ -33,6 +33,7 @@ from secure_channel._exceptions import (
     ChannelTimeout,
     CredentialsError,
     InvalidRecord,
+    SessionLost,
     TransportError,
 )
 from secure_channel._factory import connect_transport
@@ -82,6 +83,7 @@ __all__ = [
     "ServerChannel",
     "ServerHandshake",
     "ServerTrust",
+    "SessionLost",
     "TLSTransport",
     "Transport",
     "TransportError",

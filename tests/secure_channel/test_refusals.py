@@ -21,6 +21,7 @@ from secure_channel import (
     PlainTransport,
     Request,
     Response,
+    SessionLost,
     TLSTransport,
     Transport,
     client_ssl_context,
@@ -248,8 +249,14 @@ def test_aesgcm_rehandshakes_when_the_server_forgot_the_session(
     t.exchange(Request("POST", "/echo", content=b"a"))
     assert t._channel is not None
     t._channel.session_id = bytes(16)  # as if the server had evicted it
-    assert t.exchange(Request("POST", "/echo", content=b"b")).content == b"b"
+    assert t.exchange(Request("GET", "/whoami")).status == 200  # idempotent: re-sent
     assert sum(r.path == "/v1/handshake" for r in rec.sent) == 4
+    assert t._channel is not None
+    t._channel.session_id = bytes(16)
+    with pytest.raises(SessionLost):  # not idempotent: not re-sent, the next call handshakes
+        t.exchange(Request("POST", "/echo", content=b"b"))
+    assert t.exchange(Request("POST", "/echo", content=b"c")).content == b"c"
+    assert sum(r.path == "/v1/handshake" for r in rec.sent) == 6
 
 
 def test_aesgcm_needs_client_credentials(aes_server: EchoServer, server_creds: Credentials) -> None:
