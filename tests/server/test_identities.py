@@ -162,3 +162,42 @@ def test_keys_list_json_shows_states(devices: Devices) -> None:
     assert rows[("client", "alice")]["state"] == "revoked"
     assert rows[("client", "bob")]["state"] == "valid"
     assert rows[("server", "localhost")]["identity"].startswith("sha256:")
+
+
+def test_one_device_cannot_take_every_session(tiny: Checkpoint, devices: Devices) -> None:
+    server = start_server(tiny, "tls", devices.ca, max_sessions_per_identity=2)
+    try:
+        with (
+            connect_transport(server.url, "tls", keys_dir=devices.alice) as alice,
+            connect_transport(server.url, "tls", keys_dir=devices.bob) as bob,
+        ):
+            held = [RemoteTrunk(alice, Encoding.FP32) for _ in range(2)]
+            with pytest.raises(ServerError) as refused:
+                RemoteTrunk(alice, Encoding.FP32)
+            assert refused.value.status == 429
+            RemoteTrunk(bob, Encoding.FP32).close()  # bob is not starved
+            for session in held:
+                session.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("trusted", "expected"), [("", 429), ("127.0.0.1", 200)])
+def test_forwarded_for_is_believed_only_from_configured_proxies(
+    tiny: Checkpoint, devices: Devices, trusted: str, expected: int
+) -> None:
+    server = start_server(
+        tiny, "plain", devices.ca, rate_limit_per_s=0.01, rate_limit_burst=3, trusted_proxies=trusted
+    )
+    try:
+        with connect_transport(server.url, "plain") as client:
+            statuses = [
+                client.exchange(
+                    Request("GET", "/v1/info", headers={"x-forwarded-for": f"203.0.113.{i}"})
+                ).status
+                for i in range(4)
+            ]
+        # untrusted: all four count against this one loopback address; trusted: four "different" clients
+        assert statuses[-1] == expected
+    finally:
+        server.stop()
