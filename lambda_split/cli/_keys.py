@@ -78,7 +78,10 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         print(f"{args.name} was already revoked")
     for cert in revoked:
         print(f"revoked serial {cert.serial_number:x}")
-    print("send the server SIGHUP (it also rereads crl.pem within a second of the next connection)")
+    print(
+        f"copy {args.dir}/crl.pem to the server's keys directory if it is elsewhere, then send the server "
+        "SIGHUP (it also rereads a changed crl.pem within a second of the next connection)"
+    )
     return 0
 
 
