@@ -15,6 +15,7 @@ from secure_channel._exceptions import AuthenticationError, InvalidRecord
 from secure_channel._handshake import MAX_MESSAGE, MSG1, MSG3, ServerHandshake
 from secure_channel._identity import AESGCM_EXTENSION
 from secure_channel._keys import Credentials
+from secure_channel._ratelimit import _HandshakeLimiter
 from secure_channel._records import (
     DEFAULT_REKEY_MESSAGES,
     DEFAULT_REKEY_SECONDS,
@@ -74,12 +75,20 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _respond(send: Send, status: int, body: bytes, content_type: str = "application/json") -> None:
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str = "application/json",
+    retry_after: int | None = None,
+) -> None:
     headers = [
         (b"content-type", content_type.encode()),
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
     ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -100,7 +109,8 @@ class AESGCMMiddleware:
     when ``credentials`` (a :class:`ServerTrust`) reloads. Handshake crypto runs on worker
     threads, at most ``max_handshakes_in_flight`` at once; each session has at most one sealed
     request in flight, and all sessions together buffer at most ``max_unauthenticated_bytes``
-    of records whose tag has not been checked yet (503 beyond).
+    of records whose tag has not been checked yet (503 beyond). ``handshake_rate`` =
+    ``(per_second, burst)`` rate-limits handshakes per source address, one token per handshake.
     """
 
     def __init__(
@@ -115,6 +125,7 @@ class AESGCMMiddleware:
         rekey_after_seconds: float = DEFAULT_REKEY_SECONDS,
         max_handshakes_in_flight: int = 8,
         max_unauthenticated_bytes: int = 256 * 1024 * 1024,
+        handshake_rate: tuple[float, int] | None = None,
     ) -> None:
         trust = credentials if isinstance(credentials, ServerTrust) else None
         if trust is None and isinstance(credentials, Credentials):
@@ -136,6 +147,7 @@ class AESGCMMiddleware:
         self._handshakes = 0
         self._max_buffered = max_unauthenticated_bytes
         self._buffered = 0
+        self._limiter = _HandshakeLimiter(*handshake_rate) if handshake_rate else None
         self._max_sessions = max_sessions
         self._ttl = session_ttl_s
         self._max_body = max_body_bytes
@@ -169,7 +181,7 @@ class AESGCMMiddleware:
 
             try:
                 if path == HANDSHAKE_PATH:
-                    await self._handshake(receive, tracking_send)
+                    await self._handshake(scope, receive, tracking_send)
                 else:
                     await self._secure(scope, receive, tracking_send)
             except Exception as exc:
@@ -187,13 +199,22 @@ class AESGCMMiddleware:
         while self._sessions and now - next(iter(self._sessions.values())).created > self._ttl:
             self._sessions.popitem(last=False)
 
-    async def _handshake(self, receive: Receive, send: Send) -> None:
+    async def _handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             body = await _read_body(receive, MAX_MESSAGE)
         except _TooLarge:
             await _error(send, 413, "payload_too_large", "handshake message too large")
             return
         self._expire()
+        client = scope.get("client")
+        source = str(client[0]) if client else ""
+        if self._limiter is not None and not (len(body) >= 2 and body[1] == MSG3):
+            wait = self._limiter.take(source, self._clock())
+            if wait is not None:  # msg1 pays; the msg3 that completes a handshake does not
+                await _respond(
+                    send, 429, _error_body("rate_limited", "too many handshakes"), retry_after=wait
+                )
+                return
         if self._handshakes >= self._max_handshakes:
             await _error(send, 503, "overloaded", "too many handshakes in progress; retry shortly")
             return

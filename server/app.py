@@ -32,7 +32,6 @@ from server.middleware import (
 from server.observability import LOGGER, AccessLogMiddleware, Metrics
 
 ANONYMOUS = "anonymous"
-HANDSHAKE_PATHS = frozenset({"/v1/handshake"})
 
 
 def owner_of(scope: Scope) -> str:
@@ -148,15 +147,11 @@ def build_app(
     ]
     if config.security in ("aesgcm", "tls+aesgcm") and credentials is not None:
         middleware += [
-            Middleware(
-                RateLimitMiddleware,
-                rate_per_s=config.handshake_rate_per_s,
-                burst=config.handshake_burst,
-                identify=client_key,
-                only_paths=HANDSHAKE_PATHS,
-            ),
-            Middleware(
-                AESGCMMiddleware, credentials=credentials, max_body_bytes=config.max_body_bytes + 64 * 1024
+            Middleware(  # also rate-limits handshakes per source address, one token per handshake
+                AESGCMMiddleware,
+                credentials=credentials,
+                max_body_bytes=config.max_body_bytes + 64 * 1024,
+                handshake_rate=(config.handshake_rate_per_s, config.handshake_burst),
             ),
         ]
     middleware += [

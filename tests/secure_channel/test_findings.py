@@ -373,3 +373,116 @@ def test_the_client_stops_reading_a_huge_msg2(flooding_server: str, client_creds
         with pytest.raises(TransportError, match="limit"):
             sealed.handshake()  # a msg2 is a few kB; the old client read all 100 MiB
         assert sealed.stats.bytes_received < 8 << 20
+
+
+# --- expiry and caps --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_server(request: pytest.FixtureRequest) -> Iterator[list[tuple[object, threading.Thread]]]:
+    started: list[tuple[object, threading.Thread]] = []
+    yield started
+    for server, thread in started:
+        server.should_exit = True  # type: ignore[attr-defined]
+        thread.join(5)
+
+
+def _serve(
+    started: list[tuple[object, threading.Thread]], app: object, mode: str, creds: Credentials
+) -> tuple[object, int]:
+    config = uvicorn_config(app, host="127.0.0.1", port=0, security=mode, credentials=creds,  # type: ignore[arg-type]
+                            log_level="critical", lifespan="off")  # fmt: skip
+    server, thread, port = _start(config)
+    started.append((server, thread))
+    return config, port
+
+
+def test_connections_and_sessions_end_when_the_client_certificate_expires(
+    own_server: list[tuple[object, threading.Thread]], server_creds: Credentials, client_creds: Credentials
+) -> None:
+    from .conftest import echo_app
+
+    config, port = _serve(own_server, echo_app([]), "tls", server_creds)
+    ctx = client_ssl_context(client_creds)
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as s,
+    ):
+        s.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        live = list(config.http_protocol_class.live or [])  # type: ignore[attr-defined]
+        assert len(live) == 1
+        left = (client_creds.cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
+        assert abs(live[0]._expiry.when() - live[0].loop.time() - left) < 60  # closes at not-after
+    gate = middleware_module.AESGCMMiddleware(echo_app([]), server_creds)
+    _, port = _serve(own_server, gate, "aesgcm", server_creds)
+    with AESGCMTransport(PlainTransport(f"http://127.0.0.1:{port}"), client_creds) as t:
+        t.handshake()
+    (session,) = gate._sessions.values()
+    assert abs(session.expires - session.created - left) < 60
+
+
+def test_handshakes_in_flight_are_capped(
+    own_server: list[tuple[object, threading.Thread]],
+    server_creds: Credentials,
+    client_creds: Credentials,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from .conftest import echo_app
+
+    release, real = threading.Event(), middleware_module.ServerHandshake
+
+    def slow(*args: object) -> object:
+        release.wait(10)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(middleware_module, "ServerHandshake", slow)
+    gate = middleware_module.AESGCMMiddleware(echo_app([]), server_creds, max_handshakes_in_flight=1)
+    _, port = _serve(own_server, gate, "aesgcm", server_creds)
+    url, msg1 = f"http://127.0.0.1:{port}", ClientHandshake(client_creds, "localhost").start()
+    first: list[int] = []
+    with PlainTransport(url) as a, PlainTransport(url) as b:
+        worker = threading.Thread(
+            target=lambda: first.append(a.exchange(Request("POST", "/v1/handshake", msg1)).status)
+        )
+        worker.start()
+        for _ in range(500):
+            if gate._handshakes:
+                break
+            threading.Event().wait(0.01)
+        assert b.exchange(Request("POST", "/v1/handshake", msg1)).status == 503
+        release.set()
+        worker.join(10)
+    assert first == [200]
+
+
+def test_sealed_bytes_awaiting_authentication_are_capped(
+    own_server: list[tuple[object, threading.Thread]], server_creds: Credentials, client_creds: Credentials
+) -> None:
+    from .conftest import echo_app
+
+    gate = middleware_module.AESGCMMiddleware(
+        echo_app([]), server_creds, max_body_bytes=1000, max_unauthenticated_bytes=2000
+    )
+    _, port = _serve(own_server, gate, "aesgcm", server_creds)
+    url = f"http://127.0.0.1:{port}"
+    with (
+        AESGCMTransport(PlainTransport(url), client_creds) as one,
+        AESGCMTransport(PlainTransport(url), client_creds) as two,
+    ):
+        one.handshake()
+        two.handshake()
+        assert one._channel is not None and two._channel is not None
+        with socket.create_connection(("127.0.0.1", port)) as slow:  # declares 1500 bytes, sends 10
+            slow.sendall(
+                f"POST {SECURE_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 1500\r\n"
+                f"{SESSION_HEADER}: {one._channel.session_id.hex()}\r\n\r\n".encode()
+                + bytes(10)
+            )
+            for _ in range(500):
+                if gate._buffered:
+                    break
+                threading.Event().wait(0.01)
+            headers = {SESSION_HEADER: two._channel.session_id.hex()}
+            with PlainTransport(url) as raw:
+                assert raw.exchange(Request("POST", SECURE_PATH, bytes(1000), headers)).status == 503

@@ -201,3 +201,18 @@ def test_forwarded_for_is_believed_only_from_configured_proxies(
         assert statuses[-1] == expected
     finally:
         server.stop()
+
+
+def test_one_handshake_costs_one_token(tiny: Checkpoint, devices: Devices) -> None:
+    server = start_server(tiny, "aesgcm", devices.ca, handshake_rate_per_s=0.01, handshake_burst=3)
+    try:
+        for _ in range(3):  # msg1 and msg3 used to cost a token each: the second handshake failed
+            with connect_transport(server.url, "aesgcm", keys_dir=devices.alice) as alice:
+                assert info(alice) == 200
+        with (
+            pytest.raises(AuthenticationError, match="rate_limited"),
+            connect_transport(server.url, "aesgcm", keys_dir=devices.bob) as bob,
+        ):
+            info(bob)  # the fourth handshake from this address is refused
+    finally:
+        server.stop()
