@@ -1,6 +1,7 @@
-"""Key management: one small private CA, a server and a client identity (ECDSA P-256).
+"""Credentials: loading and checking a role's certificate and key, and a peer's identity (ECDSA P-256).
 
-The same files serve mutual TLS and the mutual authentication of the AES-GCM channel.
+The CA that issues them is in :mod:`secure_channel._ca`. The same files serve mutual TLS and
+the mutual authentication of the AES-GCM channel.
 Loading fails closed: anything unexpected raises :class:`CredentialsError` with a message
 that names the file and the problem.
 """

@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography import x509
 
 from secure_channel._ca import CRL_FILE, read_crl
+from secure_channel._exceptions import ChannelError
 from secure_channel._keys import Credentials, cert_identity, load_credentials
 
 logger = logging.getLogger("secure_channel")
@@ -96,7 +97,10 @@ class ServerTrust:
             return
         self._checked = now
         if self._crl_mtime() != self._mtime:
-            self.reload()
+            try:
+                self.reload()
+            except ChannelError as exc:  # like nginx: a bad reload keeps the old state
+                logger.error("credentials reload failed, keeping the old ones: %s", exc)
 
     def reload(self) -> frozenset[str]:
         """Re-read the server credentials and the CRL; return (and announce) newly revoked identities.

@@ -176,3 +176,28 @@ def test_keys_commands_end_to_end(
     assert "LAMBDA_SPLIT_CA_PASSPHRASE" in capsys.readouterr().err
     assert main(["keys", "list", ca]) == 0  # listing needs no passphrase
     assert "revoked" in capsys.readouterr().out
+
+
+def test_a_bad_crl_keeps_the_old_revocations(ca_dir: Path, tmp_path: Path) -> None:
+    now = [0.0]
+    trust = ServerTrust(load_credentials(ca_dir, "server"), clock=lambda: now[0])
+    ca = CertificateAuthority.open(ca_dir)
+    ca.add_client("a", tmp_path / "a")
+    ca.revoke("a")
+    trust.reload()
+    device = load_credentials(tmp_path / "a", "client")
+    assert not trust.check(device.cert)
+    (ca_dir / "crl.pem").write_bytes(b"garbage")
+    with pytest.raises(CredentialsError, match="not a PEM CRL"):
+        trust.reload()
+    now[0] = 5.0
+    assert not trust.check(device.cert)  # the change is noticed, refused, and the old list stays
+
+
+def test_init_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(CredentialsError, match="chmod go-w"):
+        generate_credentials(shared)
+    assert list(shared.iterdir()) == []
