@@ -228,7 +228,8 @@ class CertificateAuthority:
         return fresh
 
     def write_crl(self, serials: Iterable[int]) -> None:
-        now = _now().replace(microsecond=0)
+        # backdated like certificates, so a server whose clock lags a little still accepts it
+        now = _now().replace(microsecond=0) - dt.timedelta(minutes=5)
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.cert.subject)
