@@ -50,6 +50,8 @@ class ServiceLimits:
     max_step_tokens: int = 2048
     idle_timeout_s: float = 300.0
     max_cache_bytes: int = 2 * 1024**3
+    #: sessions one identity may hold at once, so one device cannot starve the others
+    max_sessions_per_owner: int | None = None
     frame: FrameLimits = field(default_factory=FrameLimits)
 
     def __post_init__(self) -> None:
@@ -64,6 +66,8 @@ class ServiceLimits:
                 raise ValueError(f"{name} must be at least 1")
         if self.idle_timeout_s <= 0:
             raise ValueError("idle_timeout_s must be positive")
+        if self.max_sessions_per_owner is not None and self.max_sessions_per_owner < 1:
+            raise ValueError("max_sessions_per_owner must be at least 1")
 
 
 class Executor(Protocol):
@@ -201,6 +205,12 @@ class TrunkService:
                 raise ServiceError(
                     503, "too_many_sessions", "the server holds its maximum number of sessions", retry_after=5
                 )
+            cap = self.limits.max_sessions_per_owner
+            if cap is not None and sum(s.owner == owner for s in self._sessions.values()) >= cap:
+                raise ServiceError(
+                    429, "too_many_sessions_for_identity", f"this identity already holds {cap} sessions",
+                    retry_after=5,
+                )  # fmt: skip
             raw = secrets.token_bytes(SESSION_ID_BYTES)
             self._sessions[raw] = _Session(
                 owner, encoding, self.executor.new_state(), last_used=self._clock()
@@ -254,6 +264,14 @@ class TrunkService:
                 break
             del self._sessions[victim]
             self.evicted += 1
+
+    def close_owners(self, owners: frozenset[str]) -> int:
+        """Drop every session of ``owners`` (identities just revoked); return how many."""
+        with self._lock:
+            doomed = [sid for sid, s in self._sessions.items() if s.owner in owners]
+            for sid in doomed:
+                del self._sessions[sid]
+        return len(doomed)
 
     def close_session(self, owner: str, session_id: str) -> None:
         with self._lock:

@@ -2,8 +2,9 @@
 
 Client side: :func:`connect_transport` builds the stack for a security mode. Server side:
 :func:`uvicorn_config` installs TLS, the peer-certificate protocol and :class:`AESGCMMiddleware`;
-the app reads the authenticated client with :func:`peer_identity`. Keys: :func:`generate_credentials`
-and :func:`load_credentials`. See SECURITY.md for the protocol.
+the app reads the authenticated client with :func:`peer_identity`. Keys: :func:`generate_credentials`,
+:class:`CertificateAuthority` (issue, revoke, list) and :func:`load_credentials`; a server
+reloads its certificate and revocation list through :class:`ServerTrust`. See SECURITY.md for the protocol.
 """
 
 from __future__ import annotations
@@ -18,12 +19,21 @@ from secure_channel._base import (
     WireStats,
     check_security_mode,
 )
+from secure_channel._ca import (
+    CertificateAuthority,
+    IssuedCertificate,
+    ca_key_is_encrypted,
+    generate_credentials,
+    list_certificates,
+    read_crl,
+)
 from secure_channel._exceptions import (
     AuthenticationError,
     ChannelError,
     ChannelTimeout,
     CredentialsError,
     InvalidRecord,
+    SessionLost,
     TransportError,
 )
 from secure_channel._factory import connect_transport
@@ -33,7 +43,7 @@ from secure_channel._keys import (
     Credentials,
     cert_identity,
     check_certificate,
-    generate_credentials,
+    check_private_permissions,
     load_credentials,
 )
 from secure_channel._middleware import AESGCMMiddleware
@@ -43,6 +53,7 @@ from secure_channel._plain import PlainTransport
 from secure_channel._records import ClientChannel, RecordOpener, RecordSealer, ReplayWindow, ServerChannel
 from secure_channel._tls import client_ssl_context, server_ssl_context
 from secure_channel._tls_transport import TLSTransport
+from secure_channel._trust import ServerTrust
 from secure_channel._uvicorn import PeerCertH11Protocol, uvicorn_config
 
 __all__ = [
@@ -50,6 +61,7 @@ __all__ = [
     "AESGCMMiddleware",
     "AESGCMTransport",
     "AuthenticationError",
+    "CertificateAuthority",
     "ChannelError",
     "ChannelTimeout",
     "ClientChannel",
@@ -58,6 +70,7 @@ __all__ = [
     "Credentials",
     "CredentialsError",
     "InvalidRecord",
+    "IssuedCertificate",
     "MockTransport",
     "PeerCertH11Protocol",
     "PlainTransport",
@@ -69,18 +82,24 @@ __all__ = [
     "SecurityMode",
     "ServerChannel",
     "ServerHandshake",
+    "ServerTrust",
+    "SessionLost",
     "TLSTransport",
     "Transport",
     "TransportError",
     "WireStats",
+    "ca_key_is_encrypted",
     "cert_identity",
     "check_certificate",
+    "check_private_permissions",
     "check_security_mode",
     "client_ssl_context",
     "connect_transport",
     "generate_credentials",
+    "list_certificates",
     "load_credentials",
     "peer_identity",
+    "read_crl",
     "server_ssl_context",
     "uvicorn_config",
 ]

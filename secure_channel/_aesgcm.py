@@ -3,10 +3,10 @@ from __future__ import annotations
 import threading
 
 from secure_channel._base import Request, Response, SecurityMode, Transport
-from secure_channel._exceptions import AuthenticationError, InvalidRecord, TransportError
-from secure_channel._handshake import ClientHandshake
+from secure_channel._exceptions import AuthenticationError, InvalidRecord, SessionLost, TransportError
+from secure_channel._handshake import MAX_MESSAGE, ClientHandshake
 from secure_channel._keys import Credentials
-from secure_channel._records import DEFAULT_REKEY_MESSAGES, DEFAULT_REKEY_SECONDS, ClientChannel
+from secure_channel._records import DEFAULT_REKEY_MESSAGES, DEFAULT_REKEY_SECONDS, OVERHEAD, ClientChannel
 from secure_channel._wire import (
     CONTENT_TYPE,
     HANDSHAKE_PATH,
@@ -18,6 +18,10 @@ from secure_channel._wire import (
 )
 
 _OUTER = {"plain": "aesgcm", "tls": "tls+aesgcm"}
+#: Requests safe to send twice. Error replies outside the channel are unauthenticated, so after
+#: one the client cannot know whether the request already ran; only these are re-sent.
+_RESPONSE_META = 64 * 1024  # status and headers inside a sealed response
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def _error_code(response: Response) -> str:
@@ -34,7 +38,9 @@ class AESGCMTransport(Transport):
     The whole request (method, path, headers, body) travels as one sealed record in a
     ``POST /v1/secure``; the response comes back the same way. A SIGMA-I handshake
     (two round trips, see SECURITY.md) runs on first use, when the server forgets the
-    session, and when the record counters run out.
+    session, and when the record counters run out. A reply of ``401 unknown_session`` is
+    not authenticated (anyone on the path can forge one), so only idempotent requests are
+    re-sent after it; any other raises :class:`SessionLost` and the next exchange handshakes again.
     """
 
     def __init__(
@@ -76,10 +82,11 @@ class AESGCMTransport(Transport):
             rekey_after_seconds=rekey_after_seconds,
         )
 
-    def _post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> Response:
-        return self.inner.exchange(
-            Request("POST", path, content=body, headers={"content-type": CONTENT_TYPE, **(headers or {})})
-        )
+    def _post(
+        self, path: str, body: bytes, headers: dict[str, str] | None = None, limit: int | None = None
+    ) -> Response:
+        all_headers = {"content-type": CONTENT_TYPE, **(headers or {})}
+        return self.inner.exchange(Request("POST", path, body, all_headers, max_response_bytes=limit))
 
     def handshake(self) -> None:
         """Run a fresh handshake now (it also runs lazily). Raises AuthenticationError."""
@@ -97,7 +104,7 @@ class AESGCMTransport(Transport):
         self.peer_identity = hs.peer_identity
 
     def _handshake_step(self, message: bytes) -> bytes:
-        response = self._post(HANDSHAKE_PATH, message)
+        response = self._post(HANDSHAKE_PATH, message, limit=MAX_MESSAGE)
         if response.status != 200:
             raise AuthenticationError(f"server refused the handshake ({_error_code(response)})")
         return response.content
@@ -117,16 +124,25 @@ class AESGCMTransport(Transport):
                 if channel is None:
                     raise AuthenticationError("no session")
                 record, sequence = channel.seal_request(plaintext)
-                response = self._post(SECURE_PATH, record, {SESSION_HEADER: channel.session_id.hex()})
+                limit = request.max_response_bytes
+                limit = None if limit is None else limit + OVERHEAD + _RESPONSE_META
+                response = self._post(SECURE_PATH, record, {SESSION_HEADER: channel.session_id.hex()}, limit)
                 if response.status == 200:
                     try:
                         return _decode_response(channel.open_response(response.content, sequence))
                     except _WireFormatError as exc:
                         raise TransportError("server sent a malformed sealed response") from exc
                 code = _error_code(response)
-                if response.status == 401 and code == "unknown_session" and attempt == 0:
+                if response.status == 401 and code == "unknown_session":
                     self._channel = None
-                    continue
+                    if request.method.upper() not in IDEMPOTENT_METHODS:
+                        raise SessionLost(
+                            "the server did not recognise the channel session (an unauthenticated "
+                            f"reply); {request.method} {request.path} was not re-sent because it may "
+                            "already have run"
+                        )
+                    if attempt == 0:
+                        continue
                 if code == "invalid_record":
                     raise InvalidRecord("server rejected the sealed request")
                 raise TransportError(f"sealed exchange failed: HTTP {response.status} ({code})")

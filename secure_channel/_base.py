@@ -21,12 +21,17 @@ def check_security_mode(mode: str) -> SecurityMode:
 
 @dataclass(frozen=True)
 class Request:
-    """One HTTP-level request. ``path`` is origin-form (``/v1/info``); the transport owns the host."""
+    """One HTTP-level request. ``path`` is origin-form (``/v1/info``); the transport owns the host.
+
+    ``max_response_bytes`` caps the response body; socket transports stop reading and raise
+    TransportError once it is passed (None: the transport's own default cap).
+    """
 
     method: str
     path: str
     content: bytes = b""
     headers: Mapping[str, str] = field(default_factory=dict)
+    max_response_bytes: int | None = None
 
 
 @dataclass(frozen=True)

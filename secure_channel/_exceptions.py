@@ -5,7 +5,8 @@ The tree, written out once::
     ChannelError                 base of everything this package raises
     ├── CredentialsError         key/certificate files missing, expired, wrong CA or wrong EKU (fails closed)
     ├── TransportError           the peer could not be reached or the exchange broke off
-    │   └── ChannelTimeout       connect, read or write deadline passed
+    │   ├── ChannelTimeout       connect, read or write deadline passed
+    │   └── SessionLost          the server forgot the sealed session; a non-idempotent request was not re-sent
     └── AuthenticationError      the peer could not be authenticated, or a record did not verify
         └── InvalidRecord        an AES-GCM record failed to open; deliberately says nothing more
 
@@ -30,6 +31,11 @@ class TransportError(ChannelError):
 
 class ChannelTimeout(TransportError):
     """A connect, read or write deadline passed."""
+
+
+class SessionLost(TransportError):
+    """The server answered ``unknown_session`` (unauthenticated) to a request that is not safe to
+    send twice, so it was not re-sent: it may or may not have run. The next exchange handshakes."""
 
 
 class AuthenticationError(ChannelError):

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from cryptography.x509 import verification as xv
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from secure_channel._exceptions import AuthenticationError
 from secure_channel._keys import Credentials, cert_identity
@@ -115,6 +116,13 @@ def _verify_peer(
             builder.max_chain_depth(0).build_server_verifier(subject).verify(cert, [])
     except (xv.VerificationError, ValueError) as exc:
         raise _fail(f"peer certificate rejected ({exc})") from exc
+    role_oid = ExtendedKeyUsageOID.CLIENT_AUTH if server_name is None else ExtendedKeyUsageOID.SERVER_AUTH
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise _fail("peer certificate rejected (no EKU)") from None
+    if role_oid not in eku:
+        raise _fail("peer certificate rejected (wrong EKU)")
     public = cert.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise _fail("peer key is not ECDSA")
@@ -176,6 +184,8 @@ class ClientHandshake:
             bytes((HS_VERSION, MSG1)) + self._eph.public_key().public_bytes(*_PUBLIC_RAW) + self._nonce
         )
         self._keys: _Keys | None = None
+        self._used = False
+        self._finished = False
         self._th_final = b""
         self.session_id = b""
         self.peer_identity = ""
@@ -184,6 +194,9 @@ class ClientHandshake:
         return self._msg1
 
     def process_msg2(self, msg2: bytes) -> bytes:
+        if self._used:
+            raise _fail("msg2 already processed; a handshake is single-use")
+        self._used = True
         if (
             len(msg2) > MAX_MESSAGE
             or len(msg2) < MSG2_HEADER_SIZE + 16
@@ -210,6 +223,9 @@ class ClientHandshake:
         """Check the server's confirmation; return ``(session_id, c2s_key, s2c_key)``."""
         if self._keys is None:
             raise _fail("msg4 before msg2")
+        if self._finished:
+            raise _fail("handshake already finished")
+        self._finished = True
         expected = bytes((HS_VERSION, MSG4)) + self.session_id + self._keys.confirm(self._th_final)
         if len(msg4) != MSG4_SIZE or not hmac.compare_digest(msg4, expected):
             raise _fail("bad server confirmation")
@@ -236,20 +252,25 @@ class ServerHandshake:
         self.msg2 = header + _seal(self._keys.server_hs, payload, header)
         self._prefix = msg1 + self.msg2
         self._done = False
+        self.peer_cert: x509.Certificate | None = None
 
     def finish(self, msg3: bytes) -> tuple[bytes, bytes, bytes, str]:
-        """Verify msg3; return ``(msg4, c2s_key, s2c_key, peer_identity)``. Usable once."""
+        """Verify msg3; return ``(msg4, c2s_key, s2c_key, peer_identity)``.
+
+        Succeeds at most once; a msg3 that fails leaves the handshake open for the real one.
+        The verified client certificate is then in :attr:`peer_cert`.
+        """
         if self._done:
             raise _fail("handshake already finished")
-        self._done = True
         header3 = bytes((HS_VERSION, MSG3)) + self.session_id
         if len(msg3) > MAX_MESSAGE or len(msg3) < MSG3_HEADER_SIZE + 16 or msg3[:MSG3_HEADER_SIZE] != header3:
             raise _fail("malformed msg3")
         cert, sig, mac = _unpack_payload(_open(self._keys.client_hs, msg3[MSG3_HEADER_SIZE:], header3))
         prefix = self._prefix + header3
-        _verify_peer(self._creds, cert, sig, CLIENT_SIG, prefix, server_name=None)
+        peer = _verify_peer(self._creds, cert, sig, CLIENT_SIG, prefix, server_name=None)
         if not hmac.compare_digest(mac, hmac.digest(self._keys.client_fin, _h(prefix, cert, sig), "sha256")):
             raise _fail("bad client finished MAC")
+        self._done, self.peer_cert = True, peer
         th_final = _h(self._prefix, msg3)
         msg4 = bytes((HS_VERSION, MSG4)) + self.session_id + self._keys.confirm(th_final)
         return (msg4, *self._keys.traffic(th_final), cert_identity(cert))

@@ -12,6 +12,8 @@ from secure_channel._exceptions import AuthenticationError, ChannelTimeout, Tran
 from secure_channel._net import CountingBackend, _tls_failure
 
 DEFAULT_TIMEOUT = 30.0
+#: Default cap on one response body, enforced while reading (a hostile server cannot make us buffer more).
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 30
 _HOP_BY_HOP = frozenset(
     {"host", "content-length", "connection", "transfer-encoding", "keep-alive", "upgrade"}
 )
@@ -29,6 +31,20 @@ def _split_base_url(base_url: str, scheme: str) -> tuple[str, int]:
     return parts.hostname, parts.port or (443 if scheme == "https" else 80)
 
 
+def _read_capped(resp: httpcore.Response, limit: int) -> bytes:
+    """The response body, refused as soon as it (declared or received) passes ``limit`` bytes."""
+    declared = dict(resp.headers).get(b"content-length", b"")
+    if declared.isdigit() and int(declared) > limit:
+        raise TransportError(f"response of {int(declared)} bytes exceeds the {limit}-byte limit")
+    chunks, size = [], 0
+    for chunk in resp.iter_stream():
+        size += len(chunk)
+        if size > limit:
+            raise TransportError(f"response exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class _HTTPCoreTransport(Transport):
     """Base of :class:`PlainTransport` and :class:`TLSTransport`: one keep-alive pool per transport."""
 
@@ -41,9 +57,13 @@ class _HTTPCoreTransport(Transport):
         security: SecurityMode,
         ssl_context: ssl.SSLContext | None,
         timeout: float,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if max_response_bytes < 1:
+            raise ValueError("max_response_bytes must be positive")
+        self._max_response = max_response_bytes
         self._host, self._port = _split_base_url(base_url, self._scheme)
         self.base_url = base_url.rstrip("/")
         self.security = security
@@ -69,14 +89,16 @@ class _HTTPCoreTransport(Transport):
             raise ValueError("request path must start with '/'")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
         timeouts = {"connect": self._timeout, "read": self._timeout, "write": self._timeout}
+        limit = min(request.max_response_bytes or self._max_response, self._max_response)
         try:
-            resp = self._pool.request(
+            with self._pool.stream(
                 request.method,
                 httpcore.URL(scheme=self._scheme, host=self._host, port=self._port, target=request.path),
                 headers=headers,
                 content=request.content,
                 extensions={"timeout": {**timeouts, "pool": self._timeout}},
-            )
+            ) as resp:
+                content = _read_capped(resp, limit)
         except AuthenticationError:
             raise
         except ssl.SSLError as exc:
@@ -86,7 +108,7 @@ class _HTTPCoreTransport(Transport):
         except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol, OSError) as exc:
             raise TransportError(f"{type(exc).__name__} talking to {self.base_url}: {exc}") from exc
         out_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in resp.headers}
-        return Response(status=resp.status, content=resp.content, headers=out_headers)
+        return Response(status=resp.status, content=content, headers=out_headers)
 
     def close(self) -> None:
         if not self._closed:

@@ -1,6 +1,7 @@
-"""Key management: one small private CA, a server and a client identity (ECDSA P-256).
+"""Credentials: loading and checking a role's certificate and key, and a peer's identity (ECDSA P-256).
 
-The same files serve mutual TLS and the mutual authentication of the AES-GCM channel.
+The CA that issues them is in :mod:`secure_channel._ca`. The same files serve mutual TLS and
+the mutual authentication of the AES-GCM channel.
 Loading fails closed: anything unexpected raises :class:`CredentialsError` with a message
 that names the file and the problem.
 """
@@ -12,6 +13,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +59,17 @@ class Credentials:
         return cert_identity(self.cert_der)
 
 
-def cert_identity(cert_der: bytes) -> str:
-    """The stable identity of a peer: ``"sha256:"`` + hex SHA-256 of its certificate (DER)."""
-    return "sha256:" + hashlib.sha256(cert_der).hexdigest()
+def cert_identity(cert_der: bytes | x509.Certificate) -> str:
+    """The stable identity of a peer: ``"sha256:"`` + hex SHA-256 of its SubjectPublicKeyInfo (DER).
+
+    The key, not the certificate bytes: a certificate's DER is malleable (its ECDSA signature
+    can be re-encoded without the CA key), its public key is not.
+    """
+    cert = cert_der if isinstance(cert_der, x509.Certificate) else x509.load_der_x509_certificate(cert_der)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(spki).hexdigest()
 
 
 def _now() -> dt.datetime:
@@ -143,7 +153,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
+def _write_file(path: Path, data: bytes, mode: int, force: bool) -> None:
     """Write atomically: a 0600/0644 temp file in the same directory, then rename over ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -161,55 +171,6 @@ def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def generate_credentials(
-    directory: str | os.PathLike[str],
-    *,
-    days: int = 30,
-    server_names: Iterable[str] = ("localhost", "127.0.0.1", "::1"),
-    client_name: str = "lambda-split-client",
-    force: bool = False,
-) -> None:
-    """Create ``ca.pem``, ``server.pem``, ``server.key``, ``client.pem`` and ``client.key`` in ``directory``.
-
-    All keys are ECDSA P-256. The CA is marked ``CA:true`` with ``keyCertSign``; the server
-    certificate carries ``serverAuth`` and a SAN for each of ``server_names`` (IP addresses
-    become IP SANs); the client certificate carries ``clientAuth`` and ``client_name`` as its
-    common name and DNS SAN. Private keys are created
-    with mode 0600. The CA key is not kept: re-run with ``force=True`` to rotate everything.
-
-    Raises CredentialsError if any of the files exists and ``force`` is false, and
-    ValueError for a bad ``days`` or an empty name.
-    """
-    names = list(server_names)
-    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= _MAX_DAYS:
-        raise ValueError(f"days must be an integer between 1 and {_MAX_DAYS}")
-    if not names or any(not n or not isinstance(n, str) for n in names):
-        raise ValueError("server_names must be a non-empty list of non-empty names")
-    if not isinstance(client_name, str) or not _CLIENT_NAME.fullmatch(client_name):
-        raise ValueError(
-            "client_name must be a DNS-style name: letters, digits, '-' and '.', at most 63 chars"
-        )
-    root = Path(directory)
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    existing = [name for name in CREDENTIAL_FILES if (root / name).exists()]
-    if existing and not force:
-        raise CredentialsError(
-            f"refusing to overwrite existing credentials in {root}: {', '.join(existing)} (use --force)"
-        )
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _issue(_name("Lambda-Split CA"), ca_key, None, ca_key, days=days, eku=None, san=None)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = _issue(_name(names[0]), server_key, ca, ca_key, days=days, eku=_EKU["server"], san=_san(names))
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    client_san = x509.SubjectAlternativeName([x509.DNSName(client_name)])
-    client = _issue(_name(client_name), client_key, ca, ca_key, days=days, eku=_EKU["client"], san=client_san)
-    _write(root / "server.key", _key_pem(server_key), 0o600, force)
-    _write(root / "client.key", _key_pem(client_key), 0o600, force)
-    _write(root / "server.pem", _pem(server), 0o644, force)
-    _write(root / "client.pem", _pem(client), 0o644, force)
-    _write(root / "ca.pem", _pem(ca), 0o644, force)
 
 
 def _read(path: Path) -> bytes:
@@ -251,6 +212,32 @@ def check_certificate(
         raise CredentialsError(f"{what} does not hold an ECDSA key")
 
 
+def check_private_permissions(directory: Path, key_path: Path | None = None) -> None:
+    """Refuse a keys directory others may write to, and a private key others may read."""
+    try:
+        mode = directory.stat().st_mode
+    except OSError as exc:
+        raise CredentialsError(f"cannot read {directory}: {exc.strerror}") from exc
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise CredentialsError(
+            f"{directory} is writable by group or others (mode {mode & 0o777:04o}), so anyone could "
+            f"swap the keys; fix with: chmod go-w {directory}"
+        )
+    if key_path is None:
+        return
+    try:
+        key_mode = key_path.stat().st_mode
+    except FileNotFoundError:
+        return  # reported by the loader with the usual message
+    except OSError as exc:
+        raise CredentialsError(f"cannot read {key_path}: {exc.strerror}") from exc
+    if key_mode & 0o077:
+        raise CredentialsError(
+            f"{key_path} is accessible by group or others (mode {key_mode & 0o777:04o}); "
+            f"fix with: chmod 600 {key_path}"
+        )
+
+
 def load_credentials(directory: str | os.PathLike[str], role: Role) -> Credentials:
     """Load and check the ``role`` credentials (``server`` or ``client``) from ``directory``.
 
@@ -260,8 +247,9 @@ def load_credentials(directory: str | os.PathLike[str], role: Role) -> Credentia
     """
     if role not in _EKU:
         raise ValueError("role must be 'server' or 'client'")
-    root = Path(directory)
+    root = Path(directory).expanduser()
     ca_path, cert_path, key_path = root / CA_FILE, root / f"{role}.pem", root / f"{role}.key"
+    check_private_permissions(root, key_path)
     ca = _load_cert(ca_path)
     try:
         constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections import OrderedDict
@@ -14,6 +15,7 @@ from secure_channel._exceptions import AuthenticationError, InvalidRecord
 from secure_channel._handshake import MAX_MESSAGE, MSG1, MSG3, ServerHandshake
 from secure_channel._identity import AESGCM_EXTENSION
 from secure_channel._keys import Credentials
+from secure_channel._ratelimit import _HandshakeLimiter
 from secure_channel._records import (
     DEFAULT_REKEY_MESSAGES,
     DEFAULT_REKEY_SECONDS,
@@ -21,6 +23,7 @@ from secure_channel._records import (
     SESSION_ID_SIZE,
     ServerChannel,
 )
+from secure_channel._trust import ServerTrust
 from secure_channel._wire import (
     CONTENT_TYPE,
     HANDSHAKE_PATH,
@@ -52,6 +55,9 @@ class _Session:
     channel: ServerChannel
     identity: str
     created: float
+    expires: float  # the clock value at which the peer certificate expires
+    busy: bool = False
+    revoked: bool = False
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
@@ -69,12 +75,20 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _respond(send: Send, status: int, body: bytes, content_type: str = "application/json") -> None:
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str = "application/json",
+    retry_after: int | None = None,
+) -> None:
     headers = [
         (b"content-type", content_type.encode()),
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
     ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -90,33 +104,62 @@ class AESGCMMiddleware:
     with the reconstructed inner request (the peer identity is in the scope, see
     :func:`peer_identity`) and seals the app's whole response. Every other path except
     ``GET /healthz`` gets 403 ``sealed_channel_required`` before ``app`` is reached. Sessions
-    are kept in memory: at most ``max_sessions`` (oldest evicted), each for ``session_ttl_s``.
+    are kept in memory: at most ``max_sessions`` (oldest evicted), each for ``session_ttl_s``
+    and never past the client certificate's expiry; a revoked client's sessions are dropped
+    when ``credentials`` (a :class:`ServerTrust`) reloads. Handshake crypto runs on worker
+    threads, at most ``max_handshakes_in_flight`` at once; each session has at most one sealed
+    request in flight, and all sessions together buffer at most ``max_unauthenticated_bytes``
+    of records whose tag has not been checked yet (503 beyond). ``handshake_rate`` =
+    ``(per_second, burst)`` rate-limits handshakes per source address, one token per handshake.
     """
 
     def __init__(
         self,
         app: ASGIApp,
-        credentials: Credentials,
+        credentials: Credentials | ServerTrust,
         *,
         max_sessions: int = 1024,
         session_ttl_s: float = 3600.0,
         max_body_bytes: int = 64 * 1024 * 1024,
         rekey_after_messages: int = DEFAULT_REKEY_MESSAGES,
         rekey_after_seconds: float = DEFAULT_REKEY_SECONDS,
+        max_handshakes_in_flight: int = 8,
+        max_unauthenticated_bytes: int = 256 * 1024 * 1024,
+        handshake_rate: tuple[float, int] | None = None,
     ) -> None:
-        if credentials.role != "server":
-            raise ValueError("AESGCMMiddleware needs server credentials")
+        trust = credentials if isinstance(credentials, ServerTrust) else None
+        if trust is None and isinstance(credentials, Credentials):
+            if credentials.role != "server":
+                raise ValueError("AESGCMMiddleware needs server credentials")
+            trust = ServerTrust(credentials)
+        if trust is None:
+            raise TypeError("credentials must be server Credentials or a ServerTrust")
         if max_sessions < 1 or session_ttl_s <= 0 or max_body_bytes < 1:
             raise ValueError("max_sessions, session_ttl_s and max_body_bytes must be positive")
+        if max_handshakes_in_flight < 1 or max_unauthenticated_bytes < max_body_bytes:
+            raise ValueError(
+                "max_handshakes_in_flight must be positive and max_unauthenticated_bytes >= max_body_bytes"
+            )
         self.app = app
-        self._creds = credentials
+        self._trust = trust
+        trust.subscribe(self._drop_identities)
+        self._max_handshakes = max_handshakes_in_flight
+        self._handshakes = 0
+        self._max_buffered = max_unauthenticated_bytes
+        self._buffered = 0
+        self._limiter = _HandshakeLimiter(*handshake_rate) if handshake_rate else None
         self._max_sessions = max_sessions
         self._ttl = session_ttl_s
         self._max_body = max_body_bytes
         self._rekey = (rekey_after_messages, rekey_after_seconds)
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
         self._pending: OrderedDict[bytes, tuple[ServerHandshake, float]] = OrderedDict()
+        self._claimed: set[bytes] = set()  # pending handshakes whose msg3 is being verified
         self._clock = time.monotonic
+
+    def _drop_identities(self, identities: frozenset[str]) -> None:
+        for sid in [sid for sid, s in self._sessions.items() if s.identity in identities]:
+            self._sessions.pop(sid).revoked = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" or AESGCM_EXTENSION in (scope.get("extensions") or {}):
@@ -138,7 +181,7 @@ class AESGCMMiddleware:
 
             try:
                 if path == HANDSHAKE_PATH:
-                    await self._handshake(receive, tracking_send)
+                    await self._handshake(scope, receive, tracking_send)
                 else:
                     await self._secure(scope, receive, tracking_send)
             except Exception as exc:
@@ -156,39 +199,69 @@ class AESGCMMiddleware:
         while self._sessions and now - next(iter(self._sessions.values())).created > self._ttl:
             self._sessions.popitem(last=False)
 
-    async def _handshake(self, receive: Receive, send: Send) -> None:
+    async def _handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             body = await _read_body(receive, MAX_MESSAGE)
         except _TooLarge:
             await _error(send, 413, "payload_too_large", "handshake message too large")
             return
         self._expire()
-        try:
-            if len(body) >= 2 and body[1] == MSG1:
-                hs = ServerHandshake(self._creds, body)
-                if len(self._pending) >= self._max_sessions:
-                    self._pending.popitem(last=False)
-                self._pending[hs.session_id] = (hs, self._clock())
-                reply = hs.msg2
-            elif len(body) >= 2 + SESSION_ID_SIZE and body[1] == MSG3:
-                entry = self._pending.pop(body[2 : 2 + SESSION_ID_SIZE], None)
-                if entry is None:
-                    raise AuthenticationError("handshake failed: unknown or expired handshake")
-                reply, c2s, s2c, identity = entry[0].finish(body)
-                sid = entry[0].session_id
-                if len(self._sessions) >= self._max_sessions:
-                    self._sessions.popitem(last=False)
-                channel = ServerChannel(
-                    sid, c2s, s2c, rekey_after_messages=self._rekey[0], rekey_after_seconds=self._rekey[1]
+        client = scope.get("client")
+        source = str(client[0]) if client else ""
+        if self._limiter is not None and not (len(body) >= 2 and body[1] == MSG3):
+            wait = self._limiter.take(source, self._clock())
+            if wait is not None:  # msg1 pays; the msg3 that completes a handshake does not
+                await _respond(
+                    send, 429, _error_body("rate_limited", "too many handshakes"), retry_after=wait
                 )
-                self._sessions[sid] = _Session(channel, identity, self._clock())
-            else:
-                raise AuthenticationError("handshake failed: unexpected message")
+                return
+        if self._handshakes >= self._max_handshakes:
+            await _error(send, 503, "overloaded", "too many handshakes in progress; retry shortly")
+            return
+        self._handshakes += 1
+        try:
+            reply = await self._handshake_step(body)
         except AuthenticationError as exc:
             logger.warning("aesgcm %s", exc)
             await _error(send, 401, "handshake_failed", "handshake failed")
             return
+        finally:
+            self._handshakes -= 1
         await _respond(send, 200, reply, CONTENT_TYPE)
+
+    async def _handshake_step(self, body: bytes) -> bytes:
+        # The ECDSA and X25519 work runs on a worker thread so it never stalls the event loop.
+        if len(body) >= 2 and body[1] == MSG1:
+            self._trust.maybe_reload()
+            hs = await asyncio.to_thread(ServerHandshake, self._trust.credentials, body)
+            if len(self._pending) >= self._max_sessions:
+                self._pending.popitem(last=False)
+            self._pending[hs.session_id] = (hs, self._clock())
+            return hs.msg2
+        if len(body) < 2 + SESSION_ID_SIZE or body[1] != MSG3:
+            raise AuthenticationError("handshake failed: unexpected message")
+        sid = body[2 : 2 + SESSION_ID_SIZE]
+        entry = self._pending.get(sid)
+        if entry is None or sid in self._claimed:
+            raise AuthenticationError("handshake failed: unknown, expired or busy handshake")
+        self._claimed.add(sid)
+        try:  # verify first: a junk msg3 must not cancel the real client's handshake
+            reply, c2s, s2c, identity = await asyncio.to_thread(entry[0].finish, body)
+        finally:
+            self._claimed.discard(sid)
+        self._pending.pop(sid, None)
+        cert = entry[0].peer_cert
+        if cert is None or not self._trust.check(cert):
+            raise AuthenticationError("handshake failed: client certificate revoked")
+        if len(self._sessions) >= self._max_sessions:
+            self._sessions.popitem(last=False)
+        channel = ServerChannel(
+            sid, c2s, s2c, rekey_after_messages=self._rekey[0], rekey_after_seconds=self._rekey[1]
+        )
+        now = self._clock()
+        lifetime = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
+        self._sessions[sid] = _Session(channel, identity, now, now + lifetime)
+        return reply
 
     def _session(self, scope: Scope) -> tuple[bytes, _Session] | None:
         raw = dict(scope["headers"]).get(SESSION_HEADER.encode(), b"")
@@ -200,30 +273,60 @@ class AESGCMMiddleware:
         session = self._sessions.get(sid)
         if session is None:
             return None
-        if session.channel.exhausted:
+        if session.channel.exhausted or self._clock() >= session.expires:
             del self._sessions[sid]
             return None
         return sid, session
 
     async def _secure(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._trust.maybe_reload()
         found = self._session(scope)
         if found is None:
             await _error(send, 401, "unknown_session", "unknown or expired session; handshake again")
             return
         sid, session = found
-        try:
-            record = await _read_body(receive, self._max_body + OVERHEAD + 65536)
-        except _TooLarge:
-            await _error(send, 413, "payload_too_large", "sealed request too large")
+        if session.busy:
+            await _error(send, 409, "session_busy", "one sealed request at a time per session")
             return
+        session.busy = True
         try:
-            plaintext, sequence = session.channel.open_request(record)
+            await self._secure_exchange(scope, receive, send, sid, session)
+        finally:
+            session.busy = False
+
+    async def _secure_exchange(
+        self, scope: Scope, receive: Receive, send: Send, sid: bytes, session: _Session
+    ) -> None:
+        limit = self._max_body + OVERHEAD + 65536
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        reserve = int(declared) if declared.isdigit() and int(declared) <= limit else limit
+        if self._buffered + reserve > self._max_buffered:
+            await _error(send, 503, "overloaded", "too many sealed bytes awaiting authentication")
+            return
+        self._buffered += reserve  # reserved before reading, released once the tag is checked
+        try:
+            try:
+                record = await _read_body(receive, reserve)
+            except _TooLarge:
+                await _error(send, 413, "payload_too_large", "sealed request too large")
+                return
+            try:
+                plaintext, sequence = session.channel.open_request(record)
+            except InvalidRecord:
+                logger.warning("aesgcm record rejected")
+                await _error(send, 400, "invalid_record", "record rejected")
+                return
+        finally:
+            self._buffered -= reserve
+        try:
             inner = _decode_request(plaintext)
-        except (InvalidRecord, _WireFormatError):
-            logger.warning("aesgcm record rejected")
-            await _error(send, 400, "invalid_record", "record rejected")
+            status, headers, body = await self._call_app(scope, inner, sid, session.identity)
+        except (_WireFormatError, UnicodeError):
+            status, headers = 400, {"content-type": "application/json"}
+            body = _error_body("bad_request", "malformed inner request")
+        if session.revoked:  # revoked while the app ran: no sealed answer for it any more
+            await _error(send, 403, "session_revoked", "client certificate revoked")
             return
-        status, headers, body = await self._call_app(scope, inner, sid, session.identity)
         await _respond(
             send,
             200,

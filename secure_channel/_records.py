@@ -19,7 +19,8 @@ server->client. A response binds the sequence number of the request it answers, 
 delayed response cannot be passed off as the answer to a later request.
 
 The receiver keeps an RFC 4303 style sliding window (64 records) and updates it, and
-any epoch change, only after the tag verifies. Every failure raises the single opaque
+any epoch change, only after the tag verifies. A sequence more than ``MAX_SEQUENCE_JUMP``
+ahead of the highest seen is refused before the tag is checked. Every failure raises the single opaque
 :class:`InvalidRecord`.
 """
 
@@ -47,6 +48,9 @@ OVERHEAD = HEADER.size + TAG_SIZE
 SESSION_ID_SIZE = 16
 KEY_SIZE = 32
 WINDOW_SIZE = 64
+#: The furthest a record's sequence may run ahead of the highest one seen. An honest peer only
+#: skips the records it sealed but never delivered; a larger jump is refused before the tag check.
+MAX_SEQUENCE_JUMP = 1 << 16
 MAX_PLAINTEXT = 1 << 30
 MAX_SEQUENCE = (1 << 64) - 1
 MAX_EPOCH = (1 << 32) - 1
@@ -100,7 +104,7 @@ class ReplayWindow:
 
     def acceptable(self, sequence: int) -> bool:
         if sequence > self.highest:
-            return True
+            return sequence - self.highest <= MAX_SEQUENCE_JUMP
         offset = self.highest - sequence
         return offset < self.size and not (self._bitmap >> offset) & 1
 
@@ -108,7 +112,9 @@ class ReplayWindow:
         """Record ``sequence`` as seen. Call only after the record authenticated."""
         if sequence > self.highest:
             shift = sequence - self.highest
-            self._bitmap = ((self._bitmap << shift) | 1) & ((1 << self.size) - 1)
+            # never shift by more than the window: the cost stays bounded whatever the jump
+            kept = self._bitmap << shift if shift < self.size else 0
+            self._bitmap = (kept | 1) & ((1 << self.size) - 1)
             self.highest = sequence
         else:
             self._bitmap |= 1 << (self.highest - sequence)

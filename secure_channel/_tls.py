@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 from cryptography import x509
 
@@ -20,6 +21,10 @@ def _base(creds: Credentials, role: Role, protocol: int) -> ssl.SSLContext:
     # X509_STRICT: reject malformed chains; no partial chains; the pinned CA is the only trust anchor.
     ctx.verify_flags = ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_TRUSTED_FIRST
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_TICKET
+    if protocol == ssl.PROTOCOL_TLS_SERVER:
+        # No TLS 1.3 resumption: OP_NO_TICKET alone only makes OpenSSL issue stateful tickets, and a
+        # resumed connection keeps its identity without presenting a (possibly expired) certificate.
+        ctx.num_tickets = 0
     try:
         ctx.load_verify_locations(cafile=str(creds.ca_path))
         ctx.load_cert_chain(str(creds.cert_path), str(creds.key_path))
@@ -28,14 +33,23 @@ def _base(creds: Credentials, role: Role, protocol: int) -> ssl.SSLContext:
     return ctx
 
 
-def server_ssl_context(creds: Credentials) -> ssl.SSLContext:
+def server_ssl_context(creds: Credentials, crl: Path | None = None) -> ssl.SSLContext:
     """A TLS 1.3-only server context that requires a client certificate issued by ``ca.pem``.
 
     OpenSSL verifies the client chain with the ``sslclient`` purpose, so an expired client
     certificate or one whose extended key usage lacks ``clientAuth`` fails the handshake;
     the uvicorn protocol from :func:`uvicorn_config` re-checks the EKU after the handshake.
+    With ``crl`` (a PEM CRL from the same CA), a revoked client certificate fails it too.
+    Session tickets are off, so every connection is a full handshake with a certificate.
     """
-    return _base(creds, "server", ssl.PROTOCOL_TLS_SERVER)
+    ctx = _base(creds, "server", ssl.PROTOCOL_TLS_SERVER)
+    if crl is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(crl))
+        except (OSError, ssl.SSLError) as exc:
+            raise CredentialsError(f"cannot load the revocation list {crl}: {exc}") from exc
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return ctx
 
 
 def client_ssl_context(creds: Credentials) -> ssl.SSLContext:

@@ -20,7 +20,7 @@ from starlette.types import Scope
 
 from lambda_split import ServiceError, TrunkService
 from lambda_split.protocol import FRAME_CONTENT_TYPE, METRICS_PATH
-from secure_channel import AESGCMMiddleware, Credentials, peer_identity
+from secure_channel import AESGCMMiddleware, Credentials, ServerTrust, peer_identity
 from server.config import ServerConfig
 from server.middleware import (
     BodyLimitMiddleware,
@@ -32,7 +32,6 @@ from server.middleware import (
 from server.observability import LOGGER, AccessLogMiddleware, Metrics
 
 ANONYMOUS = "anonymous"
-HANDSHAKE_PATHS = frozenset({"/v1/handshake"})
 
 
 def owner_of(scope: Scope) -> str:
@@ -122,7 +121,7 @@ def build_app(
     service: TrunkService,
     info: dict[str, Any],
     config: ServerConfig,
-    credentials: Credentials | None = None,
+    credentials: Credentials | ServerTrust | None = None,
     metrics: Metrics | None = None,
 ) -> Starlette:
     """Assemble the trunk server. ``credentials`` are required in every mode but plain."""
@@ -148,15 +147,11 @@ def build_app(
     ]
     if config.security in ("aesgcm", "tls+aesgcm") and credentials is not None:
         middleware += [
-            Middleware(
-                RateLimitMiddleware,
-                rate_per_s=config.handshake_rate_per_s,
-                burst=config.handshake_burst,
-                identify=client_key,
-                only_paths=HANDSHAKE_PATHS,
-            ),
-            Middleware(
-                AESGCMMiddleware, credentials=credentials, max_body_bytes=config.max_body_bytes + 64 * 1024
+            Middleware(  # also rate-limits handshakes per source address, one token per handshake
+                AESGCMMiddleware,
+                credentials=credentials,
+                max_body_bytes=config.max_body_bytes + 64 * 1024,
+                handshake_rate=(config.handshake_rate_per_s, config.handshake_burst),
             ),
         ]
     middleware += [

@@ -47,6 +47,9 @@ class ServerConfig:
     idle_timeout_s: float = 300.0
     max_cache_bytes: int = 2 * 1024**3
     max_diffusion_steps: int = 256  # U-Net calls per diffusion session
+    max_sessions_per_identity: int = 32  # one device cannot take every session (not in plain mode)
+    # proxies whose X-Forwarded-For/-Proto uvicorn believes: comma-separated IPs or CIDRs; none by default
+    trusted_proxies: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def service_limits(self) -> ServiceLimits:
@@ -57,6 +60,7 @@ class ServerConfig:
             max_step_tokens=self.max_step_tokens,
             idle_timeout_s=self.idle_timeout_s,
             max_cache_bytes=self.max_cache_bytes,
+            max_sessions_per_owner=None if self.security == "plain" else self.max_sessions_per_identity,
             frame=FrameLimits(max_bytes=self.max_body_bytes),
         )
 
@@ -83,6 +87,7 @@ class ServerConfig:
             "rate_limit_burst",
             "handshake_burst",
             "max_diffusion_steps",
+            "max_sessions_per_identity",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -94,6 +99,11 @@ class ServerConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        for proxy in filter(None, (p.strip() for p in self.trusted_proxies.split(","))):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(f"trusted_proxies: {proxy!r} is not an IP address or network") from None
         try:  # the session limits check themselves
             self.service_limits()
         except ValueError as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -11,24 +13,51 @@ from typing import Any
 import uvicorn
 
 from lambda_split import ServiceLimits, TrunkService, load_llm_service
-from secure_channel import Credentials, load_credentials, uvicorn_config
+from secure_channel import ChannelError, ServerTrust, load_credentials, uvicorn_config
 from server.app import build_app
 from server.config import ServerConfig
-from server.observability import configure_logging
+from server.observability import LOGGER, configure_logging
 
 DIFFUSION_MODELS = ("tiny-random-sd", "tiny-random-sdxl")
 
 
 class ReadyServer(uvicorn.Server):
-    """A uvicorn server that reports its URL once it accepts connections."""
+    """A uvicorn server that reports its URL once it accepts connections and, on SIGHUP,
+    reloads its certificate and revocation list (``trust``) without a restart."""
 
-    def __init__(self, config: uvicorn.Config, scheme: str, on_ready: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        scheme: str,
+        on_ready: Callable[[str], None],
+        trust: ServerTrust | None = None,
+    ) -> None:
         super().__init__(config)
         self.scheme = scheme
         self.on_ready = on_ready
         self.url = ""
+        self.trust = trust
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def reload(self) -> None:
+        """Re-read the server certificate and crl.pem; on failure keep serving with the old ones."""
+        if self.trust is None:
+            return
+        try:
+            self.trust.reload()
+        except ChannelError as exc:
+            LOGGER.error("reload failed, keeping the old credentials", extra={"fields": {"error": str(exc)}})
+
+    def request_reload(self) -> None:
+        """Reload on the server's event loop, from any thread (SIGHUP does this)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.reload)
+
+    def _on_sighup(self, _sig: int, _frame: object) -> None:
+        self.request_reload()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started and self.servers and self.servers[0].sockets:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
@@ -40,9 +69,15 @@ class ReadyServer(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process would die by
         # the signal; the contract is a graceful shutdown with exit code 0.
-        with super().capture_signals():
-            yield
-            self._captured_signals.clear()
+        hangup = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP")
+        previous = signal.signal(signal.SIGHUP, self._on_sighup) if hangup else None
+        try:
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+        finally:
+            if hangup:
+                signal.signal(signal.SIGHUP, previous)
 
 
 def load_service(
@@ -79,17 +114,23 @@ def build_server(
 ) -> ReadyServer:
     """Validate ``config`` (fails closed), load credentials and the trunk, and return a ready-to-run server."""
     config.validate()
-    credentials: Credentials | None = None
+    trust: ServerTrust | None = None
     if config.security != "plain":
-        credentials = load_credentials(config.keys or "", "server")
+        trust = ServerTrust(load_credentials(config.keys or "", "server"))
     trunk_service, info = service or load_service(config, progress)
-    app = build_app(trunk_service, info, config, credentials)
+    if trust is not None:
+        trust.subscribe(trunk_service.close_owners)  # a revoked device loses its trunk sessions
+    app = build_app(trunk_service, info, config, trust)
+    proxies = [p.strip() for p in config.trusted_proxies.split(",") if p.strip()]
     uv_config = uvicorn_config(
         app,
         host=config.host,
         port=config.port,
         security=config.security,
-        credentials=credentials,
+        credentials=trust,
+        # X-Forwarded-For is believed only from configured proxies (uvicorn trusts loopback by default)
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or [],
         server_header=False,
         access_log=False,
         log_level="warning",
@@ -97,7 +138,7 @@ def build_server(
         h11_max_incomplete_event_size=16 * 1024,
     )
     scheme = "https" if config.security in ("tls", "tls+aesgcm") else "http"
-    return ReadyServer(uv_config, scheme, on_ready)
+    return ReadyServer(uv_config, scheme, on_ready, trust)
 
 
 def serve(

@@ -51,19 +51,6 @@ def read_prompt(prompt: str | None) -> str:
 # --- commands ----------------------------------------------------------------------------------
 
 
-def cmd_keys_init(args: argparse.Namespace) -> int:
-    from secure_channel import generate_credentials
-
-    kwargs: dict[str, Any] = {"days": args.days, "force": args.force}
-    if args.server_name:
-        kwargs["server_names"] = tuple(args.server_name)
-    if args.client_name:
-        kwargs["client_name"] = args.client_name
-    generate_credentials(args.dir, **kwargs)
-    print(f"wrote ca.pem, server.pem, server.key, client.pem, client.key to {args.dir}")
-    return 0
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from server import load_config, serve
 
@@ -242,16 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    keys = commands.add_parser("keys", help="manage credentials").add_subparsers(
-        dest="keys_command", required=True
-    )
-    init = keys.add_parser("init", help="create a CA and server and client certificates")
-    init.add_argument("dir")
-    init.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
-    init.add_argument("--server-name", action="append", help="DNS name or IP for the server (repeatable)")
-    init.add_argument("--client-name", help="common name of the client certificate")
-    init.add_argument("--force", action="store_true", help="overwrite existing files")
-    init.set_defaults(run=cmd_keys_init)
+    from lambda_split.cli._keys import add_keys_parser
+
+    add_keys_parser(commands)
 
     serve = commands.add_parser("serve", help="run the trunk server")
     serve.add_argument("--model", help="model name or path (default smollm2-135m)")

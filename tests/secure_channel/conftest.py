@@ -69,6 +69,7 @@ class PKI:
         )
         (out / f"{filename}.pem").write_bytes(_pem(cert))
         (out / f"{filename}.key").write_bytes(_key_pem(key))
+        (out / f"{filename}.key").chmod(0o600)
         return out
 
 

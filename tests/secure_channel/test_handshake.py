@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import secure_channel._handshake as handshake_module
 from secure_channel import (
     AuthenticationError,
     ClientHandshake,
@@ -38,7 +39,27 @@ def test_both_sides_derive_the_same_distinct_keys(
     assert client_side == server_side
     sid, c2s, s2c = client_side
     assert len(sid) == 16 and len(c2s) == len(s2c) == 32 and c2s != s2c
-    assert run(client_creds, server_creds, "127.0.0.1")[0] != client_side  # fresh every time
+
+
+def _keys_are_fresh(client: Credentials, server: Credentials) -> bool:
+    """Two handshakes with the same credentials: no traffic key in common (session ids aside)."""
+    (_, c2s_a, s2c_a), _ = run(client, server)
+    (_, c2s_b, s2c_b), _ = run(client, server)
+    return len({c2s_a, s2c_a, c2s_b, s2c_b}) == 4
+
+
+def test_every_handshake_derives_fresh_traffic_keys(
+    client_creds: Credentials, server_creds: Credentials
+) -> None:
+    assert _keys_are_fresh(client_creds, server_creds)
+
+
+def test_the_freshness_check_catches_constant_keys(
+    client_creds: Credentials, server_creds: Credentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A test of the test: a build whose key derivation ignores the handshake must fail it.
+    monkeypatch.setattr(handshake_module._Keys, "traffic", lambda self, th: (bytes(32), bytes(range(32))))
+    assert not _keys_are_fresh(client_creds, server_creds)
 
 
 def test_client_from_another_ca_is_refused(other_keys: Path, server_creds: Credentials) -> None:

@@ -14,10 +14,12 @@ from secure_channel._keys import CREDENTIAL_FILES
 from .conftest import PKI
 
 
-def test_generate_writes_the_five_files_with_private_keys_0600(tmp_path: Path) -> None:
+def test_generate_writes_the_five_files_and_the_ca_with_private_keys_0600(tmp_path: Path) -> None:
     generate_credentials(tmp_path, days=3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(CREDENTIAL_FILES)
-    for name in ("server.key", "client.key"):
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([*CREDENTIAL_FILES, "ca.key", "crl.pem", "issued"])
+    assert len(list((tmp_path / "issued").iterdir())) == 2  # the server and the first device
+    for name in ("server.key", "client.key", "ca.key"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
     server = load_credentials(tmp_path, "server")
     client = load_credentials(tmp_path, "client")
