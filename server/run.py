@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -10,23 +11,57 @@ from typing import Any
 
 import uvicorn
 
-from lambda_split import ServiceLimits, TrunkService, load_llm_service
+from lambda_split import ServiceLimits, SplitSpec, TrunkService, load_llm_service, resolve
 from secure_channel import Credentials, load_credentials, uvicorn_config
 from server.app import build_app
-from server.config import ServerConfig
+from server.config import ENV_PREFIX, ConfigError, ServerConfig
 from server.observability import configure_logging
 
 DIFFUSION_MODELS = ("tiny-random-sd", "tiny-random-sdxl")
 
 
-class ReadyServer(uvicorn.Server):
-    """A uvicorn server that reports its URL once it accepts connections."""
+class PortUnavailable(OSError):
+    """The configured address cannot be bound (in use, or not ours); found before the model loads."""
 
-    def __init__(self, config: uvicorn.Config, scheme: str, on_ready: Callable[[str], None]) -> None:
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """Bind ``host:port`` now, so a port in use fails before the model loads; uvicorn serves on
+    this very socket, so nothing can take the port in between."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise PortUnavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise PortUnavailable(
+            f"cannot listen on {host}:{port}: {reason}; choose another with --port "
+            f"(or port in the config file, or {ENV_PREFIX}PORT)"
+        ) from None
+    return sock
+
+
+class ReadyServer(uvicorn.Server):
+    """A uvicorn server on an already bound socket that reports its URL once it accepts connections."""
+
+    def __init__(
+        self, config: uvicorn.Config, scheme: str, on_ready: Callable[[str], None], listener: socket.socket
+    ) -> None:
         super().__init__(config)
         self.scheme = scheme
         self.on_ready = on_ready
+        self.listener = listener
         self.url = ""
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            super().run(sockets=sockets or [self.listener])
+        finally:
+            self.listener.close()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -59,8 +94,13 @@ def load_service(
             diffusion_limits=DiffusionLimits(max_steps_per_session=config.max_diffusion_steps),
             progress=progress,
         )
+    checkpoint = resolve(config.model)  # reads the configuration, not the weights
+    try:
+        SplitSpec.parse(config.split, int(checkpoint.config.num_hidden_layers))
+    except ValueError as exc:
+        raise ConfigError(f"{exc} ({checkpoint.name})") from None
     return load_llm_service(
-        config.model, config.split, security=config.security, limits=limits, progress=progress
+        checkpoint, config.split, security=config.security, limits=limits, progress=progress
     )
 
 
@@ -77,27 +117,33 @@ def build_server(
     progress: Callable[[str], None] = lambda _m: None,
     service: tuple[TrunkService, dict[str, Any]] | None = None,
 ) -> ReadyServer:
-    """Validate ``config`` (fails closed), load credentials and the trunk, and return a ready-to-run server."""
+    """Validate ``config`` (fails closed), bind the port, load credentials and then the trunk,
+    and return a ready-to-run server. Every check that can fail runs before the model loads."""
     config.validate()
-    credentials: Credentials | None = None
-    if config.security != "plain":
-        credentials = load_credentials(config.keys or "", "server")
-    trunk_service, info = service or load_service(config, progress)
-    app = build_app(trunk_service, info, config, credentials)
-    uv_config = uvicorn_config(
-        app,
-        host=config.host,
-        port=config.port,
-        security=config.security,
-        credentials=credentials,
-        server_header=False,
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=10,
-        h11_max_incomplete_event_size=16 * 1024,
-    )
-    scheme = "https" if config.security in ("tls", "tls+aesgcm") else "http"
-    return ReadyServer(uv_config, scheme, on_ready)
+    listener = bind_listener(config.host, config.port)
+    try:
+        credentials: Credentials | None = None
+        if config.security != "plain":
+            credentials = load_credentials(config.keys or "", "server")
+        trunk_service, info = service or load_service(config, progress)
+        app = build_app(trunk_service, info, config, credentials)
+        uv_config = uvicorn_config(
+            app,
+            host=config.host,
+            port=config.port,
+            security=config.security,
+            credentials=credentials,
+            server_header=False,
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=10,
+            h11_max_incomplete_event_size=16 * 1024,
+        )
+        scheme = "https" if config.security in ("tls", "tls+aesgcm") else "http"
+    except BaseException:
+        listener.close()
+        raise
+    return ReadyServer(uv_config, scheme, on_ready, listener)
 
 
 def serve(
