@@ -81,3 +81,15 @@ def test_unknown_sections_are_refused_naming_the_valid_ones(tmp_path: Path) -> N
 def test_bad_splits_are_refused_before_any_model_is_opened(split: str) -> None:
     with pytest.raises(ConfigError, match="split"):
         load_config(None, {}, security="plain", split=split).validate()
+
+
+def test_the_diffusion_step_limit_comes_from_the_config_file(tmp_path: Path) -> None:
+    from server.run import load_service
+
+    file = tmp_path / "server.toml"
+    file.write_text(
+        '[server]\nsecurity = "plain"\nmodel = "tiny-random-sd"\n[limits]\nmax_diffusion_steps = 7\n'
+    )
+    service, info = load_service(load_config(file, {}).validate(), lambda _message: None)
+    assert info["limits"]["max_steps_per_session"] == 7
+    assert service.executor.limits.max_steps_per_session == 7  # type: ignore[attr-defined]
