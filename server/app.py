@@ -34,7 +34,7 @@ from server.observability import LOGGER, AccessLogMiddleware, Metrics, RouteLabe
 ANONYMOUS = "anonymous"
 HANDSHAKE_PATHS = frozenset({"/v1/handshake"})
 # A sealed record is the inner request (method, path, headers, frame) plus the record header and
-# tag; the AES-GCM layer allows the same 64 KiB on top of the frame limit.
+# tag; AESGCMMiddleware itself accepts max_body_bytes + 64 KiB + that overhead, which this covers.
 SEALING_ALLOWANCE = 128 * 1024
 
 
@@ -143,7 +143,7 @@ def build_app(
         Route(METRICS_PATH, endpoints.metrics_endpoint, methods=["GET"]),
     ]
     sealed = config.security in ("aesgcm", "tls+aesgcm")
-    labels = RouteLabels(routes, HANDSHAKE_PATHS | {"/v1/secure"} if sealed else ())
+    labels = RouteLabels(routes, (HANDSHAKE_PATHS | {"/v1/secure"}) if sealed else ())
     # Outermost first. The access log sees every response exactly as sent, refusals included.
     # The body limit and deadline see the bytes on the wire (sealed records in aesgcm mode, which
     # may exceed the frame limit by the sealing overhead); everything below the AES-GCM layer sees
