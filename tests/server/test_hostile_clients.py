@@ -365,3 +365,26 @@ def test_handshake_floods_are_rate_limited_per_address(make_server: Callable[...
     statuses = [r.status_code for r in replies]
     assert 429 not in statuses[:3] and statuses[3:] == [429] * 3
     assert replies[-1].headers["retry-after"] and is_json_error(replies[-1])
+
+
+def test_a_sealed_frame_over_the_limit_gets_413_naming_the_frame_limit(
+    make_server: Callable[..., LiveServer],
+) -> None:
+    from secure_channel import Request, connect_transport
+
+    server = make_server("aesgcm", max_body_bytes=4096)
+    with connect_transport(server.url, "aesgcm", keys_dir=server.keys) as transport:
+        opened = transport.exchange(Request("POST", "/v1/sessions", b'{"wire": "fp32"}'))
+        sid = json.loads(opened.content)["session_id"]
+        try:
+            frame = small_frame(
+                sid, (1, 20, 64)
+            )  # 5 KiB of hidden states: the record passes, the frame does not
+            reply = transport.exchange(
+                Request("POST", f"/v1/sessions/{sid}/step", frame, {"content-type": FRAME_CONTENT_TYPE})
+            )
+        finally:
+            transport.exchange(Request("DELETE", f"/v1/sessions/{sid}"))
+    error = json.loads(reply.content)["error"]
+    assert reply.status == 413 and error["code"] == "frame_too_large" and "4,096 bytes" in error["message"]
+    assert_no_sessions(server.service)
