@@ -69,6 +69,17 @@ class ServiceLimits:
         if self.max_sessions_per_owner is not None and self.max_sessions_per_owner < 1:
             raise ValueError("max_sessions_per_owner must be at least 1")
 
+    def advertised(self) -> dict[str, Any]:
+        """The limits a client can check before uploading, as ``/v1/info`` publishes them."""
+        return {
+            "max_batch": self.max_batch,
+            "max_step_tokens": self.max_step_tokens,
+            "max_tokens_per_session": self.max_tokens_per_session,
+            "max_frame_bytes": self.frame.max_bytes,
+            "max_sessions": self.max_sessions,
+            "idle_timeout_s": self.idle_timeout_s,
+        }
+
 
 class Executor(Protocol):
     """What the service needs from the model side of a trunk."""
@@ -113,7 +124,8 @@ class LLMExecutor:
             raise ServiceError(
                 413,
                 "step_too_large",
-                f"at most {limits.max_batch} rows of {limits.max_step_tokens} tokens per step",
+                f"a step carries at most {limits.max_step_tokens} tokens in at most {limits.max_batch} rows "
+                f"(got {length} tokens in {batch}); limits.max_step_tokens in /v1/info",
             )
         if state.seen + length > limits.max_tokens_per_session:
             raise ServiceError(
@@ -236,6 +248,12 @@ class TrunkService:
                 session.last_used = self._clock()
 
     def _step(self, raw: bytes, session: _Session, body: bytes) -> bytes:
+        if len(body) > self.limits.frame.max_bytes:  # the HTTP body limit may allow sealing overhead
+            raise ServiceError(
+                413,
+                "frame_too_large",
+                f"a step frame is at most {self.limits.frame.max_bytes:,} bytes (limits.max_frame_bytes)",
+            )
         try:
             frame = decode_frame(body, self.limits.frame)
             if frame.session_id != raw:
@@ -310,10 +328,6 @@ def load_llm_service(
         "protocol_version": PROTOCOL_VERSION,
         "kind": "llm",
         "wire_encodings": list(WIRE_ENCODINGS),
-        "limits": {
-            "max_batch": service.limits.max_batch,
-            "max_tokens_per_session": service.limits.max_tokens_per_session,
-            "max_frame_bytes": service.limits.frame.max_bytes,
-        },
+        "limits": service.limits.advertised(),
     }
     return service, info

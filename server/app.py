@@ -29,9 +29,13 @@ from server.middleware import (
     ReceiveDeadlineMiddleware,
     SecurityHeadersMiddleware,
 )
-from server.observability import LOGGER, AccessLogMiddleware, Metrics
+from server.observability import LOGGER, AccessLogMiddleware, Metrics, RouteLabels, SealedAccessMiddleware
 
 ANONYMOUS = "anonymous"
+HANDSHAKE_PATHS = frozenset({"/v1/handshake"})
+# A sealed record is the inner request (method, path, headers, frame) plus the record header and
+# tag; AESGCMMiddleware itself accepts max_body_bytes + 64 KiB + that overhead, which this covers.
+SEALING_ALLOWANCE = 128 * 1024
 
 
 def owner_of(scope: Scope) -> str:
@@ -138,24 +142,33 @@ def build_app(
         Route("/v1/sessions/{session_id}", endpoints.close_session, methods=["DELETE"]),
         Route(METRICS_PATH, endpoints.metrics_endpoint, methods=["GET"]),
     ]
-    # Outermost first. The body limit and deadline see the bytes on the wire (sealed records in
-    # aesgcm mode); everything below the AES-GCM layer sees the authenticated inner request.
+    sealed = config.security in ("aesgcm", "tls+aesgcm")
+    labels = RouteLabels(routes, (HANDSHAKE_PATHS | {"/v1/secure"}) if sealed else ())
+    # Outermost first. The access log sees every response exactly as sent, refusals included.
+    # The body limit and deadline see the bytes on the wire (sealed records in aesgcm mode, which
+    # may exceed the frame limit by the sealing overhead); everything below the AES-GCM layer sees
+    # the authenticated inner request.
     middleware = [
+        Middleware(AccessLogMiddleware, metrics=metrics, identify=client_key, labels=labels),
         Middleware(SecurityHeadersMiddleware),
-        Middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes + 64 * 1024),
+        Middleware(
+            BodyLimitMiddleware,
+            max_bytes=config.max_body_bytes,
+            allowance=SEALING_ALLOWANCE if sealed else 0,
+        ),
         Middleware(ReceiveDeadlineMiddleware, timeout_s=config.receive_timeout_s),
     ]
-    if config.security in ("aesgcm", "tls+aesgcm") and credentials is not None:
+    if sealed and credentials is not None:
         middleware += [
             Middleware(  # also rate-limits handshakes per source address, one token per handshake
                 AESGCMMiddleware,
                 credentials=credentials,
-                max_body_bytes=config.max_body_bytes + 64 * 1024,
+                max_body_bytes=config.max_body_bytes,
                 handshake_rate=(config.handshake_rate_per_s, config.handshake_burst),
             ),
+            Middleware(SealedAccessMiddleware, identify=client_key, labels=labels),
         ]
     middleware += [
-        Middleware(AccessLogMiddleware, metrics=metrics, identify=client_key),
         Middleware(
             RateLimitMiddleware,
             rate_per_s=config.rate_limit_per_s,

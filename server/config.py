@@ -10,11 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lambda_split import ServiceLimits
+from lambda_split import ServiceLimits, SplitSpec
 from lambda_split._codec import FrameLimits
 from secure_channel import check_security_mode
 
 ENV_PREFIX = "LAMBDA_SPLIT_"
+SECTIONS = ("server", "limits")
+_ANY_DEPTH = 2**31
+NO_SECURITY = (
+    "no security mode: pass --security, set security in the [server] section of FILE, "
+    f"or {ENV_PREFIX}SECURITY"
+)
 
 
 class ConfigError(ValueError):
@@ -66,10 +72,16 @@ class ServerConfig:
 
     def validate(self) -> ServerConfig:
         """Return self if safe to run, else raise ConfigError naming the problem."""
+        if not self.security:
+            raise ConfigError(NO_SECURITY)
         try:
             check_security_mode(self.security)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        try:  # the syntax and 1 <= A <= B; B against the real layer count once the model is open
+            SplitSpec.parse(self.split, num_layers=_ANY_DEPTH)
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace(f" <= {_ANY_DEPTH}", "")) from None
         if self.security != "plain" and not self.keys:
             raise ConfigError(
                 f"--security {self.security} needs --keys DIR (create one with: lambda-split keys init DIR)"
@@ -142,8 +154,10 @@ def _coerce(name: str, value: Any) -> Any:
 def load_config(
     file: str | Path | None = None, environ: dict[str, str] | None = None, **overrides: Any
 ) -> ServerConfig:
-    """Merge defaults, a TOML file (keys at top level or under [server] and [limits]), environment
-    variables named ``LAMBDA_SPLIT_<FIELD>`` and explicit overrides (``None`` means not given)."""
+    """Merge defaults, a TOML file (keys at top level or under [server] and [limits]; any other
+    section is refused), environment variables named ``LAMBDA_SPLIT_<FIELD>`` and explicit
+    overrides (``None`` means not given), later ones winning. Nothing is validated here: call
+    :meth:`ServerConfig.validate`."""
     values: dict[str, Any] = {}
     if file is not None:
         try:
@@ -151,7 +165,13 @@ def load_config(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {file}: {exc}") from None
         flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
-        for section in ("server", "limits"):
+        sections = sorted(k for k, v in data.items() if isinstance(v, dict) and k not in SECTIONS)
+        if sections:
+            raise ConfigError(
+                f"unknown section(s) in {file}: {', '.join(f'[{s}]' for s in sections)}; "
+                f"valid sections are {', '.join(f'[{s}]' for s in SECTIONS)}"
+            )
+        for section in SECTIONS:
             flat.update(data.get(section, {}))
         unknown = set(flat) - set(_FIELDS)
         if unknown:

@@ -67,18 +67,26 @@ class SecurityHeadersMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over ``max_bytes``, whether declared by Content-Length or streamed chunked."""
+    """413 for bodies over ``max_bytes`` + ``allowance``, whether declared by Content-Length or
+    streamed chunked. ``allowance`` covers framing around the payload (a sealed record's header,
+    tag and inner request head); the message states ``max_bytes``, the limit a client can act on.
+    """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, allowance: int = 0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.ceiling = max_bytes + allowance
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = Refused(413, "body_too_large", f"request body exceeds {self.max_bytes} bytes")
+        too_large = Refused(
+            413,
+            "body_too_large",
+            f"request body exceeds the {self.max_bytes:,}-byte limit (limits.max_frame_bytes in /v1/info)",
+        )
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and (not declared.isdigit() or int(declared) > self.ceiling):
             return await send_error(send, too_large)
         received = 0
 
@@ -86,7 +94,7 @@ class BodyLimitMiddleware:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
+            if received > self.ceiling:
                 raise too_large
             return message
 

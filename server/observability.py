@@ -7,20 +7,20 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from secure_channel._identity import AESGCM_EXTENSION
+
 LOGGER = logging.getLogger("lambda_split.server")
-_SESSION_ID = re.compile(r"/v1/sessions/[^/]+")
-
-
-def route_label(path: str) -> str:
-    """The route template of ``path``, so that session ids never become label values."""
-    return _SESSION_ID.sub("/v1/sessions/{id}", path)
+EXCHANGE_KEY = "lambda_split.access"
 
 
 class JSONFormatter(logging.Formatter):
@@ -62,8 +62,14 @@ class Metrics:
         )
         self.refusals = Counter(
             "lambda_split_refusals",
-            "Requests refused with a 4xx or 5xx status",
+            "Requests refused with a 4xx or 5xx status, on the wire or inside a sealed record",
             ["status"],
+            registry=self.registry,
+        )
+        self.sealed = Counter(
+            "lambda_split_sealed_requests",
+            "Requests carried inside sealed AES-GCM records, as the app answered them",
+            ["method", "route", "status"],
             registry=self.registry,
         )
 
@@ -96,20 +102,64 @@ class _SessionCollector(Collector):
         ]
 
 
-class AccessLogMiddleware:
-    """Logs who, what, status and duration of every request, and counts them."""
+@dataclass
+class _Sealed:
+    """The request carried inside a sealed AES-GCM record, as the app answered it."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, identify: Any) -> None:
+    method: str
+    route: str
+    status: int
+    client: str
+
+
+@dataclass
+class _Exchange:
+    sealed: _Sealed | None = None
+
+
+class RouteLabels:
+    """Bounded label values: a path becomes its route template, anything else ``unmatched``;
+    a method the routes do not serve becomes ``other``. Random paths cannot grow /metrics."""
+
+    UNMATCHED = "unmatched"
+    OTHER = "other"
+
+    def __init__(self, routes: Sequence[BaseRoute], extra_paths: Iterable[str] = ()) -> None:
+        self.templates = [(route.path_regex, route.path) for route in routes if isinstance(route, Route)]
+        self.templates += [(re.compile(re.escape(path) + "$"), path) for path in extra_paths]
+        methods = {method for route in routes if isinstance(route, Route) for method in route.methods or ()}
+        self.methods = frozenset(methods | {"GET", "HEAD", "POST"})
+
+    def route(self, path: str) -> str:
+        return next((template for regex, template in self.templates if regex.match(path)), self.UNMATCHED)
+
+    def method(self, method: str) -> str:
+        return method if method in self.methods else self.OTHER
+
+
+class AccessLogMiddleware:
+    """Logs and counts every response as it goes on the wire: client, method, route, status,
+    duration and byte counts. It must be the outermost layer, so that what the layers below
+    refuse (413, 408, 429, 403, 503...) is recorded with the status actually sent.
+
+    In the aesgcm modes the wire only shows ``POST /v1/secure`` 200; :class:`SealedAccessMiddleware`
+    below the AES-GCM layer adds the sealed request's method, route, status and identity.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, identify: Any, labels: RouteLabels) -> None:
         self.app = app
         self.metrics = metrics
         self.identify = identify
+        self.labels = labels
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        status = 500
+        status = 500  # what uvicorn answers when the app fails before responding
         sizes = {"in": 0, "out": 0}
+        exchange = _Exchange()
+        scope = {**scope, "extensions": {**(scope.get("extensions") or {}), EXCHANGE_KEY: exchange}}
 
         async def measuring_receive() -> Message:
             message = await receive()
@@ -126,19 +176,57 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, measuring_receive, measuring_send)
         finally:
-            route = route_label(scope["path"])
-            elapsed = time.perf_counter() - started
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
-            if status >= 400:
-                self.metrics.refusals.labels(str(status)).inc()
-            fields = {
-                "client": self.identify(scope),
-                "method": scope["method"],
-                "route": route,
-                "status": status,
-                "ms": round(elapsed * 1000, 2),
-                "bytes_in": sizes["in"],
-                "bytes_out": sizes["out"],
-            }
-            LOGGER.info("request", extra={"fields": fields})
+            self._record(scope, status, sizes, time.perf_counter() - started, exchange.sealed)
+
+    def _record(
+        self, scope: Scope, status: int, sizes: dict[str, int], elapsed: float, sealed: _Sealed | None
+    ) -> None:
+        method, route = self.labels.method(scope["method"]), self.labels.route(scope["path"])
+        self.metrics.requests.labels(method, route, str(status)).inc()
+        self.metrics.latency.labels(route).observe(elapsed)
+        if status >= 400:
+            self.metrics.refusals.labels(str(status)).inc()
+        fields: dict[str, Any] = {
+            "client": self.identify(scope),
+            "method": method,
+            "route": route,
+            "status": status,
+            "ms": round(elapsed * 1000, 2),
+            "bytes_in": sizes["in"],
+            "bytes_out": sizes["out"],
+        }
+        if sealed is not None:
+            self.metrics.sealed.labels(sealed.method, sealed.route, str(sealed.status)).inc()
+            if sealed.status >= 400:
+                self.metrics.refusals.labels(str(sealed.status)).inc()
+            fields["client"] = sealed.client
+            fields["sealed"] = {"method": sealed.method, "route": sealed.route, "status": sealed.status}
+        LOGGER.info("request", extra={"fields": fields})
+
+
+class SealedAccessMiddleware:
+    """Reports the request inside a sealed record to the :class:`AccessLogMiddleware` above."""
+
+    def __init__(self, app: ASGIApp, identify: Any, labels: RouteLabels) -> None:
+        self.app = app
+        self.identify = identify
+        self.labels = labels
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        extensions = scope.get("extensions") or {}
+        exchange = extensions.get(EXCHANGE_KEY)
+        if scope["type"] != "http" or AESGCM_EXTENSION not in extensions or exchange is None:
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def noting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        finally:
+            method, route = self.labels.method(scope["method"]), self.labels.route(scope["path"])
+            exchange.sealed = _Sealed(method, route, status, self.identify(scope))

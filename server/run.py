@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
 import socket
 import threading
@@ -12,29 +13,56 @@ from typing import Any
 
 import uvicorn
 
-from lambda_split import ServiceLimits, TrunkService, load_llm_service
+from lambda_split import ServiceLimits, SplitSpec, TrunkService, load_llm_service, resolve
 from secure_channel import ChannelError, ServerTrust, load_credentials, uvicorn_config
 from server.app import build_app
-from server.config import ServerConfig
+from server.config import ENV_PREFIX, ConfigError, ServerConfig
 from server.observability import LOGGER, configure_logging
 
 DIFFUSION_MODELS = ("tiny-random-sd", "tiny-random-sdxl")
 
 
+class PortUnavailable(OSError):
+    """The configured address cannot be bound (in use, or not ours); found before the model loads."""
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """Bind ``host:port`` now, so a port in use fails before the model loads; uvicorn serves on
+    this very socket, so nothing can take the port in between."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise PortUnavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise PortUnavailable(
+            f"cannot listen on {host}:{port}: {reason}; choose another with --port "
+            f"(or port in the config file, or {ENV_PREFIX}PORT)"
+        ) from None
+    return sock
+
+
 class ReadyServer(uvicorn.Server):
-    """A uvicorn server that reports its URL once it accepts connections and, on SIGHUP,
-    reloads its certificate and revocation list (``trust``) without a restart."""
+    """A uvicorn server on an already bound socket that reports its URL once it accepts connections
+    and, on SIGHUP, reloads its certificate and revocation list (``trust``) without a restart."""
 
     def __init__(
         self,
         config: uvicorn.Config,
         scheme: str,
         on_ready: Callable[[str], None],
+        listener: socket.socket,
         trust: ServerTrust | None = None,
     ) -> None:
         super().__init__(config)
         self.scheme = scheme
         self.on_ready = on_ready
+        self.listener = listener
         self.url = ""
         self.trust = trust
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -55,6 +83,12 @@ class ReadyServer(uvicorn.Server):
 
     def _on_sighup(self, _sig: int, _frame: object) -> None:
         self.request_reload()
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            super().run(sockets=sockets or [self.listener])
+        finally:
+            self.listener.close()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -94,8 +128,13 @@ def load_service(
             diffusion_limits=DiffusionLimits(max_steps_per_session=config.max_diffusion_steps),
             progress=progress,
         )
+    checkpoint = resolve(config.model)  # reads the configuration, not the weights
+    try:
+        SplitSpec.parse(config.split, int(checkpoint.config.num_hidden_layers))
+    except ValueError as exc:
+        raise ConfigError(f"{exc} ({checkpoint.name})") from None
     return load_llm_service(
-        config.model, config.split, security=config.security, limits=limits, progress=progress
+        checkpoint, config.split, security=config.security, limits=limits, progress=progress
     )
 
 
@@ -112,33 +151,39 @@ def build_server(
     progress: Callable[[str], None] = lambda _m: None,
     service: tuple[TrunkService, dict[str, Any]] | None = None,
 ) -> ReadyServer:
-    """Validate ``config`` (fails closed), load credentials and the trunk, and return a ready-to-run server."""
+    """Validate ``config`` (fails closed), bind the port, load credentials and then the trunk,
+    and return a ready-to-run server. Every check that can fail runs before the model loads."""
     config.validate()
-    trust: ServerTrust | None = None
-    if config.security != "plain":
-        trust = ServerTrust(load_credentials(config.keys or "", "server"))
-    trunk_service, info = service or load_service(config, progress)
-    if trust is not None:
-        trust.subscribe(trunk_service.close_owners)  # a revoked device loses its trunk sessions
-    app = build_app(trunk_service, info, config, trust)
-    proxies = [p.strip() for p in config.trusted_proxies.split(",") if p.strip()]
-    uv_config = uvicorn_config(
-        app,
-        host=config.host,
-        port=config.port,
-        security=config.security,
-        credentials=trust,
-        # X-Forwarded-For is believed only from configured proxies (uvicorn trusts loopback by default)
-        proxy_headers=bool(proxies),
-        forwarded_allow_ips=proxies or [],
-        server_header=False,
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=10,
-        h11_max_incomplete_event_size=16 * 1024,
-    )
-    scheme = "https" if config.security in ("tls", "tls+aesgcm") else "http"
-    return ReadyServer(uv_config, scheme, on_ready, trust)
+    listener = bind_listener(config.host, config.port)
+    try:
+        trust: ServerTrust | None = None
+        if config.security != "plain":
+            trust = ServerTrust(load_credentials(config.keys or "", "server"))
+        trunk_service, info = service or load_service(config, progress)
+        if trust is not None:
+            trust.subscribe(trunk_service.close_owners)  # a revoked device loses its trunk sessions
+        app = build_app(trunk_service, info, config, trust)
+        proxies = [p.strip() for p in config.trusted_proxies.split(",") if p.strip()]
+        uv_config = uvicorn_config(
+            app,
+            host=config.host,
+            port=config.port,
+            security=config.security,
+            credentials=trust,
+            # X-Forwarded-For is believed only from configured proxies (uvicorn trusts loopback by default)
+            proxy_headers=bool(proxies),
+            forwarded_allow_ips=proxies or [],
+            server_header=False,
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=10,
+            h11_max_incomplete_event_size=16 * 1024,
+        )
+        scheme = "https" if config.security in ("tls", "tls+aesgcm") else "http"
+    except BaseException:
+        listener.close()
+        raise
+    return ReadyServer(uv_config, scheme, on_ready, listener, trust)
 
 
 def serve(

@@ -120,3 +120,40 @@ def test_kv_cache_memory_is_capped_by_evicting_the_least_recently_used(
     service.step("b", new, step_body(new, 0, tokens=10))
     assert service.cache_bytes <= per_token * 25 and service.evicted == 1
     refused("session_not_found", service.step, "a", old, step_body(old, 1, tokens=1))
+
+
+def test_info_advertises_the_limits_a_client_checks_before_uploading(tiny: Checkpoint) -> None:
+    from lambda_split import load_llm_service
+    from lambda_split._codec import FrameLimits
+
+    limits = ServiceLimits(
+        max_step_tokens=7, max_tokens_per_session=11, max_sessions=3, frame=FrameLimits(max_bytes=4096)
+    )
+    _, info = load_llm_service(tiny, "2:-2", security="plain", limits=limits)
+    assert info["limits"] == {
+        "max_batch": 8,
+        "max_step_tokens": 7,
+        "max_tokens_per_session": 11,
+        "max_frame_bytes": 4096,
+        "max_sessions": 3,
+        "idle_timeout_s": 300.0,
+    }
+
+
+def test_step_refusals_state_the_advertised_limit(tiny: Checkpoint, clock: Clock) -> None:
+    from lambda_split._codec import FrameLimits
+
+    service = make_service(tiny, clock, max_step_tokens=4)
+    sid = service.open_session("a", "fp32")["session_id"]
+    too_long = refused("step_too_large", service.step, "a", sid, step_body(sid, 0, tokens=5))
+    assert (
+        too_long.status == 413
+        and "at most 4 tokens" in too_long.message
+        and "got 5 tokens" in too_long.message
+    )
+    small = TrunkService(
+        service.executor, limits=ServiceLimits(frame=FrameLimits(max_bytes=1024)), clock=clock
+    )
+    sid = small.open_session("a", "fp32")["session_id"]
+    too_big = refused("frame_too_large", small.step, "a", sid, step_body(sid, 0, tokens=5))
+    assert too_big.status == 413 and "1,024 bytes" in too_big.message

@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the trunk server")
     serve.add_argument("--model", help="model name or path (default smollm2-135m)")
     serve.add_argument("--split", help="A:B, head [0,A) trunk [A,B) tail [B,N); default 2:-2")
-    serve.add_argument("--security", **_security(required=True))
+    serve.add_argument("--security", **_security(required=False))  # or from --config / environment
     serve.add_argument("--keys", help="credentials directory from 'keys init'")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8443; 0 picks a free one)")

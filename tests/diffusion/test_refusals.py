@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -57,8 +58,11 @@ def refused(call: Any, status: int, code: str) -> None:
 
 
 @pytest.fixture
-def session(services: dict[str, Any]) -> Session:
-    return Session(services["tiny-random-sdxl"][0])
+def session(services: dict[str, Any]) -> Iterator[Session]:
+    """A session on the shared service, closed afterwards so no test leaks one into the next."""
+    opened = Session(services["tiny-random-sdxl"][0])
+    yield opened
+    opened.service.close_session("alice", opened.sid)
 
 
 def test_a_good_session_answers_noise_of_the_latent_shape(session: Session) -> None:

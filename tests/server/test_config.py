@@ -50,3 +50,46 @@ def test_unknown_file_settings_and_bad_values_are_refused(tmp_path: Path) -> Non
         load_config(file, {})
     with pytest.raises(ConfigError, match="port"):
         load_config(None, {"LAMBDA_SPLIT_PORT": "eighty"})
+
+
+def test_security_follows_the_same_precedence_as_every_setting(tmp_path: Path) -> None:
+    file = tmp_path / "server.toml"
+    file.write_text('[server]\nsecurity = "tls+aesgcm"\n')
+    assert load_config(file, {}).security == "tls+aesgcm"
+    assert load_config(file, {"LAMBDA_SPLIT_SECURITY": "aesgcm"}).security == "aesgcm"
+    assert load_config(file, {"LAMBDA_SPLIT_SECURITY": "aesgcm"}, security="plain").security == "plain"
+    assert load_config(None, {"LAMBDA_SPLIT_SECURITY": "plain"}, security=None).validate().security == "plain"
+
+
+def test_no_security_mode_is_refused_naming_where_to_set_it() -> None:
+    with pytest.raises(
+        ConfigError, match=r"no security mode: pass --security, .*\[server\].*LAMBDA_SPLIT_SECURITY"
+    ):
+        load_config(None, {}).validate()
+
+
+def test_unknown_sections_are_refused_naming_the_valid_ones(tmp_path: Path) -> None:
+    file = tmp_path / "server.toml"
+    file.write_text('[sever]\nsecurity = "plain"\n[limits]\nmax_batch = 2\n')
+    with pytest.raises(
+        ConfigError, match=r"unknown section\(s\) in .*: \[sever\]; valid sections are \[server\], \[limits\]"
+    ):
+        load_config(file, {})
+
+
+@pytest.mark.parametrize("split", ["0:5", "5:3", "2", "a:b", "2:-2:1"])
+def test_bad_splits_are_refused_before_any_model_is_opened(split: str) -> None:
+    with pytest.raises(ConfigError, match="split"):
+        load_config(None, {}, security="plain", split=split).validate()
+
+
+def test_the_diffusion_step_limit_comes_from_the_config_file(tmp_path: Path) -> None:
+    from server.run import load_service
+
+    file = tmp_path / "server.toml"
+    file.write_text(
+        '[server]\nsecurity = "plain"\nmodel = "tiny-random-sd"\n[limits]\nmax_diffusion_steps = 7\n'
+    )
+    service, info = load_service(load_config(file, {}).validate(), lambda _message: None)
+    assert info["limits"]["max_steps_per_session"] == 7
+    assert service.executor.limits.max_steps_per_session == 7  # type: ignore[attr-defined]

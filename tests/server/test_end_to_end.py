@@ -91,17 +91,21 @@ def test_sessions_are_bound_to_the_authenticated_client(
     from lambda_split.protocol import Encoding
 
     for mode in ("tls", "aesgcm", "tls+aesgcm"):
-        alice = connect_transport(live[mode].url, mode, keys_dir=live[mode].keys)  # type: ignore[arg-type]
-        bob = connect_transport(live[mode].url, mode, keys_dir=second_client)  # type: ignore[arg-type]
-        session = RemoteTrunk(alice, Encoding.FP32)
-        stolen = RemoteTrunk.__new__(RemoteTrunk)
-        stolen.__dict__.update(session.__dict__, transport=bob)
-        with pytest.raises(ServerError) as refused:
-            stolen.close()
-        assert refused.value.status == 404
-        session.close()  # alice still owns it
-        alice.close()
-        bob.close()
+        held = live[mode].service.open_sessions
+        with (
+            connect_transport(live[mode].url, mode, keys_dir=live[mode].keys) as alice,  # type: ignore[arg-type]
+            connect_transport(live[mode].url, mode, keys_dir=second_client) as bob,  # type: ignore[arg-type]
+        ):
+            session = RemoteTrunk(alice, Encoding.FP32)
+            stolen = RemoteTrunk.__new__(RemoteTrunk)
+            stolen.__dict__.update(session.__dict__, transport=bob)
+            try:
+                with pytest.raises(ServerError) as refused:
+                    stolen.close()
+                assert refused.value.status == 404
+            finally:
+                session.close()  # alice still owns it
+        assert live[mode].service.open_sessions == held
 
 
 def test_llm_client_refuses_a_diffusion_server(tiny: Checkpoint, tmp_path: Path) -> None:
