@@ -28,12 +28,14 @@ class CaptureUnavailable(OSError):
 
 
 class PacketSniffer:
-    """Record TCP frames to or from ``ports`` on ``interface`` until :meth:`stop`."""
+    """Record TCP frames to or from ``ports`` (every TCP frame if None) on ``interface`` until :meth:`stop`."""
 
-    def __init__(self, ports: set[int], *, interface: str = "lo", rcvbuf: int = 64 * 1024 * 1024) -> None:
-        if not ports:
-            raise ValueError("give at least one port to capture")
-        self.ports = set(ports)
+    def __init__(
+        self, ports: set[int] | None, *, interface: str = "lo", rcvbuf: int = 64 * 1024 * 1024
+    ) -> None:
+        if ports is not None and not ports:
+            raise ValueError("give at least one port to capture, or None for every port")
+        self.ports = set(ports) if ports is not None else None
         self.interface = interface
         self.frames: list[tuple[float, bytes]] = []
         self.segments: list[Segment] = []
@@ -96,7 +98,11 @@ class PacketSniffer:
                     self.truncated += 1
                 ts = _timestamp(ancillary)
                 segment = parse_ethernet(data, ts)
-                if segment is None or not (segment.src[1] in self.ports or segment.dst[1] in self.ports):
+                if segment is None:
+                    continue
+                if self.ports is not None and not (
+                    segment.src[1] in self.ports or segment.dst[1] in self.ports
+                ):
                     continue
                 self.frames.append((ts, data))
                 self.segments.append(segment)
