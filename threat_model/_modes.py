@@ -19,7 +19,14 @@ import torch
 from threat_model._capture._reassembly import TcpStream
 from threat_model._completeness import completeness
 from threat_model._live import DiffusionSession, LLMSession
-from threat_model.attacks import AttackResult, cached_step_fn, invert_prompt, model_order_fn, tail_replay
+from threat_model.attacks import (
+    AttackResult,
+    cached_step_fn,
+    invert_prompt,
+    model_order_fn,
+    tail_replay,
+    wire_roundtrip,
+)
 from threat_model.detectors import (
     Detector,
     HiddenStateDetector,
@@ -219,7 +226,8 @@ def evaluate_llm(
     streams = [stream for found in per_session for stream in found]
     texts = [s.prompt for s in sessions] + [s.text for s in sessions if len(s.text) >= 8]
     ids = [s.prompt_ids for s in sessions] + [s.token_ids for s in sessions]
-    tensors = [t for s in sessions for t in s.sent + s.received]
+    # what the head computed, what a peer decodes from it (wire-rounded), and what came back
+    tensors = [t for s in sessions for t in s.sent + [wire_roundtrip(x, wire) for x in s.sent] + s.received]
     counts, examples = scan_llm(streams, texts, ids, tensors, wire)
     main = sessions[0]
     frames = plaintext_frames(per_session[0])

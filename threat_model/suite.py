@@ -243,7 +243,7 @@ def collect(
             evaluated["split"] = list(client.split_client.info.split)
             name = "plain (control)" if control else mode
             results.setdefault(name, {})["llm"] = evaluated
-            server_views[name] = _server_view(attacker, tap, sessions)
+            server_views[name] = _server_view(attacker, tap, sessions, every_prompt=actual == "plain")
         if opts.diffusion:
             _run_diffusion(
                 run_modes, modes, opts, keys, out_dir, results, methods, progress, evaluate_diffusion
@@ -323,14 +323,16 @@ def _run_diffusion(
         results.setdefault(mode if index < len(modes) else "plain (control)", {})["diffusion"] = evaluated
 
 
-def _server_view(attacker: Any, tap: Any, sessions: Sequence[Any]) -> dict[str, Any]:
-    """What the curious trunk server recovers in this mode, from the tensors it actually received."""
+def _server_view(attacker: Any, tap: Any, sessions: Sequence[Any], *, every_prompt: bool) -> dict[str, Any]:
+    """What the curious trunk server recovers in this mode, from the tensors it actually received.
+
+    The main prompt is inverted in every mode; every prompt (for the cost range) once, in plain.
+    """
     views = tap.views()
     if len(views) != len(sessions):
         return {"error": f"the server saw {len(views)} sessions, the client ran {len(sessions)}"}
-    inversions = [
-        attacker.invert(seen[:1], "fp32", s.prompt_ids) for (seen, _), s in zip(views, sessions, strict=True)
-    ]
+    pairs = list(zip(views, sessions, strict=True))[: len(views) if every_prompt else 1]
+    inversions = [attacker.invert(seen[:1], "fp32", s.prompt_ids) for (seen, _), s in pairs]
     _, returned = views[0]
     replay = attacker.replay(returned, len(sessions[0].prompt_ids), sessions[0].token_ids)
     per_token = [r.forwards_per_token for r in inversions]
