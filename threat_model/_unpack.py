@@ -35,6 +35,8 @@ class Layer:
 
 
 def _inflate(data: bytes, wbits: int, limit: int) -> bytes | None:
+    if limit < 1:  # zlib reads a max_length of 0 as "no limit"
+        return None
     decoder = zlib.decompressobj(wbits)
     try:
         out = decoder.decompress(data, limit)
@@ -84,7 +86,7 @@ def layers(
     budget = [max_output]
 
     def walk(blob: bytes, how: str, origin: int | None, depth: int) -> None:
-        if depth > max_depth:
+        if depth > max_depth or budget[0] <= 0:
             return
         for name, offset, inner in _candidates(blob, min(per_candidate, budget[0])):
             if budget[0] <= 0:

@@ -214,6 +214,7 @@ def collect(
     from threat_model._live import LLMClient, live_server, tap_service
 
     server_views: dict[str, Any] = {}
+    truth_ids: list[int] | None = None
     with tempfile.TemporaryDirectory(prefix="lambda-split-eavesdrop-") as keys:
         progress("creating fresh credentials")
         generate_credentials(keys, days=1)
@@ -241,6 +242,8 @@ def collect(
             evaluated = evaluate_llm(mode, sessions, wire=opts.wire, attacker=attacker)
             evaluated["pcaps"] = _pcaps(sessions, out_dir, f"llm-{mode}")
             evaluated["split"] = list(client.split_client.info.split)
+            if actual == "plain" and truth_ids is None:
+                truth_ids = sessions[0].prompt_ids  # the client's own prompt ids, for the sweep
             name = "plain (control)" if control else mode
             results.setdefault(name, {})["llm"] = evaluated
             server_views[name] = _server_view(attacker, tap, sessions, every_prompt=actual == "plain")
@@ -272,7 +275,7 @@ def collect(
         depths = opts.depths or default_depths(model, int(checkpoint.config.num_hidden_layers))
         progress(f"attack sweep over split depths {list(depths)} and wires {list(opts.sweep_wires)}")
         rows = attack_sweep(
-            checkpoint, ids[0].tolist(), depths=depths, wires=opts.sweep_wires, progress=progress
+            checkpoint, truth_ids or ids[0].tolist(), depths=depths, wires=opts.sweep_wires, progress=progress
         )
         sweep = {"model": model, "depths": list(depths), "wires": list(opts.sweep_wires), "rows": rows}
     return _assemble(modes, model, opts, results, control_rows, server_views, sweep, methods)

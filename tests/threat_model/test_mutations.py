@@ -215,3 +215,29 @@ def test_diffusion_leaks_are_named(
     code, report = run(capsys, diffusion=True, diffusion_steps=1,
                        transport_wrapper=lambda t: plants.SideChannel(t, plants.fixed_leak({}, body)))  # fmt: skip
     assert_fails(code, report, f"aesgcm/diffusion: {check}")
+
+
+def test_a_broken_frame_decoder_fails_the_plain_control(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attacks run on the plain control in every invocation, scored against the client's tokens:
+    if the eavesdropper's decoder returned noise, the run fails instead of reporting 0 as a success."""
+    import torch
+
+    from threat_model import _modes
+
+    real = _modes.session_tensors
+
+    def noisy(frames: Any) -> tuple[list[Any], list[Any]]:
+        sent, back = real(frames)
+        return [torch.randn_like(t) for t in sent], [torch.randn_like(t) for t in back]
+
+    monkeypatch.setattr(_modes, "session_tensors", noisy)
+    code, report = run(capsys)
+    assert code == 1
+    failures = report["policy"]["failures"]
+    for name in ("exact inversion", "tail replay"):
+        assert any(
+            f.startswith(f"plain (control)/llm: plain: {name} of the capture recovers 100 %")
+            for f in failures
+        )
