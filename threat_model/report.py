@@ -38,13 +38,13 @@ def _server_rows(views: dict[str, Any]) -> list[list[str]]:
             continue
         low, high = view["inversion_forwards_per_token"]
         rows.append([mode, _pct(view["inversion_accuracy"]), "yes" if view["all_prompts_inverted"] else "no",
-                     f"{low:g}–{high:g} ({view['prompts']} prompts)", _pct(view["tail_replay_accuracy"])])  # fmt: skip
+                     f"{low:g}–{high:g} ({view['prompts']} prompt{'s' if view['prompts'] > 1 else ''})", _pct(view["tail_replay_accuracy"])])  # fmt: skip
     return rows
 
 
 SERVER_HEADER = ["mode", "prompt inversion", "every prompt exact", "candidate forwards/token", "tail replay"]
 COMPLETE_HEADER = ["mode", "session", "connection", "captured c2s/s2c", "client socket sent/received",
-                   "transport sent/received", "drops/truncated"]  # fmt: skip
+                   "transport sent/received", "unread after close", "drops/truncated"]  # fmt: skip
 
 
 def _completeness_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -57,6 +57,7 @@ def _completeness_rows(report: dict[str, Any]) -> list[list[str]]:
                                  f"{c['captured_c2s']:,}/{c.get('captured_s2c', 0):,}",
                                  f"{c['client_sent']:,}/{c.get('client_received', 0):,}",
                                  f"{session['transport_sent']:,}/{session['transport_received']:,}",
+                                 str(c.get("unread_after_close", "—")),
                                  f"{session['kernel_drops']}/{session['truncated_frames']}"])  # fmt: skip
     return rows
 

@@ -246,7 +246,9 @@ def collect(
                 truth_ids = sessions[0].prompt_ids  # the client's own prompt ids, for the sweep
             name = "plain (control)" if control else mode
             results.setdefault(name, {})["llm"] = evaluated
-            server_views[name] = _server_view(attacker, tap, sessions, every_prompt=actual == "plain")
+            server_views[name] = _server_view(
+                attacker, tap, sessions, opts.wire, every_prompt=actual == "plain"
+            )
         if opts.diffusion:
             _run_diffusion(
                 run_modes, modes, opts, keys, out_dir, results, methods, progress, evaluate_diffusion
@@ -326,7 +328,9 @@ def _run_diffusion(
         results.setdefault(mode if index < len(modes) else "plain (control)", {})["diffusion"] = evaluated
 
 
-def _server_view(attacker: Any, tap: Any, sessions: Sequence[Any], *, every_prompt: bool) -> dict[str, Any]:
+def _server_view(
+    attacker: Any, tap: Any, sessions: Sequence[Any], wire: str, *, every_prompt: bool
+) -> dict[str, Any]:
     """What the curious trunk server recovers in this mode, from the tensors it actually received.
 
     The main prompt is inverted in every mode; every prompt (for the cost range) once, in plain.
@@ -335,7 +339,8 @@ def _server_view(attacker: Any, tap: Any, sessions: Sequence[Any], *, every_prom
     if len(views) != len(sessions):
         return {"error": f"the server saw {len(views)} sessions, the client ran {len(sessions)}"}
     pairs = list(zip(views, sessions, strict=True))[: len(views) if every_prompt else 1]
-    inversions = [attacker.invert(seen[:1], "fp32", s.prompt_ids) for (seen, _), s in pairs]
+    # the server decoded ``wire``-encoded frames: the search stops within that rounding bound
+    inversions = [attacker.invert(seen[:1], wire, s.prompt_ids) for (seen, _), s in pairs]
     _, returned = views[0]
     replay = attacker.replay(returned, len(sessions[0].prompt_ids), sessions[0].token_ids)
     per_token = [r.forwards_per_token for r in inversions]
