@@ -27,6 +27,7 @@ Endpoint = tuple[str, int]
 _LOCK = threading.Lock()
 _ACTIVE: list[ConnectionLedger] = []
 _ORIGINAL: dict[str, Any] = {}
+_OWN: dict[str, bool] = {}
 
 
 @dataclass
@@ -149,6 +150,7 @@ def connection_ledger() -> Iterator[ConnectionLedger]:
         if not _ACTIVE:
             for name, patch in _PATCHES.items():
                 _ORIGINAL[name] = getattr(socket.socket, name)
+                _OWN[name] = name in vars(socket.socket)  # else inherited from _socket.socket
                 setattr(socket.socket, name, patch)
         _ACTIVE.append(ledger)
     try:
@@ -158,4 +160,8 @@ def connection_ledger() -> Iterator[ConnectionLedger]:
             _ACTIVE.remove(ledger)
             if not _ACTIVE:
                 for name in _PATCHES:
-                    setattr(socket.socket, name, _ORIGINAL.pop(name))
+                    original = _ORIGINAL.pop(name)
+                    if _OWN.pop(name):
+                        setattr(socket.socket, name, original)
+                    else:
+                        delattr(socket.socket, name)
