@@ -194,6 +194,8 @@ def render_text(report: dict[str, Any]) -> str:
     out.append(_text_table(LLM_HEADER, _llm_rows(report)))
     if (diff := _diffusion_rows(report)) != []:
         out.append(f"\nDiffusion ({report['diffusion_model']}):\n" + _text_table(DIFF_HEADER, diff))
+    out.append("\nCapture completeness (captured bytes next to the client's own counters):\n")
+    out.append(_text_table(COMPLETE_HEADER, _completeness_rows(report)))
     out.append("\nPositive controls:\n")
     out += [
         f"  {'fired' if c['fired'] else 'DID NOT FIRE':12} {c['control']} ({c['detector']})\n"
