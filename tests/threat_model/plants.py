@@ -40,7 +40,7 @@ def one_direction(kind: str, segments: list[Segment], port: int) -> list[Segment
 
 
 def dropped_segments(kind: str, segments: list[Segment], port: int) -> list[Segment]:
-    carrying = [s for s in segments if s.payload]
+    carrying = [s for s in segments if s.payload and port in (s.src[1], s.dst[1])]
     lost = {id(s) for s in carrying[1::3]}
     return [s for s in segments if id(s) not in lost]
 
