@@ -16,10 +16,52 @@ from typing import Any
 
 import torch
 
+from threat_model._capture._packets import Segment
+from threat_model._completeness import SessionCapture
+from threat_model._ledger import connection_ledger
 from threat_model.capture import Capture, Method, capture_loopback
 
 TransportWrapper = Callable[[Any], Any]
 TrunkFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``fault(kind, segments, server_port) -> segments``: plants a capture fault (the suite's self-test)
+CaptureFault = Callable[[str, list[Segment], int], list[Segment]]
+
+
+@dataclass
+class Tap:
+    """What a session's capture window recorded; ``record`` is filled when the window closes."""
+
+    capture: Capture
+    record: SessionCapture | None = None
+
+
+@contextmanager
+def captured(
+    server: LiveServer, name: str, kind: str, method: Method, fault: CaptureFault | None
+) -> Iterator[tuple[str, Tap, Callable[[Any], None]]]:
+    """Capture every loopback flow and ledger every client connection while the block runs.
+
+    Yields the URL the client must use, the tap, and ``done(transport)`` which the block calls
+    after closing the transport, to take its byte counters.
+    """
+    counters: dict[str, int] = {}
+
+    def done(transport: Any) -> None:
+        counters.update(sent=transport.stats.bytes_sent, received=transport.stats.bytes_received)
+
+    with (
+        connection_ledger() as ledger,
+        capture_loopback({server.port}, method=method, all_flows=True) as cap,
+    ):
+        tap = Tap(cap)
+        yield client_url(server, cap), tap, done
+        cap.wait_closed({c.local for c in ledger.client_connections()})
+    if fault is not None:
+        cap.replace_segments(fault(kind, cap.segments(), server.port))
+    target = ("127.0.0.1", cap.client_port(server.port))
+    tap.record = SessionCapture(
+        name, cap, ledger, target, counters.get("sent", -1), counters.get("received", -1)
+    )
 
 
 @dataclass
@@ -70,7 +112,11 @@ class LLMSession:
     token_texts: list[str]
     sent: list[torch.Tensor]
     received: list[torch.Tensor]
-    capture: Capture
+    record: SessionCapture
+
+    @property
+    def capture(self) -> Capture:
+        return self.record.capture
 
 
 @dataclass
@@ -81,6 +127,7 @@ class LLMClient:
     wire: str
     chat: bool
     wrapper: TransportWrapper | None = None
+    fault: CaptureFault | None = None
     split_client: Any = field(default=None, repr=False)
 
     def session(
@@ -91,6 +138,7 @@ class LLMClient:
         prompt: str,
         max_new_tokens: int,
         method: Method,
+        name: str = "llm session",
     ) -> LLMSession:
         from lambda_split import (
             GenerationConfig,
@@ -105,8 +153,8 @@ class LLMClient:
         tokenizer = self.checkpoint.tokenizer
         ids, mask = encode_prompts(tokenizer, [prompt], chat=self.chat)
         config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_on_eos=False)
-        with capture_loopback({server.port}, method=method) as cap:
-            transport = connect_transport(client_url(server, cap), security, keys_dir=keys)
+        with captured(server, name, "llm", method, self.fault) as (url, tap, done):
+            transport = connect_transport(url, security, keys_dir=keys)
             if self.wrapper is not None:
                 transport = self.wrapper(transport)
             try:
@@ -124,7 +172,10 @@ class LLMClient:
                     remote.close()
             finally:
                 transport.close()
+                done(transport)
         tokens = result.token_ids[0]
+        if tap.record is None:  # pragma: no cover - set when the capture window closes
+            raise RuntimeError("capture window did not close")
         return LLMSession(
             prompt,
             ids[0].tolist(),
@@ -133,7 +184,7 @@ class LLMClient:
             [str(tokenizer.decode([t])) for t in tokens],
             recorder.sent,
             recorder.received,
-            cap,
+            tap.record,
         )
 
 
@@ -142,8 +193,13 @@ class DiffusionSession:
     prompt: str
     image: Any  # (H, W, 3) float in [0, 1]
     bodies: list[tuple[bytes, bytes]]
-    capture: Capture
+    record: SessionCapture
     pipeline: Any = field(repr=False)
+    prompt_ids: list[int] = field(default_factory=list)
+
+    @property
+    def capture(self) -> Capture:
+        return self.record.capture
 
 
 def diffusion_session(
@@ -158,14 +214,58 @@ def diffusion_session(
     guidance: float,
     seed: int,
     method: Method,
+    fault: CaptureFault | None = None,
+    wrapper: TransportWrapper | None = None,
 ) -> DiffusionSession:
     from lambda_split.diffusion import DiffusionClient, RecordingTransport
     from secure_channel import connect_transport
 
-    with capture_loopback({server.port}, method=method) as cap:
-        transport = RecordingTransport(connect_transport(client_url(server, cap), security, keys_dir=keys))
-        with DiffusionClient.from_transport(transport, source, wire=wire) as client:
-            result = client.generate(
-                prompt, steps=steps, seed=seed, guidance_scale=guidance, output_type="np"
-            )
-    return DiffusionSession(prompt, result.images[0], transport.bodies(), cap, client.pipeline)
+    with captured(server, "diffusion session", "diffusion", method, fault) as (url, tap, done):
+        inner = connect_transport(url, security, keys_dir=keys)
+        transport = RecordingTransport(wrapper(inner) if wrapper is not None else inner)
+        try:
+            with DiffusionClient.from_transport(transport, source, wire=wire) as client:
+                result = client.generate(
+                    prompt, steps=steps, seed=seed, guidance_scale=guidance, output_type="np"
+                )
+        finally:
+            transport.close()
+            done(transport)
+    if tap.record is None:  # pragma: no cover - set when the capture window closes
+        raise RuntimeError("capture window did not close")
+    ids = [int(i) for i in client.pipeline.tokenizer(prompt).input_ids]  # the client's own tokenizer
+    return DiffusionSession(prompt, result.images[0], transport.bodies(), tap.record, client.pipeline, ids)
+
+
+class ServerTap:
+    """Wraps the trunk service's executor: keeps, per server session, the hidden states it received
+    and returned. This is the curious server's view, taken from the server in every mode."""
+
+    def __init__(self, executor: Any) -> None:
+        self.inner = executor
+        self.sessions: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._states: list[Any] = []  # keeps each state alive so its id is never reused
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def step(self, state: Any, frame: Any, limits: Any) -> Any:
+        out = self.inner.step(state, frame, limits)
+        if "hidden" in frame.tensors and "hidden" in out:
+            if id(state) not in self.sessions:
+                self._states.append(state)
+            seen, returned = self.sessions.setdefault(id(state), ([], []))
+            seen.append(frame.tensors["hidden"].detach().clone())
+            returned.append(out["hidden"].detach().clone())
+        return out
+
+    def views(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """(received, returned) hidden states of each server session, in the order they started."""
+        return list(self.sessions.values())
+
+
+def tap_service(service: tuple[Any, dict[str, Any]]) -> ServerTap:
+    """Install a :class:`ServerTap` on a loaded ``(TrunkService, info)`` and return it."""
+    tap = ServerTap(service[0].executor)
+    service[0].executor = tap
+    return tap

@@ -17,9 +17,16 @@ import numpy as np
 import torch
 
 from threat_model._capture._reassembly import TcpStream
+from threat_model._completeness import completeness
 from threat_model._live import DiffusionSession, LLMSession
-from threat_model.attacks import AttackResult, cached_step_fn, invert_prompt, model_order_fn, tail_replay
-from threat_model.capture import Capture
+from threat_model.attacks import (
+    AttackResult,
+    cached_step_fn,
+    invert_prompt,
+    model_order_fn,
+    tail_replay,
+    wire_roundtrip,
+)
 from threat_model.detectors import (
     Detector,
     HiddenStateDetector,
@@ -36,8 +43,30 @@ from threat_model.traffic import length_leak, messages
 ENCRYPTED = ("tls", "aesgcm", "tls+aesgcm")
 
 
+DETECTOR_CHECKS = {
+    "text": "no prompt or output text on the wire",
+    "token_ids": "no token-id sequences on the wire",
+    "hidden_states": "no plaintext hidden-state windows",
+}
+
+
 def check(name: str, passed: bool, detail: str = "") -> dict[str, Any]:
     return {"check": name, "passed": bool(passed), "detail": detail}
+
+
+def scan_llm(
+    streams: Sequence[TcpStream],
+    texts: Sequence[str],
+    ids: Sequence[Sequence[int]],
+    tensors: Sequence[torch.Tensor],
+    wire: str,
+) -> tuple[dict[str, int], list[str]]:
+    """Run the text, token-id and hidden-state detectors; findings per detector and a few examples."""
+    text, text_examples = _count([TextLeakDetector(texts)], streams)
+    token, token_examples = _count([TokenIdDetector(ids)], streams)
+    hidden, hidden_examples = _count([HiddenStateDetector(tensors, wire)], streams)
+    counts = {"text": text, "token_ids": token, "hidden_states": hidden}
+    return counts, text_examples + token_examples + hidden_examples
 
 
 def _count(detectors: Sequence[Detector], streams: Sequence[TcpStream]) -> tuple[int, list[str]]:
@@ -72,11 +101,9 @@ def wire_view(streams: Sequence[TcpStream]) -> dict[str, Any]:
     }
 
 
-def _exchanges(capture: Capture) -> list[tuple[str, int]]:
+def _exchanges(streams: Sequence[TcpStream]) -> list[tuple[str, int]]:
     """Observable messages merged into alternating (direction, bytes) runs, in time order."""
-    found = sorted(
-        (m for s in capture.streams() for m in messages(s) if m.kind != "http-chunk"), key=lambda m: m.ts
-    )
+    found = sorted((m for s in streams for m in messages(s) if m.kind != "http-chunk"), key=lambda m: m.ts)
     out: list[tuple[str, int]] = []
     for message in found:
         if out and out[-1][0] == message.direction:
@@ -93,9 +120,9 @@ class Shape:
     reply_sizes: list[int]
 
 
-def session_shape(capture: Capture) -> Shape | None:
+def session_shape(streams: Sequence[TcpStream]) -> Shape | None:
     """The attacker's reading: the longest run of equal-sized requests is the decode loop, the one before it the prefill."""
-    exchanges = _exchanges(capture)
+    exchanges = _exchanges(streams)
     requests = [i for i, (direction, _) in enumerate(exchanges) if direction == "c2s"]
     best = (0, 0)  # (run length, index into requests of the run's start)
     run = 1
@@ -116,7 +143,7 @@ def session_shape(capture: Capture) -> Shape | None:
 
 def traffic_leak(sessions: Sequence[LLMSession]) -> dict[str, Any]:
     """Do sizes and counts reveal the prompt length, the output length, each token's length?"""
-    shapes = [session_shape(s.capture) for s in sessions]
+    shapes = [session_shape(s.record.streams()) for s in sessions]
     if len(sessions) < 3 or any(shape is None for s, shape in zip(sessions, shapes, strict=True)):
         return {"sessions": len(sessions), "delimited": False}
     known = [(s, shape) for s, shape in zip(sessions, shapes, strict=True) if shape is not None]
@@ -156,6 +183,7 @@ class Attacker:
         spec = SplitSpec.parse(split, int(checkpoint.config.num_hidden_layers))
         self.parts: Any = load_parts(checkpoint, spec, ("head", "trunk", "tail"))
         self.vocab = int(checkpoint.config.vocab_size)
+        self.hidden_size = int(checkpoint.config.hidden_size)
         self.order = model_order_fn(self._logits, self.vocab, checkpoint.tokenizer.bos_token_id)
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -163,19 +191,24 @@ class Attacker:
         return out
 
     @torch.inference_mode()
-    def invert(self, captured: torch.Tensor, wire: str, truth: Sequence[int]) -> AttackResult:
+    def invert(self, captured: Sequence[torch.Tensor], wire: str, truth: Sequence[int]) -> AttackResult:
+        """SipIt on the first head output the capture yielded (none: the attack recovers nothing)."""
         step = cached_step_fn(self.parts.head)
-        return invert_prompt(captured, None, self.order, encoding=wire, truth=truth, step_fn=step)
+        rows = captured[0] if captured else torch.empty(0, self.hidden_size)
+        return invert_prompt(rows, None, self.order, encoding=wire, truth=truth, step_fn=step)
 
-    def replay(self, returned: Sequence[torch.Tensor], truth: Sequence[int]) -> AttackResult:
-        return tail_replay(returned, self.parts.tail, prompt_length=returned[0].shape[1], truth=truth)
+    def replay(
+        self, returned: Sequence[torch.Tensor], prompt_length: int, truth: Sequence[int]
+    ) -> AttackResult:
+        """Tail replay of the trunk outputs the capture yielded, scored against the client's tokens."""
+        return tail_replay(returned, self.parts.tail, prompt_length=prompt_length, truth=truth)
 
 
-def _score(result: AttackResult | None) -> dict[str, Any]:
-    if result is None:
-        return {"recovered": 0, "accuracy": 0.0, "forwards_per_token": 0.0, "seconds": 0.0}
+def _score(result: AttackResult, frames: int) -> dict[str, Any]:
     return {
+        "ran_on_frames": frames,
         "recovered": sum(a == b for a, b in zip(result.recovered, result.truth or [], strict=False)),
+        "of": len(result.truth or []),
         "accuracy": result.accuracy,
         "forwards_per_token": round(result.forwards_per_token, 1),
         "seconds": round(result.seconds, 3),
@@ -183,46 +216,62 @@ def _score(result: AttackResult | None) -> dict[str, Any]:
 
 
 def evaluate_llm(
-    mode: str, sessions: Sequence[LLMSession], *, wire: str, attacker: Attacker | None
+    mode: str, sessions: Sequence[LLMSession], *, wire: str, attacker: Attacker
 ) -> dict[str, Any]:
-    streams = [stream for s in sessions for stream in s.capture.streams()]
+    """Completeness first, then the allowlist, the detectors and the attacks on what the capture yields."""
+    from threat_model.allowlist import allowlist_checks
+
+    complete, checks = completeness([s.record for s in sessions])
+    per_session = [s.record.streams() for s in sessions]
+    streams = [stream for found in per_session for stream in found]
     texts = [s.prompt for s in sessions] + [s.text for s in sessions if len(s.text) >= 8]
     ids = [s.prompt_ids for s in sessions] + [s.token_ids for s in sessions]
-    text, text_examples = _count([TextLeakDetector(texts)], streams)
-    token, token_examples = _count([TokenIdDetector(ids)], streams)
-    tensors = [t for s in sessions for t in s.sent + s.received]
-    hidden, hidden_examples = _count([HiddenStateDetector(tensors, wire)], streams)
+    # what the head computed, what a peer decodes from it (wire-rounded), and what came back
+    tensors = [t for s in sessions for t in s.sent + [wire_roundtrip(x, wire) for x in s.sent] + s.received]
+    counts, examples = scan_llm(streams, texts, ids, tensors, wire)
     main = sessions[0]
-    frames = plaintext_frames(main.capture.streams())
+    frames = plaintext_frames(per_session[0])
     head_out, trunk_out = session_tensors(frames)
-    inversion = replay = None
-    if attacker is not None and head_out:
-        inversion = attacker.invert(head_out[0], wire, main.prompt_ids)
-        replay = attacker.replay(trunk_out, main.token_ids)
+    # Scored against the client's own prompt and output tokens, never against the capture.
+    inversion = attacker.invert(head_out, wire, main.prompt_ids)
+    replay = attacker.replay(trunk_out, len(main.prompt_ids), main.token_ids)
     result: dict[str, Any] = {
+        "completeness": complete,
         "wire": wire_view(streams),
-        "detectors": {"text": text, "token_ids": token, "hidden_states": hidden},
-        "examples": text_examples + token_examples + hidden_examples,
+        "detectors": counts,
+        "examples": examples,
         "frames_decoded": len(frames),
-        "attacks": {"inversion": _score(inversion), "tail_replay": _score(replay)} if attacker else {},
+        "attacks": {"inversion": _score(inversion, len(frames)), "tail_replay": _score(replay, len(frames))},
         "traffic": traffic_leak(sessions),
         "prompt_tokens": len(main.prompt_ids),
         "new_tokens": len(main.token_ids),
     }
-    checks = [
-        check("no prompt or output text on the wire", text == 0, f"{text} findings"),
-        check("no token-id sequences on the wire", token == 0, f"{token} findings"),
+    if mode != "plain":
+        checks += allowlist_checks(mode, per_session)
+    checks += [
+        check(DETECTOR_CHECKS[name], counts[name] == 0, f"{counts[name]} findings")
+        for name in ("text", "token_ids")
     ]
+    hidden = counts["hidden_states"]
     if mode == "plain":
         checks.append(check("plain shows hidden-state windows (control)", hidden > 0, f"{hidden} findings"))
-        if attacker is not None:
-            for name, res in (("exact inversion", inversion), ("tail replay", replay)):
-                acc = res.accuracy if res is not None else 0.0
-                checks.append(check(f"plain: {name} recovers 100 %", acc == 1.0, f"accuracy {acc}"))
+        for name, res in (("exact inversion", inversion), ("tail replay", replay)):
+            checks.append(
+                check(
+                    f"plain: {name} of the capture recovers 100 %",
+                    res.accuracy == 1.0,
+                    f"accuracy {res.accuracy}",
+                )
+            )
     else:
+        recovered = _score(inversion, 0)["recovered"] + _score(replay, 0)["recovered"]
         checks += [
-            check("no plaintext hidden-state windows", hidden == 0, f"{hidden} findings"),
-            check("no frame decodes, 0 tokens recovered", not frames, f"{len(frames)} frames"),
+            check(DETECTOR_CHECKS["hidden_states"], hidden == 0, f"{hidden} findings"),
+            check(
+                "no frame decodes, 0 tokens recovered",
+                not frames and recovered == 0,
+                f"{len(frames)} frames, {recovered} tokens recovered",
+            ),
         ]
     result["checks"] = checks
     return result
@@ -245,27 +294,37 @@ def _diffusion_steps(frames: Sequence[CapturedFrame]) -> list[Any]:
     return steps
 
 
-def _recorded_tensor_bytes(bodies: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
-    """The encoded tensors (embeddings, latents, noise) of every frame the client sent or received."""
+def _recorded_tensors(bodies: Sequence[tuple[bytes, bytes]]) -> tuple[list[bytes], list[torch.Tensor]]:
+    """The tensors (embeddings, latents, noise) of every frame the client sent or received:
+    as the codec encoded them, and decoded (for the other float formats and text armour)."""
     from lambda_split.protocol import FrameError, decode_frame
 
-    out = []
+    encoded, decoded = [], []
     for body in (b for pair in bodies for b in pair):
         try:
             frame = decode_frame(body)
         except FrameError:
             continue
-        out += [encode_wire(t, frame.encodings[n].wire_name) for n, t in frame.tensors.items()]
-    return out
+        for name, tensor in frame.tensors.items():
+            encoded.append(encode_wire(tensor, frame.encodings[name].wire_name))
+            if tensor.numel() >= 32:
+                decoded.append(tensor)
+    return encoded, decoded
 
 
 def evaluate_diffusion(mode: str, session: DiffusionSession, *, wire: str, guidance: float) -> dict[str, Any]:
-    streams = session.capture.streams()
+    from threat_model.allowlist import allowlist_checks
+
+    complete, checks = completeness([session.record])
+    streams = session.record.streams()
     pixels = (np.clip(np.asarray(session.image, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
     text, text_examples = _count([TextLeakDetector([session.prompt])], streams)
-    image, image_examples = _count([PixelDetector([pixels]), ImageSignatureDetector()], streams)
-    latent_detector = HiddenStateDetector(_recorded_tensor_bytes(session.bodies), lambda b: b, name="latents")
-    latents, latent_examples = _count([latent_detector], streams)
+    floats = HiddenStateDetector([session.image], "fp32", window=256, name="pixels")
+    image, image_examples = _count([PixelDetector([pixels]), ImageSignatureDetector(), floats], streams)
+    token, token_examples = _count([TokenIdDetector([session.prompt_ids])], streams)
+    encoded, decoded = _recorded_tensors(session.bodies)
+    exact = HiddenStateDetector(encoded, lambda b: b, name="latents", widen=False)
+    latents, latent_examples = _count([exact, HiddenStateDetector(decoded, "fp32", name="latents")], streams)
     frames = plaintext_frames(streams)
     steps = _diffusion_steps(frames)
     leaks = []
@@ -276,21 +335,28 @@ def evaluate_diffusion(mode: str, session: DiffusionSession, *, wire: str, guida
         leaks = eavesdrop_decode(
             pipe.vae, pipe.scheduler.config, steps, session.image, guidance_scale=guidance
         )
-    checks = [
+    if mode != "plain":
+        checks += allowlist_checks(mode, [streams])
+    checks += [
         check("no prompt text on the wire", text == 0, f"{text} findings"),
         check("no pixels or encoded images on the wire", image == 0, f"{image} findings"),
+        check("no prompt token ids on the wire", token == 0, f"{token} findings"),
     ]
     if mode == "plain":
         checks.append(check("plain shows the latents (control)", latents > 0, f"{latents} findings"))
+        checks.append(
+            check("plain: the captured steps decode to images (control)", bool(leaks), f"{len(leaks)} steps")
+        )
     else:
         checks += [
             check("no plaintext latents or noise", latents == 0, f"{latents} findings"),
             check("no frame decodes", not frames, f"{len(frames)} frames"),
         ]
     return {
+        "completeness": complete,
         "wire": wire_view(streams),
-        "detectors": {"text": text, "pixels": image, "latents": latents},
-        "examples": text_examples + image_examples + latent_examples,
+        "detectors": {"text": text, "pixels": image, "token_ids": token, "latents": latents},
+        "examples": text_examples + image_examples + token_examples + latent_examples,
         "frames_decoded": len(frames),
         "latent_attack": [
             {

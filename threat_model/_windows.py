@@ -80,10 +80,20 @@ def _periodic(data: np.ndarray, k: int) -> np.ndarray:
 class WindowIndex:
     """All ``k``-byte windows of a set of labelled needles."""
 
-    def __init__(self, needles: Iterable[tuple[str, bytes]], k: int, *, fold_ascii: bool = False) -> None:
+    def __init__(
+        self, needles: Iterable[tuple[str, bytes]], k: int, *, fold_ascii: bool = False, stride: int = 1
+    ) -> None:
+        """Index the ``k``-byte windows of each needle that start at a multiple of ``stride``.
+
+        With ``stride`` s > 1 the index is s times smaller and any matching run of at least
+        ``k + s - 1`` bytes is still found (it contains one indexed window).
+        """
         if k < 4:
             raise ValueError("window must be at least 4 bytes")
+        if stride < 1:
+            raise ValueError("stride must be positive")
         self.k = k
+        self.stride = stride
         self.fold_ascii = fold_ascii
         self._needles: list[tuple[str, np.ndarray]] = []
         hashes, owners, offsets = [], [], []
@@ -92,6 +102,7 @@ class WindowIndex:
             if len(data) < k:
                 continue
             keep = ~_periodic(data, k)
+            keep[np.arange(len(keep)) % stride != 0] = False
             position = np.flatnonzero(keep)
             hashes.append(window_hashes(data, k)[keep])
             owners.append(np.full(len(position), len(self._needles), dtype=np.int64))
@@ -132,7 +143,7 @@ class WindowIndex:
         hits_at = np.concatenate(positions) if positions else np.empty(0, dtype=np.int64)
         if not len(hits_at):
             return [], 0
-        breaks = np.flatnonzero(np.diff(hits_at) != 1) + 1
+        breaks = np.flatnonzero(np.diff(hits_at) > self.stride) + 1
         run_starts = np.concatenate(([0], breaks))
         run_ends = np.concatenate((breaks, [len(hits_at)]))
         hits: list[Hit] = []

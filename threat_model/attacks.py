@@ -137,9 +137,11 @@ def tail_replay(
     the generated token.
     """
     start = time.perf_counter()
-    hidden = torch.cat([t.to(torch.float32).reshape(1, -1, t.shape[-1]) for t in trunk_outputs], dim=1)
-    logits = tail_fn(hidden)  # (1, L, V)
-    recovered = logits[0, prompt_length - 1 :].argmax(dim=-1).tolist()
+    recovered: list[int] = []
+    if trunk_outputs:  # nothing captured: the attack runs and recovers nothing
+        hidden = torch.cat([t.to(torch.float32).reshape(1, -1, t.shape[-1]) for t in trunk_outputs], dim=1)
+        logits = tail_fn(hidden)  # (1, L, V)
+        recovered = logits[0, max(prompt_length - 1, 0) :].argmax(dim=-1).tolist()
     if truth is not None:
         recovered = recovered[: len(truth)]
     return AttackResult(

@@ -22,14 +22,22 @@ Two methods, and every :class:`Capture` says which one it used:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from threat_model._capture._packets import Segment, build_ethernet, parse_ethernet
+from threat_model._capture._packets import Endpoint, Segment, build_ethernet, parse_ethernet
 from threat_model._capture._pcap import read_pcap, write_pcap
-from threat_model._capture._reassembly import Chunk, Direction, DirectionName, TcpStream, reassemble
+from threat_model._capture._reassembly import (
+    Chunk,
+    Direction,
+    DirectionName,
+    TcpStream,
+    reassemble,
+    reassemble_clients,
+)
 from threat_model._capture._relay import TcpRelay
 from threat_model._capture._sniffer import CaptureUnavailable, PacketSniffer
 
@@ -58,9 +66,14 @@ class Capture:
         self.method: Literal["af_packet", "relay"] = method
         self.host = host
         self.relay_ports: dict[int, int] = {}
+        #: True when every TCP flow on loopback was recorded, not only those touching ``ports``
+        self.all_flows = False
+        #: local endpoints of the capture's own connections (the relay's upstream side)
+        self.internal: set[Endpoint] = set()
         self.drops = 0
         self.truncated = 0
         self._segments: list[Segment] | None = None
+        self._live: list[Segment] | None = None  # the sniffer's list while it runs
         self._frames: list[tuple[float, bytes]] | None = None
 
     @property
@@ -96,8 +109,33 @@ class Capture:
         return list(self._frames)
 
     def streams(self) -> list[TcpStream]:
-        """Reassembled connections in the order they started."""
+        """Reassembled connections touching the captured ports, in the order they started."""
         return reassemble(self.segments(), set(self.ports))
+
+    def client_streams(self, clients: set[Endpoint]) -> list[TcpStream]:
+        """Every captured connection with one end in ``clients``, oriented from that end."""
+        return reassemble_clients(self.segments(), clients)
+
+    def wait_closed(self, clients: set[Endpoint], timeout: float = 10.0) -> bool:
+        """Inside the block: wait until both ends of each client connection closed (FIN or RST).
+
+        The client closes its sockets before the block ends, but the server's FIN may still be
+        on its way; returning early would cut it off. The relay's own shutdown handles this.
+        """
+        if self._live is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ends = [s for s in list(self._live) if s.fin or s.rst]
+            if all(_closed(c, ends) for c in clients):
+                return True
+            time.sleep(0.01)
+        return False
+
+    def replace_segments(self, segments: list[Segment]) -> None:
+        """Swap in other segments (used to plant capture faults in the suite's self-test)."""
+        self._segments = list(segments)
+        self._frames = None
 
     def write_pcap(self, path: str | Path) -> int:
         """Write a classic libpcap file (linktype Ethernet); return the number of packets."""
@@ -116,15 +154,22 @@ class Capture:
         }
 
 
+def _closed(client: Endpoint, ends: list[Segment]) -> bool:
+    """The client sent FIN or RST, and the server sent FIN or RST (or the client reset it)."""
+    client_closed = any(s.src == client for s in ends)
+    return client_closed and any(s.dst == client or (s.src == client and s.rst) for s in ends)
+
+
 @contextmanager
 def capture_loopback(
-    ports: Iterable[int], *, method: Method = "auto", host: str = "127.0.0.1"
+    ports: Iterable[int], *, method: Method = "auto", host: str = "127.0.0.1", all_flows: bool = False
 ) -> Iterator[Capture]:
     """Capture TCP traffic to or from ``ports`` on loopback for the duration of the block.
 
     ``method="af_packet"`` raises :class:`CaptureUnavailable` without CAP_NET_RAW;
     ``"auto"`` falls back to the relay then. ``host`` is the relay's address and the
-    server address it forwards to (``127.0.0.1`` or ``::1``).
+    server address it forwards to (``127.0.0.1`` or ``::1``). With ``all_flows`` the
+    packet sniffer keeps every TCP flow on loopback (the relay can only see ``ports``).
     """
     wanted = frozenset(int(p) for p in ports)
     if not wanted or any(not 0 < p < 65536 for p in wanted):
@@ -134,18 +179,21 @@ def capture_loopback(
     sniffer: PacketSniffer | None = None
     if method in ("auto", "af_packet"):
         try:
-            sniffer = PacketSniffer(set(wanted))
+            sniffer = PacketSniffer(None if all_flows else set(wanted))
         except CaptureUnavailable:
             if method == "af_packet":
                 raise
     if sniffer is not None:
         capture = Capture(wanted, "af_packet", host)
+        capture.all_flows = all_flows
+        capture._live = sniffer.segments
         sniffer.start()
         try:
             yield capture
         finally:
             sniffer.stop()
             capture.drops, capture.truncated = sniffer.drops, sniffer.truncated
+            capture._live = None
             capture._finish(sniffer.segments, sniffer.frames)
         return
     capture = Capture(wanted, "relay", host)
@@ -158,6 +206,7 @@ def capture_loopback(
     finally:
         for relay in relays.values():
             relay.stop()
+            capture.internal |= relay.upstream_locals
         segments = sorted((s for r in relays.values() for s in r.segments()), key=lambda s: s.ts)
         capture._finish(segments, None)
 

@@ -13,6 +13,7 @@ another detector; :func:`scan_streams` takes any mix of them.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import urllib.parse
@@ -23,6 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from threat_model._capture._reassembly import TcpStream
+from threat_model._forms import armoured, float_forms
+from threat_model._unpack import layers
 from threat_model._windows import WindowIndex
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "TokenIdDetector",
     "encode_wire",
     "scan_bytes",
+    "scan_deep",
     "scan_streams",
 ]
 
@@ -84,12 +88,20 @@ class _IndexedDetector:
     name = "indexed"
 
     def __init__(
-        self, needles: Iterable[tuple[str, bytes, int]], *, fold_ascii: bool = False, max_hits: int = 16
+        self,
+        needles: Iterable[tuple[str, bytes, int]],
+        *,
+        fold_ascii: bool = False,
+        max_hits: int = 16,
+        stride: int = 1,
     ) -> None:
         groups: dict[int, list[tuple[str, bytes]]] = {}
         for label, data, k in needles:
             groups.setdefault(k, []).append((label, data))
-        self._indexes = [WindowIndex(items, k, fold_ascii=fold_ascii) for k, items in sorted(groups.items())]
+        self._indexes = [
+            WindowIndex(items, k, fold_ascii=fold_ascii, stride=min(stride, max(1, k // 4)))
+            for k, items in sorted(groups.items())
+        ]
         self._max_hits = max_hits
         if not any(len(index) for index in self._indexes):
             raise ValueError(f"{type(self).__name__}: the secret yields no window to search for")
@@ -151,6 +163,11 @@ class TextLeakDetector(_IndexedDetector):
             for shift in range(3):
                 piece = base64.b64encode(raw[shift:]).rstrip(b"=")
                 needles.append((f"secret{number}:base64", piece[: len(piece) - 3], k64))
+                url = base64.urlsafe_b64encode(raw[shift:]).rstrip(b"=")
+                if url != piece:
+                    needles.append((f"secret{number}:base64url", url[: len(url) - 3], k64))
+            for name, text in (("hex", raw.hex()), ("HEX", raw.hex().upper())):
+                needles.append((f"secret{number}:{name}", text.encode("ascii"), 2 * min_chars))
         super().__init__([n for n in needles if n[2] >= 4 and len(n[1]) >= n[2]], fold_ascii=True)
 
 
@@ -180,13 +197,24 @@ class TokenIdDetector(_IndexedDetector):
             for kind, code in formats:
                 for order, suffix in (("<", "le"), (">", "be")):
                     data = ids.astype(order + code).tobytes()
-                    needles.append((f"{kind}-{suffix}", data, count * int(code[1])))
-            for sep in (", ", ","):
+                    k = count * int(code[1])
+                    needles.append((f"{kind}-{suffix}", data, k))
+                    if len(data) >= 9:
+                        needles += [
+                            (n, t, max(8, (4 * k) // 3))
+                            for n, t in armoured(f"{kind}-{suffix}", data, hex_forms=False)
+                        ]
+            for sep in (", ", ",", " ", "\n"):
                 text = sep.join(map(str, seq)).encode("ascii")
                 spans = (sep.join(map(str, seq[i : i + count])) for i in range(len(seq) - count + 1))
                 shortest = min(len(span) for span in spans)
                 if shortest >= 8:
-                    needles.append((f"decimal'{sep}'", text, shortest))
+                    needles.append((f"decimal{sep!r}", text, shortest))
+                    if len(text) >= 9 + shortest:
+                        needles += [
+                            (n, t, max(8, (4 * shortest) // 3))
+                            for n, t in armoured(f"decimal{sep!r}", text, hex_forms=False)
+                        ]
         super().__init__(needles)
 
 
@@ -200,10 +228,13 @@ def encode_wire(tensor: Any, encoding: str) -> bytes:
 
 
 class HiddenStateDetector(_IndexedDetector):
-    """Any ``window``-byte run of the encoded tensors (the head's sends, the trunk's replies).
+    """Runs of the encoded tensors (the head's sends, the trunk's replies, latents, an image).
 
     ``encoding`` is a wire name or a callable returning the bytes the codec produced for
-    one tensor, so the detector sees exactly what a plaintext frame would carry.
+    one tensor, so the detector sees exactly what a plaintext frame would carry. With
+    ``widen`` it also looks for fp32, fp16 and bf16 in both byte orders (built with numpy,
+    not the codec), and for base64, base64url and hex of each. Only windows at multiples
+    of ``stride`` are indexed: a run of ``window + stride - 1`` bytes is always found.
     """
 
     def __init__(
@@ -213,16 +244,29 @@ class HiddenStateDetector(_IndexedDetector):
         *,
         window: int = 64,
         name: str = "hidden_states",
+        widen: bool = True,
+        stride: int = 16,
     ) -> None:
         encode = encoding if callable(encoding) else (lambda t: encode_wire(t, encoding))
         label = encoding if isinstance(encoding, str) else getattr(encoding, "__name__", "custom")
         self.name = name
-        needles = [
-            (f"{label}#{i}", data, min(window, len(data)))
-            for i, t in enumerate(tensors)
-            if len(data := encode(t)) >= 8
-        ]
-        super().__init__(needles)
+        needles: list[tuple[str, bytes, int]] = []
+        for i, tensor in enumerate(tensors):
+            forms = [(label, encode(tensor))] + (float_forms(tensor) if widen else [])
+            seen: set[bytes] = set()
+            for form, data in forms:
+                if len(data) < 8 or data in seen:
+                    continue
+                seen.add(data)
+                k = min(window, len(data))
+                needles.append((f"{form}#{i}", data, k))
+                if widen and len(data) >= 2 * k:
+                    text_k = (4 * k) // 3
+                    needles += [
+                        (f"{n}#{i}", t, text_k) for n, t in armoured(form, data) if "hex" not in n.lower()
+                    ]
+                    needles += [(f"{n}#{i}", t, 2 * k) for n, t in armoured(form, data) if "hex" in n.lower()]
+        super().__init__(needles, stride=stride)
 
 
 class PixelDetector(_IndexedDetector):
@@ -265,10 +309,32 @@ class ImageSignatureDetector:
     )
 
     def scan(self, data: bytes) -> list[Match]:
-        return [
+        found = [
             Match(str(m.lastgroup), m.start(), m.end() - m.start(), redact(m.group()))
             for m in self._pattern.finditer(data)
         ]
+        for kind, text in _ARMOURED_SIGNATURES:
+            start = data.find(text)
+            while start >= 0:
+                found.append(Match(kind, start, len(text), redact(text)))
+                start = data.find(text, start + 1)
+        return sorted(found, key=lambda m: m.offset)
+
+
+# The signatures as a base64 (or base64url) encoder writes them at the start of its input,
+# e.g. in a data: URL or a JSON string: ``iVBORw0KGgo`` for PNG, ``/9j/`` + marker for JPEG.
+_ARMOURED_SIGNATURES = [
+    (f"{kind}/{name}", text.rstrip(b"="))
+    for kind, magic in (
+        ("png", b"\x89PNG\r\n\x1a\n"),
+        ("jpeg", b"\xff\xd8\xff\xe0"),
+        ("jpeg", b"\xff\xd8\xff\xdb"),
+        ("jpeg", b"\xff\xd8\xff\xe1"),
+        ("gif", b"GIF89a"),
+        ("gif", b"GIF87a"),
+    )
+    for name, text in (("base64", base64.b64encode(magic)), ("base64url", base64.urlsafe_b64encode(magic)))
+]
 
 
 def scan_bytes(
@@ -281,12 +347,25 @@ def scan_bytes(
     ]
 
 
+def scan_deep(
+    detectors: Iterable[Detector], data: bytes, *, stream: int = 0, direction: str = "c2s"
+) -> list[Finding]:
+    """:func:`scan_bytes` over ``data`` and over every zlib/gzip/deflate/base64 layer inside it."""
+    detectors = list(detectors)
+    findings = scan_bytes(detectors, data, stream=stream, direction=direction)
+    for layer in layers(data):
+        for found in scan_bytes(detectors, layer.data, stream=stream, direction=direction):
+            variant = f"{found.variant} in {layer.how}"
+            findings.append(dataclasses.replace(found, variant=variant, offset=layer.offset))
+    return findings
+
+
 def scan_streams(detectors: Iterable[Detector], streams: Sequence[TcpStream]) -> list[Finding]:
-    """Run every detector over both directions of every stream."""
+    """Run every detector over both directions of every stream, and inside what they encode."""
     detectors = list(detectors)
     findings: list[Finding] = []
     for number, stream in enumerate(streams):
         for direction in ("c2s", "s2c"):
             data = stream.c2s.data if direction == "c2s" else stream.s2c.data
-            findings += scan_bytes(detectors, data, stream=number, direction=direction)
+            findings += scan_deep(detectors, data, stream=number, direction=direction)
     return findings

@@ -25,6 +25,43 @@ def _traffic_cells(traffic: dict[str, Any]) -> tuple[str, str, str]:
     )
 
 
+def _attack_cell(score: dict[str, Any]) -> str:
+    """What the attack recovered from what the capture yielded: tokens of the client's own."""
+    return f"{score['recovered']}/{score['of']} ({score['ran_on_frames']} frames)"
+
+
+def _server_rows(views: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for mode, view in views.items():
+        if "error" in view:
+            rows.append([mode, view["error"], "", "", ""])
+            continue
+        low, high = view["inversion_forwards_per_token"]
+        rows.append([mode, _pct(view["inversion_accuracy"]), "yes" if view["all_prompts_inverted"] else "no",
+                     f"{low:g}–{high:g} ({view['prompts']} prompt{'s' if view['prompts'] > 1 else ''})", _pct(view["tail_replay_accuracy"])])  # fmt: skip
+    return rows
+
+
+SERVER_HEADER = ["mode", "prompt inversion", "every prompt exact", "candidate forwards/token", "tail replay"]
+COMPLETE_HEADER = ["mode", "session", "connection", "captured c2s/s2c", "client socket sent/received",
+                   "transport sent/received", "unread after close", "drops/truncated"]  # fmt: skip
+
+
+def _completeness_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for mode, entry in report["results"].items():
+        for kind, result in entry.items():
+            for session in result.get("completeness", {}).get("sessions", []):
+                for c in session["connections"] + session["elsewhere"]:
+                    rows.append([f"{mode}/{kind}", session["session"], c["connection"],
+                                 f"{c['captured_c2s']:,}/{c.get('captured_s2c', 0):,}",
+                                 f"{c['client_sent']:,}/{c.get('client_received', 0):,}",
+                                 f"{session['transport_sent']:,}/{session['transport_received']:,}",
+                                 str(c.get("unread_after_close", "—")),
+                                 f"{session['kernel_drops']}/{session['truncated_frames']}"])  # fmt: skip
+    return rows
+
+
 def _verdict(checks: Sequence[dict[str, Any]]) -> str:
     return "PASS" if all(c["passed"] for c in checks) else "FAIL"
 
@@ -36,8 +73,7 @@ def _llm_rows(report: dict[str, Any]) -> list[list[str]]:
             continue
         r = entry["llm"]
         det, attacks = r["detectors"], r["attacks"]
-        inv = attacks.get("inversion", {}).get("accuracy") if attacks else None
-        rep = attacks.get("tail_replay", {}).get("accuracy") if attacks else None
+        inv, rep = attacks["inversion"], attacks["tail_replay"]
         rows.append(
             [
                 mode,
@@ -47,8 +83,8 @@ def _llm_rows(report: dict[str, Any]) -> list[list[str]]:
                 str(det["token_ids"]),
                 str(det["hidden_states"]),
                 str(r["frames_decoded"]),
-                _pct(inv),
-                _pct(rep),
+                _attack_cell(inv),
+                _attack_cell(rep),
                 *_traffic_cells(r["traffic"]),
                 _verdict(r["checks"]),
             ]
@@ -158,17 +194,16 @@ def render_text(report: dict[str, Any]) -> str:
     out.append(_text_table(LLM_HEADER, _llm_rows(report)))
     if (diff := _diffusion_rows(report)) != []:
         out.append(f"\nDiffusion ({report['diffusion_model']}):\n" + _text_table(DIFF_HEADER, diff))
+    out.append("\nCapture completeness (captured bytes next to the client's own counters):\n")
+    out.append(_text_table(COMPLETE_HEADER, _completeness_rows(report)))
     out.append("\nPositive controls:\n")
     out += [
         f"  {'fired' if c['fired'] else 'DID NOT FIRE':12} {c['control']} ({c['detector']})\n"
         for c in report["controls"]
     ]
-    view = report["server_view"]
-    if view:
-        out.append(
-            f"\nCurious trunk server (any mode): prompt inversion {_pct(view['inversion_accuracy'])}, "
-            f"tail replay {_pct(view['tail_replay_accuracy'])}\n"
-        )
+    if report["server_view"]:
+        out.append("\nCurious trunk server (from the tensors the server received, per mode):\n")
+        out.append(_text_table(SERVER_HEADER, _server_rows(report["server_view"])))
     if report["sweep"]:
         header, rows = _sweep_rows(report["sweep"])
         out.append(f"\nAttack sweep on {report['sweep']['model']} (recovery rate vs split depth A):\n")
@@ -209,14 +244,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         for c in report["controls"]
     ]
     out.append(_md_table(["control", "detector", "fired", "findings"], rows))
-    view = report["server_view"]
-    if view:
+    if report["server_view"]:
         out.append(
-            f"\n## Curious trunk server\n\nIn every mode the server decrypts the hidden states. From them, with "
-            f"the public weights: prompt inversion {_pct(view['inversion_accuracy'])} "
-            f"({view['inversion_forwards_per_token']:g} candidate forwards/token), tail replay "
-            f"{_pct(view['tail_replay_accuracy'])}.\n"
+            "\n## Curious trunk server\n\nIn every mode the server decrypts the hidden states; the suite "
+            "attacks the tensors the server actually received, scored against the client's tokens.\n\n"
         )
+        out.append(_md_table(SERVER_HEADER, _server_rows(report["server_view"])))
+    out.append(
+        "\n## Capture completeness\n\nEvery connection of the client to the server, captured bytes next to "
+        "the client's own socket counters and its transport's counters.\n\n"
+    )
+    out.append(_md_table(COMPLETE_HEADER, _completeness_rows(report)))
     if report["sweep"]:
         header, rows = _sweep_rows(report["sweep"])
         out.append(f"\n## Attack sweep ({report['sweep']['model']})\n\n" + _md_table(header, rows))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from threat_model.capture import Method
 
 if TYPE_CHECKING:  # the live machinery imports torch; the CLI parser must not
-    from threat_model._live import TransportWrapper
+    from threat_model._live import CaptureFault, TransportWrapper
 
 MODES = ("plain", "tls", "aesgcm", "tls+aesgcm")
 DEFAULT_PROMPT = "I live in Paris."
@@ -64,16 +64,21 @@ class SuiteOptions:
     depths: tuple[int, ...] | None = None
     sweep_wires: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
     threads: int | None = None  # torch intra-op threads; 1 is steadier on a busy machine
+    sessions: int = 4  # LLM sessions per mode: the secret prompt, then the traffic prompts
     # Negative testing of the suite itself (Python only, no command-line flag): a wrapper around
-    # the client transport, or running the server and client in plain whatever the mode says.
+    # the client transport, running the server and client in plain whatever the mode says, or a
+    # fault planted in the captured segments. They apply to the modes asked for, never the control.
     transport_wrapper: TransportWrapper | None = field(default=None, repr=False)
     downgrade_to_plain: bool = False
+    capture_fault: CaptureFault | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 3:
             raise ValueError("max_new_tokens must be at least 3 (the traffic analysis needs decode steps)")
         if self.threads is not None and self.threads < 1:
             raise ValueError("threads must be at least 1")
+        if not 1 <= self.sessions <= 1 + len(TRAFFIC_PROMPTS):
+            raise ValueError(f"sessions must be between 1 and {1 + len(TRAFFIC_PROMPTS)}")
         if self.diffusion_steps < 1:
             raise ValueError("diffusion_steps must be at least 1")
         if not self.prompt.strip():
@@ -103,7 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--security", default="all", choices=[*MODES, "all"], help="mode to attack (default all)"
     )
-    parser.add_argument("--out", metavar="DIR", help="write report.md, report.json, pcaps/ and the plot here")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write report.md, report.json and pcaps/ here (and, unless --no-sweep, the sweep's plot)",
+    )
     parser.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument(
         "--model", default="tiny-random-llama", help="language model (default tiny-random-llama)"
@@ -123,11 +132,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", type=_int_list, help="split depths A of the sweep, e.g. 1,2,4,8,12")
     parser.add_argument("--sweep-wires", type=_wire_list, default=("fp32", "fp16", "bf16", "int8"))
     parser.add_argument("--threads", type=int, help="torch threads (1 is steadier on a busy machine)")
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=4,
+        help="LLM sessions per mode (default 4; the traffic analysis needs at least 3)",
+    )
+
+
+_SELF_TEST = ("transport_wrapper", "downgrade_to_plain", "capture_fault")
 
 
 def run_from_args(args: argparse.Namespace, progress: Progress) -> int:
     """Run with a namespace built by a parser that :func:`add_arguments` filled."""
-    names = {f.name for f in dataclasses.fields(SuiteOptions)} - {"transport_wrapper", "downgrade_to_plain"}
+    names = {f.name for f in dataclasses.fields(SuiteOptions)} - set(_SELF_TEST)
     options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     return run_eavesdrop(
         security=args.security,
@@ -190,34 +208,47 @@ def collect(
     progress(f"loading {model}")
     checkpoint = preload(resolve(model))
     attacker = Attacker(checkpoint, opts.split)
-    prompts = [(opts.prompt, opts.max_new_tokens), *TRAFFIC_PROMPTS]
+    prompts = [(opts.prompt, opts.max_new_tokens), *TRAFFIC_PROMPTS][: opts.sessions]
     results: dict[str, Any] = {}
     methods: set[str] = set()
-    from threat_model._live import LLMClient, live_server
+    from threat_model._live import LLMClient, live_server, tap_service
 
-    first_main = None
+    server_views: dict[str, Any] = {}
+    truth_ids: list[int] | None = None
     with tempfile.TemporaryDirectory(prefix="lambda-split-eavesdrop-") as keys:
         progress("creating fresh credentials")
         generate_credentials(keys, days=1)
         run_modes = [*modes, *(["plain"] if "plain" not in modes else [])]
         for index, mode in enumerate(run_modes):
             control = index >= len(modes)
-            actual = "plain" if opts.downgrade_to_plain else mode
+            actual = "plain" if opts.downgrade_to_plain and not control else mode
             progress(f"{mode}: trunk server {opts.split} of {model}, capturing {len(prompts)} sessions")
             service = load_llm_service(checkpoint, opts.split, security=actual)
-            client = LLMClient(checkpoint, opts.wire, opts.chat, opts.transport_wrapper)
+            tap = tap_service(service)
+            client = LLMClient(
+                checkpoint,
+                opts.wire,
+                opts.chat,
+                None if control else opts.transport_wrapper,
+                None if control else opts.capture_fault,
+            )
             with live_server(service, model=model, split=opts.split, security=actual, keys=keys) as server:
-                sessions = [client.session(server, actual, keys, p, n, opts.capture) for p, n in prompts]
+                sessions = [
+                    client.session(server, actual, keys, p, n, opts.capture, f"llm session {i}")
+                    for i, (p, n) in enumerate(prompts)
+                ]
             methods |= {s.capture.method for s in sessions}
-            first_main = first_main or sessions[0]
-            progress(f"{mode}: scanning the capture and attacking what decodes")
-            evaluated = evaluate_llm(mode, sessions, wire=opts.wire, attacker=None if control else attacker)
+            progress(f"{mode}: checking the capture, scanning it and attacking what decodes")
+            evaluated = evaluate_llm(mode, sessions, wire=opts.wire, attacker=attacker)
             evaluated["pcaps"] = _pcaps(sessions, out_dir, f"llm-{mode}")
             evaluated["split"] = list(client.split_client.info.split)
-            if control:
-                results.setdefault("plain (control)", {})["llm"] = evaluated
-            else:
-                results.setdefault(mode, {})["llm"] = evaluated
+            if actual == "plain" and truth_ids is None:
+                truth_ids = sessions[0].prompt_ids  # the client's own prompt ids, for the sweep
+            name = "plain (control)" if control else mode
+            results.setdefault(name, {})["llm"] = evaluated
+            server_views[name] = _server_view(
+                attacker, tap, sessions, opts.wire, every_prompt=actual == "plain"
+            )
         if opts.diffusion:
             _run_diffusion(
                 run_modes, modes, opts, keys, out_dir, results, methods, progress, evaluate_diffusion
@@ -239,7 +270,6 @@ def collect(
             )
     for entry in results.values():
         entry.get("diffusion", {}).pop("_image", None)
-    server_view = _server_view(attacker, first_main, opts.wire)
     sweep = None
     if opts.sweep:
         from threat_model.sweep import attack_sweep, default_depths
@@ -247,10 +277,10 @@ def collect(
         depths = opts.depths or default_depths(model, int(checkpoint.config.num_hidden_layers))
         progress(f"attack sweep over split depths {list(depths)} and wires {list(opts.sweep_wires)}")
         rows = attack_sweep(
-            checkpoint, ids[0].tolist(), depths=depths, wires=opts.sweep_wires, progress=progress
+            checkpoint, truth_ids or ids[0].tolist(), depths=depths, wires=opts.sweep_wires, progress=progress
         )
         sweep = {"model": model, "depths": list(depths), "wires": list(opts.sweep_wires), "rows": rows}
-    return _assemble(modes, model, opts, results, control_rows, server_view, sweep, methods)
+    return _assemble(modes, model, opts, results, control_rows, server_views, sweep, methods)
 
 
 def _run_diffusion(
@@ -268,7 +298,8 @@ def _run_diffusion(
 
     source = resolve_diffusion(opts.diffusion_model)
     for index, mode in enumerate(run_modes):
-        actual = "plain" if opts.downgrade_to_plain else mode
+        control = index >= len(modes)
+        actual = "plain" if opts.downgrade_to_plain and not control else mode
         progress(f"{mode}: diffusion trunk server ({opts.diffusion_model}), one captured image")
         service = load_diffusion_service(opts.diffusion_model, security=actual)
         from threat_model._live import diffusion_session, live_server
@@ -287,6 +318,8 @@ def _run_diffusion(
                 guidance=opts.guidance,
                 seed=7,
                 method=opts.capture,
+                fault=None if control else opts.capture_fault,
+                wrapper=None if control else opts.transport_wrapper,
             )
         methods.add(session.capture.method)
         evaluated = evaluate(mode, session, wire=opts.wire, guidance=opts.guidance)
@@ -295,19 +328,28 @@ def _run_diffusion(
         results.setdefault(mode if index < len(modes) else "plain (control)", {})["diffusion"] = evaluated
 
 
-def _server_view(attacker: Any, session: Any, wire: str) -> dict[str, Any]:
-    """What the curious trunk server can do in every mode: it decrypts the same tensors and inverts them."""
-    from threat_model.attacks import wire_roundtrip
+def _server_view(
+    attacker: Any, tap: Any, sessions: Sequence[Any], wire: str, *, every_prompt: bool
+) -> dict[str, Any]:
+    """What the curious trunk server recovers in this mode, from the tensors it actually received.
 
-    if session is None:
-        return {}
-    inversion = attacker.invert(wire_roundtrip(session.sent[0], wire), wire, session.prompt_ids)
-    replay = attacker.replay(session.received, session.token_ids)
+    The main prompt is inverted in every mode; every prompt (for the cost range) once, in plain.
+    """
+    views = tap.views()
+    if len(views) != len(sessions):
+        return {"error": f"the server saw {len(views)} sessions, the client ran {len(sessions)}"}
+    pairs = list(zip(views, sessions, strict=True))[: len(views) if every_prompt else 1]
+    # the server decoded ``wire``-encoded frames: the search stops within that rounding bound
+    inversions = [attacker.invert(seen[:1], wire, s.prompt_ids) for (seen, _), s in pairs]
+    _, returned = views[0]
+    replay = attacker.replay(returned, len(sessions[0].prompt_ids), sessions[0].token_ids)
+    per_token = [r.forwards_per_token for r in inversions]
     return {
-        "inversion_accuracy": inversion.accuracy,
-        "inversion_forwards_per_token": round(inversion.forwards_per_token, 1),
+        "inversion_accuracy": inversions[0].accuracy,
+        "all_prompts_inverted": all(r.accuracy == 1.0 for r in inversions),
+        "inversion_forwards_per_token": [round(min(per_token), 1), round(max(per_token), 1)],
+        "prompts": len(inversions),
         "tail_replay_accuracy": replay.accuracy,
-        "note": "the trunk server sees these hidden states in every mode; with public weights it inverts them",
     }
 
 
@@ -317,7 +359,7 @@ def _assemble(
     opts: SuiteOptions,
     results: dict[str, Any],
     control_rows: list[dict[str, Any]],
-    server_view: dict[str, Any],
+    server_views: dict[str, Any],
     sweep: dict[str, Any] | None,
     methods: set[str],
 ) -> dict[str, Any]:
@@ -343,7 +385,7 @@ def _assemble(
         warnings.append(
             "captured with the in-path relay (no CAP_NET_RAW): bytes are real, segmentation is the relay's"
         )
-    if opts.downgrade_to_plain or opts.transport_wrapper is not None:
+    if opts.downgrade_to_plain or opts.transport_wrapper is not None or opts.capture_fault is not None:
         warnings.append("negative test: the transport was deliberately weakened; this run must fail")
     return {
         "command": "lambda-split eavesdrop",
@@ -357,7 +399,7 @@ def _assemble(
         "policy": {"passed": not failures, "failures": failures},
         "results": results,
         "controls": control_rows,
-        "server_view": server_view,
+        "server_view": server_views,
         "sweep": sweep,
         "warnings": warnings,
     }

@@ -41,19 +41,37 @@ def default_depths(model: str, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({d for d in (1, 2, 4, num_layers // 4, num_layers // 2) if 0 < d < num_layers}))
 
 
+Capture = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def frame_capture(tensor: torch.Tensor, wire: str) -> torch.Tensor:
+    """What an eavesdropper decodes from the plaintext frame carrying ``tensor``: the project's
+    own frame, encoded and decoded again (a broken decoder would show here, not be assumed away)."""
+    from lambda_split.protocol import Encoding, FrameKind, decode_frame, encode_frame
+
+    frame = encode_frame(FrameKind.LLM_STEP, bytes(16), 0, {"hidden": (tensor, Encoding.parse(wire))})
+    decoded: torch.Tensor = decode_frame(frame).tensors["hidden"]
+    return decoded
+
+
 @torch.inference_mode()
 def _session(
-    parts: Any, ids: torch.Tensor, steps: int, wire: str
+    parts: Any, ids: torch.Tensor, steps: int, wire: str, capture: Capture
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-    """A greedy split session as the wire carries it: (prefill sent, trunk outputs returned, tokens)."""
+    """A greedy split session: (prefill as captured, trunk outputs as captured, the client's tokens).
+
+    The client computes on what it sent and received; the attacker gets what ``capture``
+    yields for each frame. The tokens are the client's, so scoring against them is scoring
+    against ground truth, not against something recomputed from the capture.
+    """
     states = [parts.head.new_state(), parts.trunk.new_state(), parts.tail.new_state()]
     first: torch.Tensor | None = None
     returned, tokens, x = [], [], ids
     for _ in range(steps):
         sent = wire_roundtrip(parts.head(x, state=states[0]), wire)
-        first = sent if first is None else first
+        first = capture(sent, wire) if first is None else first
         back = wire_roundtrip(parts.trunk(sent, state=states[1]), wire)
-        returned.append(back)
+        returned.append(capture(back, wire))
         tokens.append(int(parts.tail(back, state=states[2])[0, -1].argmax()))
         x = torch.tensor([[tokens[-1]]])
     if first is None:
@@ -94,8 +112,13 @@ def attack_sweep(
     wires: Sequence[str] = WIRES,
     new_tokens: int = 8,
     progress: Callable[[str], None] = lambda _m: None,
+    capture: Capture = frame_capture,
 ) -> list[dict[str, Any]]:
-    """One row per (depth, wire, attack): accuracy against the truth, cost, seconds."""
+    """One row per (depth, wire, attack): accuracy against the client's tokens, cost, seconds.
+
+    ``capture`` turns each tensor the client sent or received into what the eavesdropper
+    holds (by default: the plaintext frame, decoded).
+    """
     from lambda_split import SplitSpec, load_parts
 
     layers = int(checkpoint.config.num_hidden_layers)
@@ -113,7 +136,7 @@ def attack_sweep(
         captured: dict[str, torch.Tensor] = {}
         for wire in wires:
             progress(f"sweep: split {spec}, {wire} wire")
-            sent, returned, generated = _session(parts, ids, new_tokens, wire)
+            sent, returned, generated = _session(parts, ids, new_tokens, wire, capture)
             captured[wire] = sent
             truth = list(prompt_ids)
             inversion = invert_prompt(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import io
 import json
 import os
 import ssl
+import struct
+import urllib.parse
+import zlib
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ import torch
 from PIL import Image
 
 from tests.threat_model.conftest import aesgcm_seal
+from threat_model._unpack import layers
 from threat_model.baselines import CloudBaselineServer, cloud_complete
 from threat_model.capture import capture_loopback
 from threat_model.detectors import (
@@ -23,6 +29,7 @@ from threat_model.detectors import (
     TokenIdDetector,
     encode_wire,
     scan_bytes,
+    scan_deep,
     scan_streams,
 )
 
@@ -76,6 +83,25 @@ def test_text_encodings_are_found(encode: object, variant: str) -> None:
     assert variant in flagged(TextLeakDetector(PROMPT), haystack)
 
 
+@pytest.mark.parametrize(
+    ("encode", "variant"),
+    [
+        (lambda s: b"GET /search?q=" + urllib.parse.quote(s, safe="").encode() + b" HTTP/1.1", "url"),
+        (lambda s: b"q=" + urllib.parse.quote_plus(s).encode() + b"&x=1", "url-plus"),
+        (lambda s: b"token=" + base64.urlsafe_b64encode(b"ab" + s.encode()), "base64url"),
+        (lambda s: b"x-dbg: " + s.encode().hex().encode(), "hex"),
+        (lambda s: b"X-DBG: " + s.encode().hex().upper().encode(), "HEX"),
+    ],
+)
+def test_url_and_text_armour_encodings_are_found(encode: object, variant: str) -> None:
+    """The forms a prompt takes in a query string, a form body, a header or a URL-safe token."""
+    secret = "what is my diagnosis??? >>> café & co / 100% sure"  # base64 of "???>>>" has / and +
+    haystack = RANDOM[:3000] + encode(secret) + RANDOM[:50]  # type: ignore[operator]
+    found = flagged(TextLeakDetector(secret), haystack)
+    assert variant in found, found
+    assert scan_bytes([TextLeakDetector(secret)], aesgcm_seal(encode(secret))) == []  # type: ignore[operator]
+
+
 def test_escaped_newlines_and_quotes_in_json() -> None:
     secret = 'line one\nsaid "hello there" to me'
     assert "json" in flagged(TextLeakDetector(secret), json.dumps([secret]).encode())
@@ -124,6 +150,22 @@ def test_short_sequences_and_decimal_lists() -> None:
     assert "decimal', '" in flagged(TokenIdDetector(IDS), json.dumps({"ids": IDS}).encode())
 
 
+@pytest.mark.parametrize(
+    ("encode", "variant"),
+    [
+        (lambda ids: " ".join(map(str, ids)).encode(), "decimal' '"),
+        (lambda ids: "\n".join(map(str, ids)).encode(), "decimal'\\n'"),
+        (lambda ids: base64.b64encode(b"A" + np.asarray(ids, "<i4").tobytes()), "int32-le/base64"),
+        (lambda ids: base64.urlsafe_b64encode(np.asarray(ids, ">i8").tobytes()), "int64-be/base64"),
+        (lambda ids: base64.b64encode(",".join(map(str, ids)).encode()), "decimal','/base64"),
+    ],
+)
+def test_token_ids_space_separated_and_base64_are_found(encode: object, variant: str) -> None:
+    haystack = RANDOM[:900] + encode(IDS) + RANDOM[:90]  # type: ignore[operator]
+    found = flagged(TokenIdDetector(IDS), haystack)
+    assert any(variant in v for v in found), found
+
+
 def test_token_id_negative_controls() -> None:
     detector = TokenIdDetector(IDS)
     assert scan_bytes([detector], RANDOM) == []
@@ -160,11 +202,82 @@ def test_custom_codec_callable(hidden: list[torch.Tensor]) -> None:
     assert flagged(HiddenStateDetector(hidden, codec), codec(hidden[0]))
 
 
-@pytest.mark.parametrize("wire", ["fp32", "fp16", "bf16", "int8"])
-def test_encoding_matches_the_project_codec(hidden: list[torch.Tensor], wire: str) -> None:
-    codec = pytest.importorskip("lambda_split.protocol")
+def _bf16_le(values: np.ndarray) -> bytes:
+    """bfloat16 by round-to-nearest-even, written out with struct: an encoder that shares nothing."""
+    out = b""
+    for value in values.astype(np.float32).tolist():
+        (bits,) = struct.unpack("<I", struct.pack("<f", value))
+        out += struct.pack("<H", (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+    return out
+
+
+INDEPENDENT = {
+    "fp32": lambda v: struct.pack(f"<{len(v)}f", *v.tolist()),
+    "fp16": lambda v: struct.pack(f"<{len(v)}e", *v.tolist()),
+    "bf16": _bf16_le,
+}
+
+
+@pytest.mark.parametrize("wire", sorted(INDEPENDENT))
+def test_encoding_matches_an_independent_little_endian_encoder(hidden: list[torch.Tensor], wire: str) -> None:
+    """The codec's bytes (which the detector searches for) against struct's, byte order fixed."""
     for tensor in hidden:
-        assert encode_wire(tensor, wire) == codec.encode_tensor(tensor, codec.Encoding.parse(wire))
+        values = tensor.reshape(-1).numpy()
+        assert encode_wire(tensor, wire) == INDEPENDENT[wire](values)
+
+
+@pytest.mark.parametrize("form", ["fp32-le", "fp32-be", "fp16-le", "fp16-be", "bf16-le", "bf16-be"])
+@pytest.mark.parametrize("armour", ["raw", "base64", "base64url", "hex"])
+def test_hidden_states_are_found_in_any_float_format_and_armour(
+    hidden: list[torch.Tensor], form: str, armour: str
+) -> None:
+    values = hidden[0].reshape(-1).numpy()
+    kind, order = form.split("-")
+    endian = "<" if order == "le" else ">"
+    if kind == "bf16":
+        raw = _bf16_le(values)
+        raw = (
+            raw
+            if order == "le"
+            else b"".join(raw[i + 1 : i + 2] + raw[i : i + 1] for i in range(0, len(raw), 2))
+        )
+    else:
+        raw = struct.pack(f"{endian}{len(values)}{'f' if kind == 'fp32' else 'e'}", *values.tolist())
+    payload = {
+        "raw": raw,
+        "base64": base64.b64encode(b"xy" + raw),  # misaligned by two bytes
+        "base64url": base64.urlsafe_b64encode(b"z" + raw),
+        "hex": raw.hex().encode(),
+    }[armour]
+    detector = HiddenStateDetector(hidden, "fp16")
+    found = {f.variant for f in scan_bytes([detector], RANDOM[:777] + b'{"h": "' + payload + b'"}')}
+    expected = "fp16" if form == "fp16-le" else form  # the codec's own bytes keep the codec's label
+    assert any(v.startswith(expected) for v in found), found
+    assert scan_bytes([detector], aesgcm_seal(payload)) == []
+
+
+def test_hidden_states_inside_compression_and_base64_are_found(hidden: list[torch.Tensor]) -> None:
+    raw = hidden[0].numpy().astype(">f2").tobytes()
+    detector = HiddenStateDetector(hidden, "fp16")
+    for name, blob in (
+        ("zlib", zlib.compress(raw)),
+        ("gzip", gzip.compress(raw)),
+        ("base64", base64.b64encode(zlib.compress(raw))),
+    ):
+        findings = scan_deep([detector], RANDOM[:500] + b"\r\n\r\n" + blob)
+        assert findings and all(name in f.variant for f in findings), (name, findings)
+        assert scan_deep([detector], aesgcm_seal(blob)) == []
+    deflated = zlib.compressobj(wbits=-15)
+    raw_deflate = deflated.compress(raw) + deflated.flush()
+    assert scan_deep([detector], b"POST / HTTP/1.1\r\nx: 1\r\n\r\n" + raw_deflate)
+
+
+def test_a_decompression_bomb_is_bounded() -> None:
+    bomb = zlib.compress(bytes(256 << 20), 9)  # 256 MiB of zeros in about 250 KiB
+    nested = zlib.compress(bomb)
+    found = layers(b"\r\n\r\n".join([nested] * 8), max_output=16 << 20, per_candidate=4 << 20)
+    assert found and sum(len(layer.data) for layer in found) <= 16 << 20
+    assert max(len(layer.data) for layer in found) <= 4 << 20
 
 
 def test_zero_padding_is_not_a_hidden_state_leak() -> None:
@@ -193,6 +306,21 @@ def test_encoded_images_are_found_by_signature(image: np.ndarray, fmt: str) -> N
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format=fmt)
     assert flagged(ImageSignatureDetector(), RANDOM[:500] + buffer.getvalue()) == {fmt.lower()}
+
+
+@pytest.mark.parametrize("order", ["<f4", ">f4"])
+def test_an_image_as_floats_is_found(image: np.ndarray, order: str) -> None:
+    floats = image.astype(np.float32) / 255.0
+    detector = HiddenStateDetector([floats], "fp32", window=256, name="pixels")
+    assert flagged(detector, RANDOM[:99] + floats.astype(order).tobytes())
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_an_image_in_base64_is_found(image: np.ndarray, fmt: str) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt)
+    url = b"data:image/" + fmt.lower().encode() + b";base64," + base64.b64encode(buffer.getvalue())
+    assert flagged(ImageSignatureDetector(), RANDOM[:500] + json.dumps({"img": url.decode()}).encode())
 
 
 def test_pixel_negative_controls(image: np.ndarray) -> None:

@@ -100,7 +100,25 @@ def test_every_mode_passes_the_policy_and_every_control_fires(
     controls = {c["control"]: c["fired"] for c in report["controls"]}
     assert controls and all(controls.values())
     assert {"cloud-prompt", "upload-token-ids-int32", "upload-image-png", "upload-image-rgb"} <= set(controls)
-    assert report["server_view"]["inversion_accuracy"] == 1.0  # the curious server, in every mode
+    for mode in ("plain", *ENCRYPTED):  # the curious server, from what it received in each mode
+        view = report["server_view"][mode]
+        assert view["inversion_accuracy"] == view["tail_replay_accuracy"] == 1.0, mode
+        assert view["all_prompts_inverted"] and view["prompts"] == (4 if mode == "plain" else 1), mode
+        low, high = view["inversion_forwards_per_token"]
+        assert 0 < low <= high, mode
+    for mode, entry in report["results"].items():  # completeness proven, with the counters side by side
+        for kind in ("llm", "diffusion"):
+            complete = entry[kind]["completeness"]
+            assert complete["complete"], (mode, kind)
+            for session in complete["sessions"]:
+                assert session["connections"] and not session["elsewhere"]
+                assert sum(c["client_sent"] for c in session["connections"]) == session["transport_sent"]
+                for c in session["connections"]:
+                    assert c["captured_c2s"] == c["client_sent"] > 0
+                    assert c["captured_s2c"] - c["unread_after_close"] == c["client_received"] > 0
+        if mode != "plain":
+            names = {c["check"] for c in entry["llm"]["checks"]}
+            assert any(name.startswith("wire allowlist") for name in names), mode
     assert any("NO confidentiality" in w for w in report["warnings"])
 
 
@@ -124,7 +142,9 @@ def test_outputs_are_written(full_run: tuple[int, dict[str, Any], Path, str]) ->
     for mode in ("plain", *ENCRYPTED):
         assert f"llm-{mode}-0.pcap" in names and f"diffusion-{mode}-0.pcap" in names
     assert "control-cloud-prompt.pcap" in names
-    assert all(read_pcap(p) for p in files["pcaps"])
+    for path in files["pcaps"]:
+        packets = list(read_pcap(path))
+        assert packets and all(frame for _, frame in packets), path
     text = render_text(report)
     assert "POLICY PASSED" in text and "WARNING: plain mode gives NO confidentiality" in text
 
@@ -160,7 +180,14 @@ def test_a_leak_fails_the_policy(
     capsys: pytest.CaptureFixture[str], security: str, options: dict[str, Any], failure: str
 ) -> None:
     code, report = run_json(
-        capsys, security=security, out=None, prompt=PROMPT, diffusion=False, sweep=False, **options
+        capsys,
+        security=security,
+        out=None,
+        prompt=PROMPT,
+        diffusion=False,
+        sweep=False,
+        sessions=1,
+        **options,
     )
     assert code == 1
     assert report["policy"]["passed"] is False
@@ -168,7 +195,7 @@ def test_a_leak_fails_the_policy(
 
 
 def test_the_relay_capture_gives_the_same_verdict(capsys: pytest.CaptureFixture[str]) -> None:
-    code, report = run_json(capsys, security="tls+aesgcm", out=None, capture="relay", sweep=False)
+    code, report = run_json(capsys, security="tls+aesgcm", out=None, capture="relay", sweep=False, sessions=1)
     assert code == 0, report["policy"]["failures"]
     assert report["capture_method"] == ["relay"]
     assert any("relay" in w for w in report["warnings"])

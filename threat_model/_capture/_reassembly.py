@@ -38,6 +38,8 @@ class Direction:
     gaps: tuple[tuple[int, int], ...]
     retransmitted_bytes: int = 0
     fin: bool = False
+    rst: bool = False
+    closed_at: float | None = None  # capture time of the first FIN or RST in this direction
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,27 @@ def _is_pure_syn(segment: Segment) -> bool:
 
 def reassemble(segments: Iterable[Segment], server_ports: set[int]) -> list[TcpStream]:
     """Group segments into connections touching ``server_ports`` and reassemble both directions."""
+    wanted = [s for s in segments if s.src[1] in server_ports or s.dst[1] in server_ports]
+    streams = [_build(conn, server_ports) for conn in _connections(wanted)]
+    return sorted(streams, key=lambda stream: stream.start)
+
+
+def reassemble_clients(segments: Iterable[Segment], clients: set[Endpoint]) -> list[TcpStream]:
+    """Connections with one end in ``clients`` (the client's own local endpoints), oriented from it."""
+    wanted = [s for s in segments if s.src in clients or s.dst in clients]
+    streams = []
+    for conn in _connections(wanted):
+        first = conn.segments[0]
+        client = first.src if first.src in clients else first.dst
+        server = first.dst if client == first.src else first.src
+        streams.append(_build(conn, set(), (client, server)))
+    return sorted(streams, key=lambda stream: stream.start)
+
+
+def _connections(segments: Iterable[Segment]) -> list[_Conn]:
     current: dict[frozenset[Endpoint], _Conn] = {}
     finished: list[_Conn] = []
     for segment in segments:
-        if segment.src[1] not in server_ports and segment.dst[1] not in server_ports:
-            continue
         key = frozenset((segment.src, segment.dst))
         conn = current.get(key)
         if _is_pure_syn(segment) and conn is not None and conn.client_isn not in (None, segment.seq):
@@ -89,20 +107,25 @@ def reassemble(segments: Iterable[Segment], server_ports: set[int]) -> list[TcpS
             conn.client_isn = segment.seq
         conn.segments.append(segment)
     finished.extend(current.values())
-    streams = [_build(conn, server_ports) for conn in finished]
-    return sorted(streams, key=lambda stream: stream.start)
+    return finished
 
 
-def _build(conn: _Conn, server_ports: set[int]) -> TcpStream:
+def _build(conn: _Conn, server_ports: set[int], ends: tuple[Endpoint, Endpoint] | None = None) -> TcpStream:
     first = conn.segments[0]
     syn = next((s for s in conn.segments if _is_pure_syn(s)), None)
-    if syn is not None:
+    if ends is not None:
+        client, server = ends
+    elif syn is not None:
         client, server = syn.src, syn.dst
     elif first.dst[1] in server_ports:
         client, server = first.src, first.dst
     else:
         client, server = first.dst, first.src
-    handshake = syn is not None and any(s.syn and s.flags & ACK and s.src == server for s in conn.segments)
+    handshake = (
+        syn is not None
+        and syn.src == client
+        and any(s.syn and s.flags & ACK and s.src == server for s in conn.segments)
+    )
     c2s = _direction([s for s in conn.segments if s.src == client])
     s2c = _direction([s for s in conn.segments if s.src == server])
     times = [s.ts for s in conn.segments]
@@ -113,13 +136,15 @@ def _direction(segments: list[Segment]) -> Direction:
     syn = next((s for s in segments if s.syn), None)
     carrying = [s for s in segments if s.payload]
     fin = any(s.fin for s in segments)
+    rst = any(s.rst for s in segments)
+    closed_at = min((s.ts for s in segments if s.fin or s.rst), default=None)
     if syn is not None:
         base = (syn.seq + 1) % _MOD
     elif carrying:
         anchor = carrying[0].seq
         base = (anchor + min(_signed(s.seq - anchor) for s in carrying)) % _MOD
     else:
-        return Direction(b"", (), (), 0, fin)
+        return Direction(b"", (), (), 0, fin, rst, closed_at)
     placed = [((s.seq - base) % _MOD, s) for s in carrying]
     end = max((offset + len(s.payload) for offset, s in placed), default=0)
     buffer = np.zeros(end, dtype=np.uint8)
@@ -140,7 +165,7 @@ def _direction(segments: list[Segment]) -> Direction:
         if seen < len(payload):
             chunks.append(Chunk(segment.ts, offset, len(payload)))
         covered[offset:stop] = True
-    return Direction(buffer.tobytes(), tuple(chunks), _holes(covered), retransmitted, fin)
+    return Direction(buffer.tobytes(), tuple(chunks), _holes(covered), retransmitted, fin, rst, closed_at)
 
 
 def _signed(delta: int) -> int:

@@ -47,6 +47,8 @@ class TcpRelay:
         self._recordings: list[_Recording] = []
         self._sockets: list[socket.socket] = []
         self._pumps: list[threading.Thread] = []
+        #: local endpoints of the relay's own upstream connections (not the client's)
+        self.upstream_locals: set[Endpoint] = set()
         self._closed = threading.Event()
         self._acceptor = threading.Thread(target=self._accept, name=f"relay-{self.port}", daemon=True)
 
@@ -68,6 +70,9 @@ class TcpRelay:
             except OSError:
                 downstream.close()
                 continue
+            local = upstream.getsockname()
+            with self._lock:
+                self.upstream_locals.add((str(local[0]), int(local[1])))
             for sock in (downstream, upstream):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             recording = _Recording((peer[0], peer[1]), self.target, opened)

@@ -1,0 +1,175 @@
+"""Faults and leaks planted into a live eavesdrop run, to show that each one fails the suite.
+
+Capture faults edit the captured segments (what a broken sniffer would have recorded);
+leaks wrap the product's own transport in the suite's process, so that the leaked bytes
+cross the real wire next to the real traffic.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from secure_channel import Request, Response, Transport
+from threat_model._capture._packets import Segment
+
+Leak = Callable[[Request], tuple[dict[str, str], bytes] | None]
+
+
+# --- capture faults: fault(kind, segments, server_port) -> segments ------------------------------------
+
+
+def wrong_port(kind: str, segments: list[Segment], port: int) -> list[Segment]:
+    return [s for s in segments if port + 1 in (s.src[1], s.dst[1])]
+
+
+def late_window(kind: str, segments: list[Segment], port: int) -> list[Segment]:
+    """The window opened after the first request had gone out."""
+    first = next(s.ts for s in segments if s.payload and s.dst[1] == port)
+    return [s for s in segments if s.ts > first]
+
+
+def one_direction(kind: str, segments: list[Segment], port: int) -> list[Segment]:
+    return [s for s in segments if s.src[1] != port]
+
+
+def dropped_segments(kind: str, segments: list[Segment], port: int) -> list[Segment]:
+    carrying = [s for s in segments if s.payload and port in (s.src[1], s.dst[1])]
+    lost = {id(s) for s in carrying[1::3]}
+    return [s for s in segments if id(s) not in lost]
+
+
+def empty_diffusion(kind: str, segments: list[Segment], port: int) -> list[Segment]:
+    return [] if kind == "diffusion" else segments
+
+
+# --- leaks -------------------------------------------------------------------------------------
+
+
+class _OuterHeaders(Transport):
+    """Sits under the sealed layer and adds headers to the next outer request."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner, self.security, self.stats = inner, inner.security, inner.stats
+        self.host = getattr(inner, "host", "127.0.0.1")
+        self.extra: dict[str, str] = {}
+
+    def exchange(self, request: Request) -> Response:
+        headers, self.extra = {**request.headers, **self.extra}, {}
+        return self.inner.exchange(Request(request.method, request.path, request.content, headers))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class SideChannel(Transport):
+    """Wraps the client's transport; on the first request ``leak`` yields something for, it puts
+    that on the wire: in an outer header (``where="header"``) or as an extra outer request."""
+
+    def __init__(self, outer: Any, leak: Leak, where: str = "request") -> None:
+        self.outer, self.leak, self.where = outer, leak, where
+        self.security, self.stats = outer.security, outer.stats
+        self.below = _OuterHeaders(outer.inner) if hasattr(outer, "inner") else None
+        if self.below is not None:
+            outer.inner = self.below
+        self.done = False
+
+    def exchange(self, request: Request) -> Response:
+        payload = None if self.done else self.leak(request)
+        if payload is not None:
+            self.done = True
+            headers, body = payload
+            if self.where == "header" and self.below is not None:
+                self.below.extra = headers
+            else:
+                wire = self.below or self.outer
+                wire.exchange(Request("POST", "/v1/debug", content=body, headers=headers))
+        return self.outer.exchange(request)
+
+    def close(self) -> None:
+        self.outer.close()
+
+
+def step_hidden(request: Request) -> Any:
+    """The hidden states in a plaintext step request (what the leaky build would exfiltrate)."""
+    from lambda_split.protocol import FrameError, decode_frame
+
+    if not request.content.startswith(b"\x89LSF"):
+        return None
+    try:
+        frame = decode_frame(request.content)
+    except FrameError:
+        return None
+    hidden = frame.tensors.get("hidden")
+    return None if hidden is None else hidden.numpy().astype(np.float32)
+
+
+def hidden_leak(encode: Callable[[np.ndarray], tuple[dict[str, str], bytes]]) -> Leak:
+    def leak(request: Request) -> tuple[dict[str, str], bytes] | None:
+        hidden = step_hidden(request)
+        return None if hidden is None else encode(hidden)
+
+    return leak
+
+
+def fixed_leak(headers: dict[str, str], body: bytes) -> Leak:
+    return lambda request: (headers, body)
+
+
+def png_base64(image: Any) -> bytes:
+    from PIL import Image
+
+    pixels = (np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return b'{"image": "data:image/png;base64,' + base64.b64encode(buffer.getvalue()) + b'"}'
+
+
+class SinkServer:
+    """A TCP server on another loopback port that swallows whatever it is sent."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.port: int = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                while conn.recv(65536):
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+class ExfiltratingTransport(Transport):
+    """Sends a copy of every request body to another port on the side, then does the real exchange."""
+
+    def __init__(self, inner: Transport, port: int) -> None:
+        self.inner, self.port = inner, port
+        self.security, self.stats = inner.security, inner.stats
+
+    def exchange(self, request: Request) -> Response:
+        with socket.create_connection(("127.0.0.1", self.port)) as side:
+            side.sendall(request.content or b"-")
+        return self.inner.exchange(request)
+
+    def close(self) -> None:
+        self.inner.close()
