@@ -47,9 +47,11 @@ async def _run_guarded(app: ASGIApp, scope: Scope, receive: Receive, send: Send)
 
 
 class SecurityHeadersMiddleware:
-    """No caching of anything, no content sniffing."""
+    """No caching of anything, no content sniffing. Sets (replaces) these headers, so a response
+    that already carries one, such as the AES-GCM layer's, does not carry it twice."""
 
     HEADERS = ((b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"))
+    NAMES = frozenset(name for name, _ in HEADERS)
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -60,7 +62,8 @@ class SecurityHeadersMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in self.NAMES]
+                message = {**message, "headers": [*kept, *self.HEADERS]}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

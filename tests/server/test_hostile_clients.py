@@ -271,6 +271,17 @@ def test_response_headers_are_hardened(http: httpx.Client) -> None:
     assert "server" not in reply.headers
 
 
+def test_hardening_headers_are_sent_once_even_over_the_sealed_channel(
+    make_server: Callable[..., LiveServer],
+) -> None:
+    server = make_server("aesgcm")  # the AES-GCM layer answers with its own cache-control
+    with httpx.Client(base_url=server.url) as client:
+        reply = client.post("/v1/handshake", content=b"junk")
+    assert 400 <= reply.status_code < 500
+    assert reply.headers.get_list("cache-control") == ["no-store"]
+    assert reply.headers.get_list("x-content-type-options") == ["nosniff"]
+
+
 def test_oversized_bodies_declared_or_chunked_get_413(make_server: Callable[..., LiveServer]) -> None:
     server = make_server(max_body_bytes=4096)
     head = f"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: {10**6}\r\n\r\n".encode()

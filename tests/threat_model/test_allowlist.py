@@ -33,7 +33,7 @@ def request(path: str, body: bytes, *extra: str) -> bytes:
 
 def response(body: bytes, status: str = "200 OK") -> bytes:
     lines = [f"HTTP/1.1 {status}", DATE, "content-type: application/octet-stream", f"content-length: {len(body)}",
-             "cache-control: no-store", "cache-control: no-store", "x-content-type-options: nosniff"]  # fmt: skip
+             "cache-control: no-store", "x-content-type-options: nosniff"]  # fmt: skip
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
