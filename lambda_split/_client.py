@@ -117,15 +117,19 @@ class SplitClient:
         timeout: float = 60.0,
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
+        split: str | None = None,
     ) -> SplitClient:
-        """Open a transport in the named security mode and verify the server. ``security`` has no default."""
+        """Open a transport in the named security mode and verify the server. ``security`` has no default.
+
+        ``split`` (``A:B``), if given, is the split the caller expects; another split on the server is refused.
+        """
         return connect_verified(
             url,
             security,
             keys,
             timeout,
             lambda transport: cls.from_transport(
-                transport, model, wire=wire, progress=progress, prompt_bucket=prompt_bucket
+                transport, model, wire=wire, progress=progress, prompt_bucket=prompt_bucket, split=split
             ),
         )
 
@@ -138,6 +142,7 @@ class SplitClient:
         wire: str = "fp32",
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
+        split: str | None = None,
     ) -> SplitClient:
         say = progress or (lambda _message: None)
         Encoding.parse(wire)
@@ -151,10 +156,21 @@ class SplitClient:
         checkpoint = resolve(model) if isinstance(model, str) else model
         if info.num_layers != checkpoint.config.num_hidden_layers:
             raise FingerprintMismatch(
-                f"server model has {info.num_layers} layers, local model "
-                f"{checkpoint.config.num_hidden_layers}"
+                f"the server runs {info.model} ({info.num_layers} layers), this client "
+                f"{checkpoint.name} ({checkpoint.config.num_hidden_layers} layers); "
+                f"pass the server's model (--model {info.model}, or its path)"
             )
         spec = SplitSpec(info.split[0], info.split[1], info.num_layers)
+        if split is not None:
+            try:
+                expected = SplitSpec.parse(split, info.num_layers)
+            except ValueError as exc:
+                raise FingerprintMismatch(f"the server's split is {spec}, not {split}: {exc}") from None
+            if (expected.start, expected.stop) != (spec.start, spec.stop):
+                raise FingerprintMismatch(
+                    f"the server runs split {spec} of {info.num_layers} layers, not {split} ({expected}); "
+                    "the split is the server's choice: drop --split or restart the server with it"
+                )
         say(f"verifying the server's trunk {spec} of {checkpoint.name}")
         local = fingerprint(checkpoint, (spec.start, spec.stop))
         if local != info.fingerprint:

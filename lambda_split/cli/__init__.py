@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lambda_split._errors import FingerprintMismatch, ModelNotFoundError, ProtocolMismatch, ServerError
+from lambda_split.cli import _args
 from secure_channel import SECURITY_MODES, AuthenticationError, ChannelError, CredentialsError, TransportError
 
 EXIT_OTHER, EXIT_USAGE, EXIT_AUTH, EXIT_SERVER = 1, 2, 3, 4
@@ -96,6 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         progress=progress,
         prompt_bucket=args.pad_prompt,
+        split=args.split,
     ) as client:
         stream = None if args.json else (lambda _row, text: print(text, end="", flush=True))
         result = client.generate(prompt, config, chat=not args.raw, on_text=stream)
@@ -159,10 +161,6 @@ def cmd_imagine(args: argparse.Namespace) -> int:
     from secure_channel import connect_transport
 
     prompt = read_prompt(args.prompt)
-    if not args.out.lower().endswith(".png"):
-        raise UsageError("--out must name a .png file")
-    if args.steps < 1 or args.guidance < 0:
-        raise UsageError("--steps must be at least 1 and --guidance at least 0")
     progress(f"connecting to {args.server} ({args.security})")
     started = time.perf_counter()
 
@@ -239,7 +237,10 @@ def _security(required: bool, default: str | None = None) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lambda-split", description="Λ-Split secure split inference")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks on errors (before or after COMMAND)"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_args.version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     keys = commands.add_parser("keys", help="manage credentials").add_subparsers(
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init = keys.add_parser("init", help="create a CA and server and client certificates")
     init.add_argument("dir")
-    init.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    init.add_argument("--days", type=_args.positive_int, default=30, help="validity in days (default 30)")
     init.add_argument("--server-name", action="append", help="DNS name or IP for the server (repeatable)")
     init.add_argument("--client-name", help="common name of the client certificate")
     init.add_argument("--force", action="store_true", help="overwrite existing files")
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--security", **_security(required=True))
     serve.add_argument("--keys", help="credentials directory from 'keys init'")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8443; 0 picks a free one)")
+    serve.add_argument("--port", type=_args.port, help="port (default 8443; 0 picks a free one)")
     serve.add_argument("--config", help="TOML config file")
     serve.add_argument(
         "--insecure-plain", action="store_true", help="allow plain mode on a non-loopback address"
@@ -273,11 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", required=True, help="model name or path; must match the server's")
     _decoding_options(generate)
     generate.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
-    generate.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    generate.add_argument(
+        "--split", help="A:B the server must run (optional: the split is read from the server)"
+    )
+    generate.add_argument(
+        "--timeout", type=_args.positive_float, default=60.0, help="per-request timeout in seconds"
+    )
     generate.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
     generate.add_argument(
         "--pad-prompt",
-        type=int,
+        type=_args.non_negative_int,
         default=0,
         metavar="N",
         help="left-pad the prompt to a multiple of N tokens, so frame sizes show only a bucket of its length",
@@ -293,13 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument(
         "--model", required=True, help="tiny-random-sd, tiny-random-sdxl or a pipeline directory"
     )
-    imagine.add_argument("--steps", type=int, default=30)
+    imagine.add_argument("--steps", type=_args.positive_int, default=30)
     imagine.add_argument("--seed", type=int, default=0)
     imagine.add_argument(
-        "--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)"
+        "--guidance",
+        type=_args.non_negative_float,
+        default=5.0,
+        help="classifier-free guidance scale (1 = off)",
     )
     imagine.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
-    imagine.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    imagine.add_argument(
+        "--timeout", type=_args.positive_float, default=120.0, help="per-request timeout in seconds"
+    )
     imagine.add_argument("--out", required=True, help="output PNG file")
     imagine.add_argument("--json", action="store_true", help="print one JSON object")
     imagine.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
@@ -325,25 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--security", **_security(required=False, default="tls+aesgcm"))
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--split", default="2:-2")
-    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--max-new-tokens", type=_args.positive_int, default=64)
     demo.add_argument("--prompt")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(run=cmd_demo)
+    _args.finish(parser)
     return parser
 
 
 def _decoding_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=_args.positive_int, default=128)
+    parser.add_argument(
+        "--temperature", type=_args.non_negative_float, default=0.0, help="0 means greedy (default)"
+    )
+    parser.add_argument("--top-k", type=_args.non_negative_int, default=0)
+    parser.add_argument("--top-p", type=_args.top_p, default=1.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _args.parse(build_parser(), argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
