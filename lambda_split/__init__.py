@@ -16,6 +16,7 @@ _EXPORTS = {
     "lambda_split._codec": ("Encoding", "FrameError", "FrameKind", "FrameLimits"),
     "lambda_split._errors": (
         "FingerprintMismatch",
+        "ModeMismatch",
         "ModelNotFoundError",
         "ProtocolMismatch",
         "ServerError",
@@ -83,6 +84,9 @@ if TYPE_CHECKING:
     )
     from lambda_split._errors import (
         ModelNotFoundError as ModelNotFoundError,
+    )
+    from lambda_split._errors import (
+        ModeMismatch as ModeMismatch,
     )
     from lambda_split._errors import (
         ProtocolMismatch as ProtocolMismatch,

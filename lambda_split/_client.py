@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lambda_split._codec import Encoding, FrameKind
-from lambda_split._errors import FingerprintMismatch, ProtocolMismatch
+from lambda_split._errors import FingerprintMismatch, ModeMismatch, ProtocolMismatch
 from lambda_split._generate import (
     GenerationConfig,
     GenerationResult,
@@ -150,8 +150,8 @@ class SplitClient:
         if info.kind != "llm":
             raise ProtocolMismatch(f"the server runs a {info.kind} trunk, not a language model")
         if info.security != transport.security:
-            raise ProtocolMismatch(
-                f"server runs in {info.security!r} mode, this client in {transport.security!r}"
+            raise ModeMismatch(
+                f"the server is in mode {info.security}, not {transport.security}; pass --security {info.security}"
             )
         checkpoint = resolve(model) if isinstance(model, str) else model
         if info.num_layers != checkpoint.config.num_hidden_layers:

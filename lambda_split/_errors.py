@@ -5,6 +5,7 @@ The tree::
     SplitError                    base of the client's own errors
     ├── ServerError               the server refused a request; carries its status and error code
     ├── ProtocolMismatch          the server speaks another protocol version, or sent an unexpected reply
+    │   └── ModeMismatch          the server runs another security mode than the client asked for
     └── FingerprintMismatch       the server's trunk is not the trunk of the local model and split
 
     ModelNotFoundError            (a FileNotFoundError) the model name or path names no model
@@ -32,6 +33,10 @@ class ServerError(SplitError):
 
 class ProtocolMismatch(SplitError):
     """The peer does not speak our protocol version, or broke it."""
+
+
+class ModeMismatch(ProtocolMismatch):
+    """The server is in another security mode; the message names it and the option that fixes it."""
 
 
 class FingerprintMismatch(SplitError):

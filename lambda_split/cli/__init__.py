@@ -157,8 +157,7 @@ def _summary(result: Any, client: Any, stats: Any) -> str:
 def cmd_imagine(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from lambda_split.diffusion import imagine
-    from secure_channel import connect_transport
+    from lambda_split.diffusion import DiffusionClient, imagine
 
     prompt = read_prompt(args.prompt)
     progress(f"connecting to {args.server} ({args.security})")
@@ -167,17 +166,16 @@ def cmd_imagine(args: argparse.Namespace) -> int:
     def on_step(done: int, total: int) -> None:
         print(f"\rstep {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    with connect_transport(args.server, args.security, keys_dir=args.keys, timeout=args.timeout) as transport:
+    with DiffusionClient.connect(
+        args.server,
+        security=args.security,
+        keys=args.keys,
+        model=args.model,
+        wire=args.wire,
+        timeout=args.timeout,
+    ) as client:
         stats = imagine(
-            transport,
-            prompt,
-            args.steps,
-            args.seed,
-            args.out,
-            on_step,
-            model=args.model,
-            wire=args.wire,
-            guidance_scale=args.guidance,
+            client, prompt, args.steps, args.seed, args.out, on_step, guidance_scale=args.guidance
         )
     if args.json:
         print(json.dumps({**dataclasses.asdict(stats), "security": args.security}))

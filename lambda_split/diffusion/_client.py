@@ -18,7 +18,7 @@ import diffusers
 import torch
 
 from lambda_split._codec import Encoding
-from lambda_split._errors import FingerprintMismatch, ProtocolMismatch
+from lambda_split._errors import FingerprintMismatch, ModeMismatch, ProtocolMismatch
 from lambda_split._session import check_reply, connect_verified
 from lambda_split.diffusion._sources import DiffusionSource, resolve_diffusion
 from lambda_split.diffusion._trunk import RemoteUNetTrunk, TrunkUNet
@@ -141,8 +141,8 @@ class DiffusionClient:
         Encoding.parse(wire)
         info = fetch_diffusion_info(transport)
         if info.security != transport.security:
-            raise ProtocolMismatch(
-                f"server runs in {info.security!r} mode, this client in {transport.security!r}"
+            raise ModeMismatch(
+                f"the server is in mode {info.security}, not {transport.security}; pass --security {info.security}"
             )
         source = resolve_diffusion(model or info.model) if not isinstance(model, DiffusionSource) else model
         if source.pipeline != info.pipeline:
