@@ -260,7 +260,7 @@ def load_credentials(directory: str | os.PathLike[str], role: Role) -> Credentia
     """
     if role not in _EKU:
         raise ValueError("role must be 'server' or 'client'")
-    root = Path(directory)
+    root = Path(directory).expanduser()  # README writes keys="~/.lambda-split/keys"
     ca_path, cert_path, key_path = root / CA_FILE, root / f"{role}.pem", root / f"{role}.key"
     ca = _load_cert(ca_path)
     try:
