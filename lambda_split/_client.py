@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lambda_split._codec import Encoding, FrameKind
-from lambda_split._errors import FingerprintMismatch, ModeMismatch, ProtocolMismatch
+from lambda_split._errors import FingerprintMismatch, LimitExceeded, ModeMismatch, ProtocolMismatch
 from lambda_split._generate import (
     GenerationConfig,
     GenerationResult,
@@ -31,6 +31,31 @@ from secure_channel import Request, SecurityMode, Transport
 
 ProgressFn = Callable[[str], None]
 
+#: What servers that do not advertise ``max_step_tokens`` accept per step (ServiceLimits' default).
+LEGACY_MAX_STEP_TOKENS = 2048
+_FRAME_OVERHEAD = 4096  # header, tensor descriptors and the mask, with room to spare
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The limits a server advertises in /v1/info; None where an (older) server does not say."""
+
+    max_batch: int | None = None
+    max_step_tokens: int | None = None
+    max_tokens_per_session: int | None = None
+    max_frame_bytes: int | None = None
+
+    @classmethod
+    def parse(cls, data: Any) -> ServerLimits:
+        if not isinstance(data, dict):
+            return cls()
+        values = {}
+        for name in ("max_batch", "max_step_tokens", "max_tokens_per_session", "max_frame_bytes"):
+            value = data.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                values[name] = value
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class ServerInfo:
@@ -42,6 +67,7 @@ class ServerInfo:
     security: str
     protocol_version: int
     kind: str = "llm"
+    limits: ServerLimits = ServerLimits()
 
     @classmethod
     def parse(cls, data: Any) -> ServerInfo:
@@ -56,6 +82,7 @@ class ServerInfo:
                 str(data["security"]),
                 int(data["protocol_version"]),
                 str(data.get("kind", "llm")),
+                ServerLimits.parse(data.get("limits")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolMismatch(f"malformed /v1/info reply: {exc}") from None
@@ -210,6 +237,7 @@ class SplitClient:
         on_text: TextCallback | None = None,
         keep_logits: bool = False,
     ) -> GenerationResult:
+        chunk = self.check_limits(input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
         trunk = RemoteTrunk(self.transport, self.wire)
         try:
             return generate_tokens(
@@ -222,9 +250,35 @@ class SplitClient:
                 config,
                 on_text=on_text,
                 keep_logits=keep_logits,
+                prefill_chunk=chunk,
             )
         finally:
             trunk.close()
+
+    def check_limits(self, batch: int, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Refuse, before anything is sent, what the server's limits cannot hold; return the prefill
+        chunk (tokens per step) that keeps every step within them."""
+        limits = self.info.limits
+        if limits.max_batch is not None and batch > limits.max_batch:
+            raise LimitExceeded(f"a batch of {batch} prompts; this server takes at most {limits.max_batch}")
+        # The trunk sees the prompt and every new token but the last.
+        needed = prompt_tokens + max_new_tokens - 1
+        if limits.max_tokens_per_session is not None and needed > limits.max_tokens_per_session:
+            most = limits.max_tokens_per_session
+            hint = (
+                f"lower --max-new-tokens to {most - prompt_tokens + 1:,}"
+                if prompt_tokens < most
+                else "shorten the prompt"
+            )
+            raise LimitExceeded(
+                f"the prompt is {prompt_tokens:,} tokens and up to {max_new_tokens:,} new tokens are asked "
+                f"for; this server holds at most {most:,} tokens per session: {hint}"
+            )
+        chunk = limits.max_step_tokens or LEGACY_MAX_STEP_TOKENS
+        if limits.max_frame_bytes is not None:
+            row_bytes = batch * (self.info.hidden_size * 4 + 1)  # fp32 bounds every wire encoding
+            chunk = min(chunk, max(1, (limits.max_frame_bytes - _FRAME_OVERHEAD) // row_bytes))
+        return chunk
 
     def stream(
         self, prompt: str, config: GenerationConfig | None = None, *, chat: bool = True

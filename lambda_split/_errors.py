@@ -6,7 +6,8 @@ The tree::
     ├── ServerError               the server refused a request; carries its status and error code
     ├── ProtocolMismatch          the server speaks another protocol version, or sent an unexpected reply
     │   └── ModeMismatch          the server runs another security mode than the client asked for
-    └── FingerprintMismatch       the server's trunk is not the trunk of the local model and split
+    ├── FingerprintMismatch       the server's trunk is not the trunk of the local model and split
+    └── LimitExceeded             the request would break a limit the server advertises; nothing was sent
 
     ModelNotFoundError            (a FileNotFoundError) the model name or path names no model
 
@@ -41,6 +42,13 @@ class ModeMismatch(ProtocolMismatch):
 
 class FingerprintMismatch(SplitError):
     """The server's model or split differs from the local one; no hidden state was sent."""
+
+
+class LimitExceeded(SplitError, ValueError):
+    """The request exceeds a limit from the server's /v1/info (tokens per session, steps, batch).
+
+    Found on the client, before any hidden state is sent; the message is in tokens or steps.
+    """
 
 
 class ModelNotFoundError(FileNotFoundError):

@@ -14,7 +14,13 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lambda_split._errors import FingerprintMismatch, ModelNotFoundError, ProtocolMismatch, ServerError
+from lambda_split._errors import (
+    FingerprintMismatch,
+    LimitExceeded,
+    ModelNotFoundError,
+    ProtocolMismatch,
+    ServerError,
+)
 from lambda_split.cli import _args
 from secure_channel import SECURITY_MODES, AuthenticationError, ChannelError, CredentialsError, TransportError
 
@@ -33,7 +39,7 @@ def progress(message: str) -> None:
 def exit_code(exc: BaseException) -> int:
     from server.config import ConfigError
 
-    if isinstance(exc, (UsageError, ConfigError, ModelNotFoundError, FileExistsError)):
+    if isinstance(exc, (UsageError, ConfigError, ModelNotFoundError, FileExistsError, LimitExceeded)):
         return EXIT_USAGE
     if isinstance(exc, (AuthenticationError, CredentialsError)):
         return EXIT_AUTH
