@@ -48,7 +48,29 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_OTHER
 
 
+class _Stdout:
+    """Streamed text goes through here, so that an error or Ctrl-C mid-stream starts on a new line."""
+
+    line_open = False
+
+    @classmethod
+    def stream(cls, _row: int, text: str) -> None:
+        print(text, end="", flush=True)
+        if text:
+            cls.line_open = not text.endswith("\n")
+
+    @classmethod
+    def end_line(cls) -> None:
+        if cls.line_open:
+            print(flush=True)
+            cls.line_open = False
+
+
 def read_prompt(prompt: str | None) -> str:
+    if prompt in (None, "-") and sys.stdin.isatty():
+        print(
+            "reading the prompt from stdin; end it with Ctrl-D (or pass PROMPT)", file=sys.stderr, flush=True
+        )
     text = sys.stdin.read() if prompt in (None, "-") else prompt
     if not text or not text.strip():
         raise UsageError("empty prompt: pass PROMPT, or - to read it from stdin")
@@ -105,13 +127,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt_bucket=args.pad_prompt,
         split=args.split,
     ) as client:
-        stream = None if args.json else (lambda _row, text: print(text, end="", flush=True))
+        stream = None if args.json else _Stdout.stream
         result = client.generate(prompt, config, chat=not args.raw, on_text=stream)
         stats = client.transport.stats
         if args.json:
             print(json.dumps(_result_json(result, client, stats)))
         else:
             print()
+            _Stdout.line_open = False
             progress(_summary(result, client, stats))
     return 0
 
@@ -224,6 +247,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         as_json=args.json,
         progress=progress,
+        stream=_Stdout.stream,
+        wire=args.wire,
     )
 
 
@@ -342,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--split", default="2:-2")
     demo.add_argument("--max-new-tokens", type=_args.positive_int, default=64)
     demo.add_argument("--prompt")
+    demo.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(run=cmd_demo)
     _args.finish(parser)
@@ -365,8 +391,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except KeyboardInterrupt:
+        _Stdout.end_line()
+        print("lambda-split: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one line on stderr, the traceback only with --debug
+        _Stdout.end_line()
         if args.debug:
             traceback.print_exc()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lambda_split.diffusion import _quiet  # noqa: F401 (must run before diffusers imports its pipelines)
+
+# isort: split
 import torch
 from diffusers import (
     AutoencoderKL,
