@@ -92,8 +92,8 @@ def test_nothing_listening_says_so() -> None:
 @pytest.mark.parametrize(
     ("server_mode", "client_mode", "extra", "code", "expected"),
     [
-        ("aesgcm", "plain", [], 4, "is in mode aesgcm, not plain; pass --security aesgcm"),
-        ("tls+aesgcm", "tls", ["--keys", "KEYS"], 4, "is in mode tls+aesgcm, not tls"),
+        ("aesgcm", "plain", [], 3, "is in mode aesgcm, not plain; pass --security aesgcm"),
+        ("tls+aesgcm", "tls", ["--keys", "KEYS"], 3, "is in mode tls+aesgcm, not tls"),
         ("tls", "tls", ["--keys", "OTHER"], 3, "was not issued by the CA in"),
     ],
 )
