@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "lambda_split._client": ("RemoteTrunk", "ServerInfo", "SplitClient", "fetch_info"),
+    "lambda_split._client": ("RemoteTrunk", "ServerInfo", "ServerLimits", "SplitClient", "fetch_info"),
     "lambda_split._codec": ("Encoding", "FrameError", "FrameKind", "FrameLimits"),
     "lambda_split._errors": (
         "FingerprintMismatch",
+        "LimitExceeded",
+        "ModeMismatch",
         "ModelNotFoundError",
         "ProtocolMismatch",
         "ServerError",
@@ -61,6 +63,9 @@ if TYPE_CHECKING:
         ServerInfo as ServerInfo,
     )
     from lambda_split._client import (
+        ServerLimits as ServerLimits,
+    )
+    from lambda_split._client import (
         SplitClient as SplitClient,
     )
     from lambda_split._client import (
@@ -82,7 +87,13 @@ if TYPE_CHECKING:
         FingerprintMismatch as FingerprintMismatch,
     )
     from lambda_split._errors import (
+        LimitExceeded as LimitExceeded,
+    )
+    from lambda_split._errors import (
         ModelNotFoundError as ModelNotFoundError,
+    )
+    from lambda_split._errors import (
+        ModeMismatch as ModeMismatch,
     )
     from lambda_split._errors import (
         ProtocolMismatch as ProtocolMismatch,

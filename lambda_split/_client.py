@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lambda_split._codec import Encoding, FrameKind
-from lambda_split._errors import FingerprintMismatch, ProtocolMismatch
+from lambda_split._errors import FingerprintMismatch, LimitExceeded, ModeMismatch, ProtocolMismatch
 from lambda_split._generate import (
     GenerationConfig,
     GenerationResult,
@@ -31,6 +31,31 @@ from secure_channel import Request, SecurityMode, Transport
 
 ProgressFn = Callable[[str], None]
 
+#: What servers that do not advertise ``max_step_tokens`` accept per step (ServiceLimits' default).
+LEGACY_MAX_STEP_TOKENS = 2048
+_FRAME_OVERHEAD = 4096  # header, tensor descriptors and the mask, with room to spare
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The limits a server advertises in /v1/info; None where an (older) server does not say."""
+
+    max_batch: int | None = None
+    max_step_tokens: int | None = None
+    max_tokens_per_session: int | None = None
+    max_frame_bytes: int | None = None
+
+    @classmethod
+    def parse(cls, data: Any) -> ServerLimits:
+        if not isinstance(data, dict):
+            return cls()
+        values = {}
+        for name in ("max_batch", "max_step_tokens", "max_tokens_per_session", "max_frame_bytes"):
+            value = data.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                values[name] = value
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class ServerInfo:
@@ -42,6 +67,7 @@ class ServerInfo:
     security: str
     protocol_version: int
     kind: str = "llm"
+    limits: ServerLimits = ServerLimits()
 
     @classmethod
     def parse(cls, data: Any) -> ServerInfo:
@@ -56,6 +82,7 @@ class ServerInfo:
                 str(data["security"]),
                 int(data["protocol_version"]),
                 str(data.get("kind", "llm")),
+                ServerLimits.parse(data.get("limits")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolMismatch(f"malformed /v1/info reply: {exc}") from None
@@ -117,15 +144,19 @@ class SplitClient:
         timeout: float = 60.0,
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
+        split: str | None = None,
     ) -> SplitClient:
-        """Open a transport in the named security mode and verify the server. ``security`` has no default."""
+        """Open a transport in the named security mode and verify the server. ``security`` has no default.
+
+        ``split`` (``A:B``), if given, is the split the caller expects; another split on the server is refused.
+        """
         return connect_verified(
             url,
             security,
             keys,
             timeout,
             lambda transport: cls.from_transport(
-                transport, model, wire=wire, progress=progress, prompt_bucket=prompt_bucket
+                transport, model, wire=wire, progress=progress, prompt_bucket=prompt_bucket, split=split
             ),
         )
 
@@ -138,6 +169,7 @@ class SplitClient:
         wire: str = "fp32",
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
+        split: str | None = None,
     ) -> SplitClient:
         say = progress or (lambda _message: None)
         Encoding.parse(wire)
@@ -145,16 +177,27 @@ class SplitClient:
         if info.kind != "llm":
             raise ProtocolMismatch(f"the server runs a {info.kind} trunk, not a language model")
         if info.security != transport.security:
-            raise ProtocolMismatch(
-                f"server runs in {info.security!r} mode, this client in {transport.security!r}"
+            raise ModeMismatch(
+                f"the server is in mode {info.security}, not {transport.security}; pass --security {info.security}"
             )
         checkpoint = resolve(model) if isinstance(model, str) else model
         if info.num_layers != checkpoint.config.num_hidden_layers:
             raise FingerprintMismatch(
-                f"server model has {info.num_layers} layers, local model "
-                f"{checkpoint.config.num_hidden_layers}"
+                f"the server runs {info.model} ({info.num_layers} layers), this client "
+                f"{checkpoint.name} ({checkpoint.config.num_hidden_layers} layers); "
+                f"pass the server's model (--model {info.model}, or its path)"
             )
         spec = SplitSpec(info.split[0], info.split[1], info.num_layers)
+        if split is not None:
+            try:
+                expected = SplitSpec.parse(split, info.num_layers)
+            except ValueError as exc:
+                raise FingerprintMismatch(f"the server's split is {spec}, not {split}: {exc}") from None
+            if (expected.start, expected.stop) != (spec.start, spec.stop):
+                raise FingerprintMismatch(
+                    f"the server runs split {spec} of {info.num_layers} layers, not {split} ({expected}); "
+                    "the split is the server's choice: drop --split or restart the server with it"
+                )
         say(f"verifying the server's trunk {spec} of {checkpoint.name}")
         local = fingerprint(checkpoint, (spec.start, spec.stop))
         if local != info.fingerprint:
@@ -194,6 +237,7 @@ class SplitClient:
         on_text: TextCallback | None = None,
         keep_logits: bool = False,
     ) -> GenerationResult:
+        chunk = self.check_limits(input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
         trunk = RemoteTrunk(self.transport, self.wire)
         try:
             return generate_tokens(
@@ -206,9 +250,35 @@ class SplitClient:
                 config,
                 on_text=on_text,
                 keep_logits=keep_logits,
+                prefill_chunk=chunk,
             )
         finally:
             trunk.close()
+
+    def check_limits(self, batch: int, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Refuse, before anything is sent, what the server's limits cannot hold; return the prefill
+        chunk (tokens per step) that keeps every step within them."""
+        limits = self.info.limits
+        if limits.max_batch is not None and batch > limits.max_batch:
+            raise LimitExceeded(f"a batch of {batch} prompts; this server takes at most {limits.max_batch}")
+        # The trunk sees the prompt and every new token but the last.
+        needed = prompt_tokens + max_new_tokens - 1
+        if limits.max_tokens_per_session is not None and needed > limits.max_tokens_per_session:
+            most = limits.max_tokens_per_session
+            hint = (
+                f"lower --max-new-tokens to {most - prompt_tokens + 1:,}"
+                if prompt_tokens < most
+                else "shorten the prompt"
+            )
+            raise LimitExceeded(
+                f"the prompt is {prompt_tokens:,} tokens and up to {max_new_tokens:,} new tokens are asked "
+                f"for; this server holds at most {most:,} tokens per session: {hint}"
+            )
+        chunk = limits.max_step_tokens or LEGACY_MAX_STEP_TOKENS
+        if limits.max_frame_bytes is not None:
+            row_bytes = batch * (self.info.hidden_size * 4 + 1)  # fp32 bounds every wire encoding
+            chunk = min(chunk, max(1, (limits.max_frame_bytes - _FRAME_OVERHEAD) // row_bytes))
+        return chunk
 
     def stream(
         self, prompt: str, config: GenerationConfig | None = None, *, chat: bool = True

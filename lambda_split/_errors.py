@@ -5,7 +5,9 @@ The tree::
     SplitError                    base of the client's own errors
     ├── ServerError               the server refused a request; carries its status and error code
     ├── ProtocolMismatch          the server speaks another protocol version, or sent an unexpected reply
-    └── FingerprintMismatch       the server's trunk is not the trunk of the local model and split
+    │   └── ModeMismatch          the server runs another security mode (also secure_channel's AuthenticationError)
+    ├── FingerprintMismatch       the server's trunk is not the trunk of the local model and split
+    └── LimitExceeded             the request would break a limit the server advertises; nothing was sent
 
     ModelNotFoundError            (a FileNotFoundError) the model name or path names no model
 
@@ -14,6 +16,8 @@ Transport failures are secure_channel's: ``TransportError``, ``ChannelTimeout`` 
 """
 
 from __future__ import annotations
+
+from secure_channel import AuthenticationError
 
 
 class SplitError(Exception):
@@ -34,8 +38,23 @@ class ProtocolMismatch(SplitError):
     """The peer does not speak our protocol version, or broke it."""
 
 
+class ModeMismatch(ProtocolMismatch, AuthenticationError):
+    """The server is in another security mode; the message names it and the option that fixes it.
+
+    Also an AuthenticationError: the secure channel could not be set up (exit 3), and callers that
+    caught the transport's symptom before keep catching it.
+    """
+
+
 class FingerprintMismatch(SplitError):
     """The server's model or split differs from the local one; no hidden state was sent."""
+
+
+class LimitExceeded(SplitError, ValueError):
+    """The request exceeds a limit from the server's /v1/info (tokens per session, steps, batch).
+
+    Found on the client, before any hidden state is sent; the message is in tokens or steps.
+    """
 
 
 class ModelNotFoundError(FileNotFoundError):

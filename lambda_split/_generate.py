@@ -111,11 +111,14 @@ def generate_tokens(
     *,
     on_text: TextCallback | None = None,
     keep_logits: bool = False,
+    prefill_chunk: int = 0,
 ) -> GenerationResult:
     """Decode up to ``config.max_new_tokens`` for a left-padded batch.
 
     Finished rows keep stepping with the pad token, exactly as transformers' generate()
-    does, so a batch gives the same tokens as each row would alone.
+    does, so a batch gives the same tokens as each row would alone. ``prefill_chunk`` (0: off)
+    feeds a longer prompt in steps of at most that many tokens; every part keeps a KV cache,
+    so the tokens are those of one prefill step.
     """
     batch = input_ids.shape[0]
     eos_ids = _eos_ids(tokenizer) if config.stop_on_eos else set()
@@ -134,6 +137,15 @@ def generate_tokens(
     # Text is decoded every step only when something reads it then (streaming, stop strings).
     track_text = on_text is not None or bool(config.stop_strings)
     ids, mask = input_ids, attention_mask
+    if prefill_chunk and ids.shape[1] > prefill_chunk:
+        last = (ids.shape[1] - 1) // prefill_chunk * prefill_chunk  # the final chunk goes through the loop
+        for start in range(0, last, prefill_chunk):
+            chunk_ids, chunk_mask = (
+                ids[:, start : start + prefill_chunk],
+                mask[:, start : start + prefill_chunk],
+            )
+            tail(trunk(head(chunk_ids, chunk_mask, head_state), chunk_mask), chunk_mask, tail_state)
+        ids, mask = ids[:, last:], mask[:, last:]
     for step in range(config.max_new_tokens):
         hidden = head(ids, mask, head_state)  # (B, T, C)
         hidden = trunk(hidden, mask)  # (B, T, C)

@@ -61,6 +61,8 @@ def resolve(model: str) -> Checkpoint:
         return _gguf_checkpoint(path, name=path.name)
     if path.is_dir() and (path / "config.json").is_file():
         return _directory_checkpoint(path)
+    if not path.exists() and (os.sep in model or model.startswith("~") or path.suffix == ".gguf"):
+        raise ModelNotFoundError(f"file not found: {model}")
     raise ModelNotFoundError(
         f"unknown model {model!r}: expected {', '.join(BUILTIN_MODELS)}, "
         "a Hugging Face model directory or a .gguf file"

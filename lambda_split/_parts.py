@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
+import inspect
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -110,10 +112,10 @@ class _LayerStack(nn.Module):
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=mask,
-            past_key_values=state.cache,
             position_ids=position_ids,
             layer_idx=self.first,
         )
+        mask_args[_MASK_CACHE_KWARG] = state.cache
         masks = {"full_attention": create_causal_mask(**mask_args)}
         if any(getattr(layer, "attention_type", "") == "sliding_attention" for layer in self.layers):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
@@ -124,10 +126,23 @@ class _LayerStack(nn.Module):
                 attention_mask=masks[getattr(layer, "attention_type", "full_attention")],
                 position_embeddings=rotary,
                 position_ids=position_ids,
-                past_key_values=state.cache,
                 use_cache=True,
+                **{_cache_kwarg(type(layer)): state.cache},  # type: ignore[arg-type]
             )
         return hidden
+
+
+def _takes_cache(function: Any) -> bool:
+    return "cache" in inspect.signature(function).parameters
+
+
+# transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns on every call).
+_MASK_CACHE_KWARG = "cache" if _takes_cache(create_causal_mask) else "past_key_values"
+
+
+@functools.cache
+def _cache_kwarg(layer_class: type[nn.Module]) -> str:
+    return "cache" if _takes_cache(layer_class.forward) else "past_key_values"
 
 
 def _advance(state: PartState, new_mask: torch.Tensor) -> torch.Tensor:

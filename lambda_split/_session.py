@@ -81,11 +81,18 @@ def connect_verified(
 ) -> T:
     """Open a transport in ``security`` mode and hand it to ``verify`` (a client's ``from_transport``);
     the transport is closed again if verification fails."""
+    from lambda_split._diagnose import explain
     from secure_channel import connect_transport
 
     transport = connect_transport(url, security, keys_dir=keys, timeout=timeout)
     try:
         return verify(transport)
+    except Exception as exc:
+        transport.close()
+        better = explain(exc, url, security, keys, timeout)
+        if better is None:
+            raise
+        raise better from exc
     except BaseException:
         transport.close()
         raise

@@ -19,6 +19,7 @@ INTERNAL = {
     "check_reply",
     "json_request",
     "connect_verified",
+    "explain",
 }
 
 

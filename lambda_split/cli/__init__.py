@@ -14,7 +14,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lambda_split._errors import FingerprintMismatch, ModelNotFoundError, ProtocolMismatch, ServerError
+from lambda_split._errors import (
+    FingerprintMismatch,
+    LimitExceeded,
+    ModelNotFoundError,
+    ProtocolMismatch,
+    ServerError,
+)
+from lambda_split.cli import _args
 from secure_channel import SECURITY_MODES, AuthenticationError, ChannelError, CredentialsError, TransportError
 
 EXIT_OTHER, EXIT_USAGE, EXIT_AUTH, EXIT_SERVER = 1, 2, 3, 4
@@ -32,7 +39,7 @@ def progress(message: str) -> None:
 def exit_code(exc: BaseException) -> int:
     from server.config import ConfigError
 
-    if isinstance(exc, (UsageError, ConfigError, ModelNotFoundError, FileExistsError)):
+    if isinstance(exc, (UsageError, ConfigError, ModelNotFoundError, FileExistsError, LimitExceeded)):
         return EXIT_USAGE
     if isinstance(exc, (AuthenticationError, CredentialsError)):
         return EXIT_AUTH
@@ -41,7 +48,29 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_OTHER
 
 
+class _Stdout:
+    """Streamed text goes through here, so that an error or Ctrl-C mid-stream starts on a new line."""
+
+    line_open = False
+
+    @classmethod
+    def stream(cls, _row: int, text: str) -> None:
+        print(text, end="", flush=True)
+        if text:
+            cls.line_open = not text.endswith("\n")
+
+    @classmethod
+    def end_line(cls) -> None:
+        if cls.line_open:
+            print(flush=True)
+            cls.line_open = False
+
+
 def read_prompt(prompt: str | None) -> str:
+    if prompt in (None, "-") and sys.stdin.isatty():
+        print(
+            "reading the prompt from stdin; end it with Ctrl-D (or pass PROMPT)", file=sys.stderr, flush=True
+        )
     text = sys.stdin.read() if prompt in (None, "-") else prompt
     if not text or not text.strip():
         raise UsageError("empty prompt: pass PROMPT, or - to read it from stdin")
@@ -83,14 +112,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         progress=progress,
         prompt_bucket=args.pad_prompt,
+        split=args.split,
     ) as client:
-        stream = None if args.json else (lambda _row, text: print(text, end="", flush=True))
+        stream = None if args.json else _Stdout.stream
         result = client.generate(prompt, config, chat=not args.raw, on_text=stream)
         stats = client.transport.stats
         if args.json:
             print(json.dumps(_result_json(result, client, stats)))
         else:
             print()
+            _Stdout.line_open = False
             progress(_summary(result, client, stats))
     return 0
 
@@ -142,31 +173,25 @@ def _summary(result: Any, client: Any, stats: Any) -> str:
 def cmd_imagine(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from lambda_split.diffusion import imagine
-    from secure_channel import connect_transport
+    from lambda_split.diffusion import DiffusionClient, imagine
 
     prompt = read_prompt(args.prompt)
-    if not args.out.lower().endswith(".png"):
-        raise UsageError("--out must name a .png file")
-    if args.steps < 1 or args.guidance < 0:
-        raise UsageError("--steps must be at least 1 and --guidance at least 0")
     progress(f"connecting to {args.server} ({args.security})")
     started = time.perf_counter()
 
     def on_step(done: int, total: int) -> None:
         print(f"\rstep {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    with connect_transport(args.server, args.security, keys_dir=args.keys, timeout=args.timeout) as transport:
+    with DiffusionClient.connect(
+        args.server,
+        security=args.security,
+        keys=args.keys,
+        model=args.model,
+        wire=args.wire,
+        timeout=args.timeout,
+    ) as client:
         stats = imagine(
-            transport,
-            prompt,
-            args.steps,
-            args.seed,
-            args.out,
-            on_step,
-            model=args.model,
-            wire=args.wire,
-            guidance_scale=args.guidance,
+            client, prompt, args.steps, args.seed, args.out, on_step, guidance_scale=args.guidance
         )
     if args.json:
         print(json.dumps({**dataclasses.asdict(stats), "security": args.security}))
@@ -209,6 +234,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         as_json=args.json,
         progress=progress,
+        stream=_Stdout.stream,
+        wire=args.wire,
     )
 
 
@@ -226,7 +253,10 @@ def _security(required: bool, default: str | None = None) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lambda-split", description="Λ-Split secure split inference")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks on errors (before or after COMMAND)"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_args.version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from lambda_split.cli._keys import add_keys_parser
@@ -239,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--security", **_security(required=False))  # or from --config / environment
     serve.add_argument("--keys", help="credentials directory from 'keys init'")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8443; 0 picks a free one)")
+    serve.add_argument("--port", type=_args.port, help="port (default 8443; 0 picks a free one)")
     serve.add_argument("--config", help="TOML config file")
     serve.add_argument(
         "--insecure-plain", action="store_true", help="allow plain mode on a non-loopback address"
@@ -253,11 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", required=True, help="model name or path; must match the server's")
     _decoding_options(generate)
     generate.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
-    generate.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    generate.add_argument(
+        "--split", help="A:B the server must run (optional: the split is read from the server)"
+    )
+    generate.add_argument(
+        "--timeout", type=_args.positive_float, default=60.0, help="per-request timeout in seconds"
+    )
     generate.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
     generate.add_argument(
         "--pad-prompt",
-        type=int,
+        type=_args.non_negative_int,
         default=0,
         metavar="N",
         help="left-pad the prompt to a multiple of N tokens, so frame sizes show only a bucket of its length",
@@ -273,13 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument(
         "--model", required=True, help="tiny-random-sd, tiny-random-sdxl or a pipeline directory"
     )
-    imagine.add_argument("--steps", type=int, default=30)
+    imagine.add_argument("--steps", type=_args.positive_int, default=30)
     imagine.add_argument("--seed", type=int, default=0)
     imagine.add_argument(
-        "--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)"
+        "--guidance",
+        type=_args.non_negative_float,
+        default=5.0,
+        help="classifier-free guidance scale (1 = off)",
     )
     imagine.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
-    imagine.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    imagine.add_argument(
+        "--timeout", type=_args.positive_float, default=120.0, help="per-request timeout in seconds"
+    )
     imagine.add_argument("--out", required=True, help="output PNG file")
     imagine.add_argument("--json", action="store_true", help="print one JSON object")
     imagine.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
@@ -305,31 +345,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--security", **_security(required=False, default="tls+aesgcm"))
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--split", default="2:-2")
-    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--max-new-tokens", type=_args.positive_int, default=64)
     demo.add_argument("--prompt")
+    demo.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(run=cmd_demo)
+    _args.finish(parser)
     return parser
 
 
 def _decoding_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=_args.positive_int, default=128)
+    parser.add_argument(
+        "--temperature", type=_args.non_negative_float, default=0.0, help="0 means greedy (default)"
+    )
+    parser.add_argument("--top-k", type=_args.non_negative_int, default=0)
+    parser.add_argument("--top-p", type=_args.top_p, default=1.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _args.parse(build_parser(), argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
     except KeyboardInterrupt:
+        _Stdout.end_line()
+        print("lambda-split: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one line on stderr, the traceback only with --debug
+        _Stdout.end_line()
         if args.debug:
             traceback.print_exc()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

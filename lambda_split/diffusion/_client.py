@@ -18,7 +18,7 @@ import diffusers
 import torch
 
 from lambda_split._codec import Encoding
-from lambda_split._errors import FingerprintMismatch, ProtocolMismatch
+from lambda_split._errors import FingerprintMismatch, LimitExceeded, ModeMismatch, ProtocolMismatch
 from lambda_split._session import check_reply, connect_verified
 from lambda_split.diffusion._sources import DiffusionSource, resolve_diffusion
 from lambda_split.diffusion._trunk import RemoteUNetTrunk, TrunkUNet
@@ -40,6 +40,8 @@ class DiffusionServerInfo:
     sample_size: tuple[int, int]
     security: str
     protocol_version: int
+    #: U-Net steps a session may run (None: the server does not say).
+    max_steps: int | None = None
 
     @classmethod
     def parse(cls, data: Any) -> DiffusionServerInfo:
@@ -59,9 +61,15 @@ class DiffusionServerInfo:
                 (int(height), int(width)),
                 str(data["security"]),
                 int(data["protocol_version"]),
+                _positive(data.get("limits"), "max_steps_per_session"),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ProtocolMismatch(f"malformed /v1/info reply: {exc}") from None
+
+
+def _positive(data: Any, name: str) -> int | None:
+    value = data.get(name) if isinstance(data, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def fetch_diffusion_info(transport: Transport) -> DiffusionServerInfo:
@@ -141,8 +149,8 @@ class DiffusionClient:
         Encoding.parse(wire)
         info = fetch_diffusion_info(transport)
         if info.security != transport.security:
-            raise ProtocolMismatch(
-                f"server runs in {info.security!r} mode, this client in {transport.security!r}"
+            raise ModeMismatch(
+                f"the server is in mode {info.security}, not {transport.security}; pass --security {info.security}"
             )
         source = resolve_diffusion(model or info.model) if not isinstance(model, DiffusionSource) else model
         if source.pipeline != info.pipeline:
@@ -181,6 +189,10 @@ class DiffusionClient:
         """
         if steps < 1:
             raise ValueError("steps must be at least 1")
+        if self.info.max_steps is not None and steps > self.info.max_steps:
+            raise LimitExceeded(
+                f"{steps:,} steps asked for; this server runs at most {self.info.max_steps:,} per image"
+            )
         pipe = self.pipeline
         original = pipe.scheduler
         if scheduler is not None:

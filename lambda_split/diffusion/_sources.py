@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lambda_split.diffusion import _quiet  # noqa: F401 (must run before diffusers imports its pipelines)
+
+# isort: split
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -31,10 +34,10 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
 from lambda_split._errors import ModelNotFoundError
+from lambda_split._names import BUILTIN_DIFFUSION_MODELS as BUILTIN_DIFFUSION_MODELS
+from lambda_split._names import TINY_SD as TINY_SD
+from lambda_split._names import TINY_SDXL as TINY_SDXL
 
-TINY_SD = "tiny-random-sd"
-TINY_SDXL = "tiny-random-sdxl"
-BUILTIN_DIFFUSION_MODELS = (TINY_SD, TINY_SDXL)
 PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "sd": StableDiffusionPipeline,
     "sdxl": StableDiffusionXLPipeline,
