@@ -106,11 +106,17 @@ class _LayerStack(nn.Module):
         if len(self.layers) == 0:
             return hidden
         position_ids = positions_from_mask(mask)[:, -length:]  # (B, T)
+        return self._layers(hidden, mask, position_ids, state.cache)
+
+    def _layers(
+        self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        """The layers on ``hidden`` (B, T, C); ``mask`` (B, S) covers the cache's keys, ``position_ids`` is (B, T)."""
         mask_args: dict[str, Any] = dict(
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=mask,
-            past_key_values=state.cache,
+            past_key_values=cache,
             position_ids=position_ids,
             layer_idx=self.first,
         )
@@ -124,7 +130,7 @@ class _LayerStack(nn.Module):
                 attention_mask=masks[getattr(layer, "attention_type", "full_attention")],
                 position_embeddings=rotary,
                 position_ids=position_ids,
-                past_key_values=state.cache,
+                past_key_values=cache,
                 use_cache=True,
             )
         return hidden
@@ -166,6 +172,13 @@ class Trunk(_LayerStack):
         state = state if state is not None else self.new_state()
         new_mask = attention_mask if attention_mask is not None else _ones(hidden)
         return self.run(hidden, _advance(state, new_mask), state)
+
+    def forward_batch(self, hidden: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Run rows of several sessions at once; ``batch`` is a :class:`~lambda_split._kvslots.PoolBatch`
+        that supplies their KV cache, key mask (R, L) and position ids (R, T)."""
+        if len(self.layers) == 0:
+            return hidden
+        return self._layers(hidden, batch.mask, batch.positions, batch)  # (R, T, C)
 
 
 class Tail(_LayerStack):
