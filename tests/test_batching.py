@@ -186,3 +186,37 @@ def test_eviction_and_expiry_free_slots_without_touching_other_sessions(
     assert executor.pool.used == 23 and executor.pool.capacity == 64  # slots of "old" were reused
     service.close_session("new", sids["new"])
     assert executor.pool.used == 11
+
+
+def test_metrics_show_batch_sizes_queue_time_and_slot_occupancy(parts: tuple[Head, Trunk, Tail]) -> None:
+    from prometheus_client import generate_latest
+
+    from server.observability import Metrics
+
+    executor = LLMExecutor(parts[1])
+    service = TrunkService(executor)
+    metrics = Metrics()
+    metrics.watch(service)
+    states = [executor.new_state() for _ in range(3)]
+    for state in states:
+        executor.step(state, frame_for(torch.randn(1, 4, 64), torch.ones(1, 4)), LIMITS)
+    with torch.inference_mode():
+        steps = [
+            executor.scheduler.enqueue(
+                "a", 1, 1, executor.prepare(s, frame_for(torch.randn(1, 1, 64), torch.ones(1, 1)), LIMITS)
+            )
+            for s in states
+        ]
+        executor.scheduler.drain()
+    assert all(s.error is None for s in steps)
+    text = generate_latest(metrics.registry).decode()
+    for line in (
+        'lambda_split_batch_rows_bucket{le="2"} 0.0',
+        'lambda_split_batch_rows_bucket{le="4"} 1.0',
+        "lambda_split_batch_rows_sum 3.0",
+        "lambda_split_prefills_total 3.0",
+        "lambda_split_kv_slots_used 12.0",
+        "lambda_split_steps_queued 0.0",
+    ):
+        assert line in text, line
+    assert "lambda_split_step_queue_seconds_total" in text and "lambda_split_kv_slot_bytes_total" in text
