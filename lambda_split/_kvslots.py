@@ -187,7 +187,12 @@ class PoolBatch:
         rows, heads, length, dim = key.shape
         keys.index_copy_(0, self.write, key.transpose(1, 2).reshape(rows * length, heads, dim))
         values.index_copy_(0, self.write, value.transpose(1, 2).reshape(rows * length, heads, dim))
-        return keys[self.gather].transpose(1, 2), values[self.gather].transpose(1, 2)
+        return self._read(keys), self._read(values)
+
+    def _read(self, store: torch.Tensor) -> torch.Tensor:
+        rows, length = self.gather.shape
+        picked = store.index_select(0, self.gather.view(-1)).view(rows, length, *store.shape[1:])
+        return picked.transpose(1, 2).contiguous()  # (R, H, L, D), as attention kernels like it
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.length, 0
