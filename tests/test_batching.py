@@ -220,3 +220,16 @@ def test_metrics_show_batch_sizes_queue_time_and_slot_occupancy(parts: tuple[Hea
     ):
         assert line in text, line
     assert "lambda_split_step_queue_seconds_total" in text and "lambda_split_kv_slot_bytes_total" in text
+
+
+def test_a_step_queued_past_its_deadline_is_refused_with_503_and_retry_after(
+    parts: tuple[Head, Trunk, Tail],
+) -> None:
+    readings = iter([0.0, 31.0])  # queued at 0 s, looked at by the runner at 31 s
+
+    executor = LLMExecutor(parts[1], clock=lambda: next(readings))
+    state = executor.new_state()
+    with pytest.raises(ServiceError) as late:
+        executor.step_as("a", state, frame_for(torch.randn(1, 1, 64), torch.ones(1, 1)), LIMITS)
+    assert (late.value.status, late.value.code, late.value.retry_after) == (503, "step_timeout", 1)
+    assert state.seen == 0 and executor.pool.used == 0 and state.in_flight == 0
