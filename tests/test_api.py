@@ -19,6 +19,14 @@ INTERNAL = {
     "check_reply",
     "json_request",
     "connect_verified",
+    # the trunk's batching machinery, reached through LLMExecutor
+    "SlotPool",
+    "SlotState",
+    "PoolBatch",
+    "StepScheduler",
+    "Step",
+    "SchedulerStats",
+    "QueueTimeout",
 }
 
 
