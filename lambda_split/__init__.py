@@ -29,7 +29,9 @@ _EXPORTS = {
     "lambda_split._models": ("Checkpoint", "fingerprint", "preload", "resolve"),
     "lambda_split._parts": ("Head", "PartState", "SplitModel", "SplitSpec", "Tail", "Trunk", "load_parts"),
     "lambda_split._session": ("RemoteSession",),
+    "lambda_split._scheduler": ("SchedulerConfig",),
     "lambda_split._service": (
+        "BatchingExecutor",
         "Executor",
         "LLMExecutor",
         "ServiceError",
@@ -155,6 +157,8 @@ if TYPE_CHECKING:
     from lambda_split._parts import (
         load_parts as load_parts,
     )
+    from lambda_split._scheduler import SchedulerConfig as SchedulerConfig
+    from lambda_split._service import BatchingExecutor as BatchingExecutor
     from lambda_split._service import (
         Executor as Executor,
     )

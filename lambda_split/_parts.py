@@ -108,6 +108,12 @@ class _LayerStack(nn.Module):
         if len(self.layers) == 0:
             return hidden
         position_ids = positions_from_mask(mask)[:, -length:]  # (B, T)
+        return self._layers(hidden, mask, position_ids, state.cache)
+
+    def _layers(
+        self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        """The layers on ``hidden`` (B, T, C); ``mask`` (B, S) covers the cache's keys, ``position_ids`` is (B, T)."""
         mask_args: dict[str, Any] = dict(
             config=self.config,
             inputs_embeds=hidden,
@@ -115,7 +121,7 @@ class _LayerStack(nn.Module):
             position_ids=position_ids,
             layer_idx=self.first,
         )
-        mask_args[_MASK_CACHE_KWARG] = state.cache
+        mask_args[_MASK_CACHE_KWARG] = cache
         masks = {"full_attention": create_causal_mask(**mask_args)}
         if any(getattr(layer, "attention_type", "") == "sliding_attention" for layer in self.layers):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
@@ -127,7 +133,7 @@ class _LayerStack(nn.Module):
                 position_embeddings=rotary,
                 position_ids=position_ids,
                 use_cache=True,
-                **{_cache_kwarg(type(layer)): state.cache},  # type: ignore[arg-type]
+                **{_cache_kwarg(type(layer)): cache},  # type: ignore[arg-type]
             )
         return hidden
 
@@ -181,6 +187,13 @@ class Trunk(_LayerStack):
         state = state if state is not None else self.new_state()
         new_mask = attention_mask if attention_mask is not None else _ones(hidden)
         return self.run(hidden, _advance(state, new_mask), state)
+
+    def forward_batch(self, hidden: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Run rows of several sessions at once; ``batch`` is a :class:`~lambda_split._kvslots.PoolBatch`
+        that supplies their KV cache, key mask (R, L) and position ids (R, T)."""
+        if len(self.layers) == 0:
+            return hidden
+        return self._layers(hidden, batch.mask, batch.positions, batch)  # (R, T, C)
 
 
 class Tail(_LayerStack):

@@ -10,8 +10,9 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -25,8 +26,10 @@ from lambda_split._codec import (
     decode_frame,
     encode_frame,
 )
+from lambda_split._kvslots import PoolBatch, SlotPool, SlotState
 from lambda_split._models import Checkpoint
-from lambda_split._parts import PartState, Trunk
+from lambda_split._parts import Trunk
+from lambda_split._scheduler import QueueTimeout, SchedulerConfig, Step, StepScheduler
 
 
 class ServiceError(Exception):
@@ -95,20 +98,52 @@ class Executor(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+@runtime_checkable
+class BatchingExecutor(Protocol):
+    """An executor that schedules steps itself (so the service takes no compute lock) and
+    whose session state holds resources to give back when a session ends."""
+
+    def step_as(
+        self, owner: str, state: Any, frame: Frame, limits: ServiceLimits
+    ) -> dict[str, torch.Tensor]: ...
+    def release(self, state: Any) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class _Work:
+    state: SlotState
+    hidden: torch.Tensor  # (B, T, C) in the trunk's dtype
+    mask: torch.Tensor  # (B, T) of 0/1
+
+
 class LLMExecutor:
-    """Runs a decoder trunk: hidden (B, T, C) and mask (B, T) in, hidden (B, T, C) out."""
+    """Runs a decoder trunk: hidden (B, T, C) and mask (B, T) in, hidden (B, T, C) out.
+
+    Steps of different sessions are batched by a :class:`StepScheduler`; their KV caches
+    live in one :class:`SlotPool`.
+    """
 
     step_kinds = frozenset({FrameKind.LLM_STEP})
     result_kind = FrameKind.LLM_RESULT
 
-    def __init__(self, trunk: Trunk) -> None:
+    def __init__(
+        self,
+        trunk: Trunk,
+        scheduling: SchedulerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.trunk = trunk
         self.hidden_size = int(trunk.config.hidden_size)
+        self.pool = SlotPool(len(trunk.layers))
+        self.scheduler = StepScheduler(self._run, scheduling, clock=clock)
 
-    def new_state(self) -> PartState:
-        return self.trunk.new_state()
+    def new_state(self) -> SlotState:
+        return SlotState()
 
-    def step(self, state: PartState, frame: Frame, limits: ServiceLimits) -> dict[str, torch.Tensor]:
+    def prepare(self, state: SlotState, frame: Frame, limits: ServiceLimits) -> _Work:
+        """Check a step's frame against the session and the limits, before it is queued."""
         hidden = frame.tensor("hidden", rank=3)
         mask = frame.tensor("mask", rank=2)
         batch, length, width = hidden.shape
@@ -118,8 +153,8 @@ class LLMExecutor:
             raise FrameError("mask must be U8 of shape (batch, tokens)")
         if int(mask.max()) > 1:
             raise FrameError("mask values must be 0 or 1")
-        if state.mask is not None and state.mask.shape[0] != batch:
-            raise FrameError(f"batch size changed from {state.mask.shape[0]} to {batch} within the session")
+        if state.rows is not None and state.rows != batch:
+            raise FrameError(f"batch size changed from {state.rows} to {batch} within the session")
         if batch > limits.max_batch or length > limits.max_step_tokens:
             raise ServiceError(
                 413,
@@ -131,22 +166,74 @@ class LLMExecutor:
             raise ServiceError(
                 422, "session_token_limit", f"a session holds at most {limits.max_tokens_per_session} tokens"
             )
-        with torch.inference_mode():
-            out = self.trunk(hidden.to(self.trunk_dtype), mask.long(), state)
+        return _Work(state, hidden.to(self.trunk_dtype), mask.long())
+
+    def step(self, state: SlotState, frame: Frame, limits: ServiceLimits) -> dict[str, torch.Tensor]:
+        return self.step_as("", state, frame, limits)
+
+    def step_as(
+        self, owner: str, state: SlotState, frame: Frame, limits: ServiceLimits
+    ) -> dict[str, torch.Tensor]:
+        work = self.prepare(state, frame, limits)
+        self.pool.hold(state)
+        try:
+            out = self.scheduler.submit(owner, work.hidden.shape[0], work.hidden.shape[1], work)
+        except QueueTimeout as exc:
+            raise ServiceError(
+                503, "step_timeout", f"the server is overloaded: {exc}", retry_after=1
+            ) from None
+        finally:
+            self.pool.finish(state)
         return {"hidden": out.float()}
+
+    def _run(self, steps: Sequence[Step]) -> list[Any]:
+        """One forward over the rows of ``steps`` (all decode steps, or one prefill)."""
+        results: list[Any] = [_gone() if s.payload.state.released else None for s in steps]
+        works: list[_Work] = [s.payload for s, r in zip(steps, results, strict=True) if r is None]
+        if not works:
+            return results
+        with torch.inference_mode():
+            batch = PoolBatch(self.pool, self.trunk.first, [(w.state, w.mask) for w in works])
+            try:
+                out = self.trunk.forward_batch(torch.cat([w.hidden for w in works]), batch)  # (R, T, C)
+            except BaseException:
+                batch.abort()
+                raise
+            batch.commit()
+        outputs = iter(torch.split(out, [w.hidden.shape[0] for w in works]))
+        return [next(outputs) if r is None else r for r in results]
 
     @property
     def trunk_dtype(self) -> torch.dtype:
         return next(iter(self.trunk.parameters()), torch.empty(0)).dtype
 
-    def state_bytes(self, state: PartState) -> int:
-        return state.cache_bytes()
+    def release(self, state: SlotState) -> None:
+        self.pool.release(state)
 
-    def state_tokens(self, state: PartState) -> int:
+    def state_bytes(self, state: SlotState) -> int:
+        return state.seen * (state.rows or 0) * self.pool.bytes_per_token
+
+    def state_tokens(self, state: SlotState) -> int:
         return state.seen
+
+    def stats(self) -> dict[str, Any]:
+        """Batch sizes, queue waits and KV pool occupancy, for /metrics."""
+        per_token = self.pool.bytes_per_token
+        return {
+            **self.scheduler.stats.snapshot(),
+            "queued": self.scheduler.queued,
+            "slots_used": self.pool.used,
+            "slots_total": self.pool.capacity,
+            "slot_bytes_used": self.pool.used * per_token,
+            "slot_bytes_total": self.pool.capacity * per_token,
+        }
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "llm", "hidden_size": self.hidden_size}
+
+
+def _gone() -> ServiceError:
+    return ServiceError(404, "session_not_found", "the session was closed during its step")
 
 
 @dataclass
@@ -184,13 +271,18 @@ class TrunkService:
     def cache_bytes(self) -> int:
         return sum(session.nbytes for session in self._sessions.values())
 
+    @property
+    def batching(self) -> dict[str, Any] | None:
+        """Batch sizes, queue waits and KV slot occupancy, if the executor batches steps."""
+        return self.executor.stats() if isinstance(self.executor, BatchingExecutor) else None
+
     def expire_idle(self) -> int:
         """Drop sessions idle for longer than the timeout; return how many were dropped."""
         deadline = self._clock() - self.limits.idle_timeout_s
         with self._lock:
             stale = [sid for sid, s in self._sessions.items() if s.last_used < deadline and not s.busy]
             for sid in stale:
-                del self._sessions[sid]
+                self._drop(sid)
             self.expired += len(stale)
         return len(stale)
 
@@ -262,8 +354,11 @@ class TrunkService:
                 raise FrameError(f"frame kind {frame.kind.name} is not served by this trunk")
             if frame.seq != session.next_seq:
                 raise ServiceError(409, "bad_sequence", f"expected sequence number {session.next_seq}")
-            with self._compute:
-                outputs = self.executor.step(session.state, frame, self.limits)
+            if isinstance(self.executor, BatchingExecutor):
+                outputs = self.executor.step_as(session.owner, session.state, frame, self.limits)
+            else:
+                with self._compute:
+                    outputs = self.executor.step(session.state, frame, self.limits)
         except FrameError as exc:
             raise ServiceError(400, "bad_frame", str(exc)) from None
         session.next_seq += 1
@@ -280,21 +375,26 @@ class TrunkService:
             victim = next((sid for sid, s in self._sessions.items() if sid != keep and not s.busy), None)
             if victim is None:
                 break
-            del self._sessions[victim]
+            self._drop(victim)
             self.evicted += 1
+
+    def _drop(self, sid: bytes) -> None:
+        session = self._sessions.pop(sid)
+        if isinstance(self.executor, BatchingExecutor):
+            self.executor.release(session.state)
 
     def close_owners(self, owners: frozenset[str]) -> int:
         """Drop every session of ``owners`` (identities just revoked); return how many."""
         with self._lock:
             doomed = [sid for sid, s in self._sessions.items() if s.owner in owners]
             for sid in doomed:
-                del self._sessions[sid]
+                self._drop(sid)
         return len(doomed)
 
     def close_session(self, owner: str, session_id: str) -> None:
         with self._lock:
             raw, _ = self._lookup(owner, session_id)
-            del self._sessions[raw]
+            self._drop(raw)
 
 
 def load_llm_service(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -99,7 +99,39 @@ class _SessionCollector(Collector):
             CounterMetricFamily(
                 "lambda_split_sessions_evicted", "Sessions evicted to bound memory", value=service.evicted
             ),
+            *_batching_metrics(getattr(service, "batching", None)),
         ]
+
+
+def _batching_metrics(stats: dict[str, Any] | None) -> list[Metric]:
+    """Batch sizes, queue waits and KV slot occupancy of a batching trunk (TrunkService.batching)."""
+    if stats is None:
+        return []
+    rows = HistogramMetricFamily("lambda_split_batch_rows", "Rows per batched decode forward")
+    sizes = sorted(stats["batch_rows"].items())
+    buckets = [
+        (str(bound), sum(n for size, n in sizes if size <= bound)) for bound in (1, 2, 4, 8, 16, 32, 64)
+    ]
+    total = sum(size * n for size, n in sizes)
+    rows.add_metric([], [*buckets, ("+Inf", stats["batches"])], sum_value=total)
+    gauge, counter = GaugeMetricFamily, CounterMetricFamily
+    return [
+        rows,
+        counter("lambda_split_prefills", "Prefill steps run alone", value=stats["prefills"]),
+        counter(
+            "lambda_split_step_queue_seconds",
+            "Time steps waited in the queue",
+            value=stats["queue_wait_s_total"],
+        ),
+        counter("lambda_split_steps_scheduled", "Steps the scheduler finished", value=stats["steps"]),
+        counter("lambda_split_step_timeouts", "Steps failed after their deadline", value=stats["timeouts"]),
+        gauge("lambda_split_steps_queued", "Steps waiting to run", value=stats["queued"]),
+        gauge("lambda_split_kv_slots_used", "KV token slots in use", value=stats["slots_used"]),
+        gauge("lambda_split_kv_slots_total", "KV token slots allocated", value=stats["slots_total"]),
+        gauge(
+            "lambda_split_kv_slot_bytes_total", "Bytes of the KV slot pool", value=stats["slot_bytes_total"]
+        ),
+    ]
 
 
 @dataclass

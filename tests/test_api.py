@@ -20,6 +20,14 @@ INTERNAL = {
     "json_request",
     "connect_verified",
     "explain",
+    # the trunk's batching machinery, reached through LLMExecutor
+    "SlotPool",
+    "SlotState",
+    "PoolBatch",
+    "StepScheduler",
+    "Step",
+    "SchedulerStats",
+    "QueueTimeout",
 }
 
 

@@ -62,8 +62,8 @@ def concurrency(
         "notes": [
             "clients are threads in the benchmark process, each with its own connection, AES-GCM session and "
             "trunk session; server and clients share this machine's cores and one Python interpreter",
-            "the trunk service runs one step at a time (a compute lock), so aggregate throughput can only grow "
-            "by overlapping the clients' head/tail work and network I/O with trunk compute",
+            "the trunk batches the decode steps of concurrent sessions into one forward "
+            "(lambda_split/_scheduler.py); the clients' head/tail work shares the same cores",
         ],
     }
 

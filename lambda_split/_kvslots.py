@@ -1,0 +1,216 @@
+"""The trunk's KV cache: one pool of token slots per layer, shared by every session's rows.
+
+A session's row owns a list of slots, one per token it has seen; a step writes only its new
+tokens' keys and values into fresh slots. A forward over several sessions reads each row's
+slots gathered right-aligned to the longest row, so that every row's newest token sits at the
+same key index: the model's own mask builders (causal and sliding window) then hold for every
+row, and a left-padding mask hides the gap of shorter rows. Nothing persistent is copied per
+step; attention's read of the batch's keys and values is one gather per layer (the per-session
+``DynamicCache`` concatenated its whole cache per layer per step instead).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class SlotPool:
+    """Key and value storage for ``num_layers`` layers, ``capacity`` token slots each.
+
+    The pool grows by doubling when a step needs more slots than are free (a rare copy,
+    amortised over the steps that filled it) and never shrinks; freed slots are reused first.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # each (capacity, H, D)
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.capacity = 0
+        self._free = torch.empty(0, dtype=torch.long)  # a stack of free slot ids
+        self._free_count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        return self.capacity - self._free_count
+
+    @property
+    def bytes_per_token(self) -> int:
+        return sum(t.element_size() * t[0].numel() for t in (*self.keys, *self.values) if t is not None)
+
+    def allocate(self, count: int) -> torch.Tensor:
+        """Take ``count`` free slots (growing the pool if needed); return their ids."""
+        with self._lock:
+            if self._free_count < count:
+                self._grow(count - self._free_count)
+            ids = self._free[self._free_count - count : self._free_count].clone()
+            self._free_count -= count
+            return ids
+
+    def free(self, ids: torch.Tensor) -> None:
+        with self._lock:
+            self._free_locked(ids)
+
+    @torch.inference_mode()  # the pool's tensors are made in inference mode, by the forward
+    def _free_locked(self, ids: torch.Tensor) -> None:
+        self._free[self._free_count : self._free_count + ids.numel()] = ids.reshape(-1)
+        self._free_count += ids.numel()
+
+    def _grow(self, need: int) -> None:
+        old, new = self.capacity, max(2 * self.capacity, self.capacity + need, 64)
+        free = torch.empty(new, dtype=torch.long)
+        free[: self._free_count] = self._free[: self._free_count]
+        # New ids go on the stack so that the lowest is handed out first.
+        free[self._free_count : self._free_count + new - old] = torch.arange(new - 1, old - 1, -1)
+        self._free, self._free_count = free, self._free_count + new - old
+        for store in (self.keys, self.values):
+            for index, tensor in enumerate(store):
+                if tensor is not None:
+                    # Zeros, not garbage: padding reads of a gather must be finite under a mask.
+                    store[index] = torch.cat([tensor, tensor.new_zeros(new - old, *tensor.shape[1:])])
+        self.capacity = new
+
+    def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (capacity, H, D) keys and values of layer ``index``, created on first use like ``like`` (B, H, T, D)."""
+        keys, values = self.keys[index], self.values[index]
+        if keys is None or values is None:
+            shape = (self.capacity, like.shape[1], like.shape[3])
+            keys = self.keys[index] = like.new_zeros(shape)
+            values = self.values[index] = like.new_zeros(shape)
+        return keys, values
+
+    # -- sessions -------------------------------------------------------------------------------
+    def hold(self, state: SlotState) -> None:
+        """Mark ``state`` as used by a queued or running step: releasing it waits for :meth:`finish`."""
+        with self._lock:
+            state.in_flight += 1
+
+    def finish(self, state: SlotState) -> None:
+        with self._lock:
+            state.in_flight -= 1
+            if state.released and state.in_flight == 0:
+                self._drop_locked(state)
+
+    def release(self, state: SlotState) -> None:
+        """Return a closed, expired or evicted session's slots, once no step uses them any more."""
+        with self._lock:
+            state.released = True
+            if state.in_flight == 0:
+                self._drop_locked(state)
+
+    def _drop_locked(self, state: SlotState) -> None:
+        if state.slots is not None and state.seen:
+            self._free_locked(state.slots[:, : state.seen])
+        state.slots, state.mask, state.seen = None, None, 0
+
+
+@dataclass(eq=False)
+class SlotState:
+    """One session's rows: their slots, and the 0/1 mask of every position seen (padding is 0)."""
+
+    rows: int | None = None
+    seen: int = 0
+    slots: torch.Tensor | None = None  # (B, capacity) slot ids, the first ``seen`` in use
+    mask: torch.Tensor | None = None  # (B, capacity) of 0/1, the first ``seen`` in use
+    ones: torch.Tensor | None = None  # (B,) tokens that are not padding, for position ids
+    in_flight: int = 0
+    released: bool = False
+
+    def _append(self, ids: torch.Tensor, new_mask: torch.Tensor) -> None:
+        rows, length = new_mask.shape
+        need = self.seen + length
+        if self.slots is None or self.mask is None or self.slots.shape[1] < need:
+            size = max(need, 2 * self.seen, 16)
+            slots, mask = ids.new_zeros(rows, size), new_mask.new_zeros(rows, size)
+            if self.slots is not None and self.mask is not None:
+                slots[:, : self.seen] = self.slots[:, : self.seen]
+                mask[:, : self.seen] = self.mask[:, : self.seen]
+            self.slots, self.mask = slots, mask
+        self.slots[:, self.seen : need] = ids
+        self.mask[:, self.seen : need] = new_mask
+        self.ones = new_mask.sum(-1) + (self.ones if self.ones is not None else 0)
+        self.seen = need
+
+
+@dataclass(eq=False)
+class PoolBatch:
+    """The rows of some sessions for one forward, seen by the decoder layers as their KV cache.
+
+    ``parts`` pairs each session's state with its new tokens' mask (B_s, T); T is the same
+    for all. The layers call :meth:`update`; the mask builders call :meth:`get_mask_sizes`
+    and :meth:`get_query_offset`. Nothing changes in a state until :meth:`commit`.
+    """
+
+    pool: SlotPool
+    first_layer: int
+    parts: list[tuple[SlotState, torch.Tensor]]
+    is_compileable: bool = False
+    length: int = field(init=False)  # L: key positions every row is aligned to
+    tokens: int = field(init=False)  # T
+    write: torch.Tensor = field(init=False)  # (R * T,) slots of the new tokens, row-major
+    gather: torch.Tensor = field(init=False)  # (R, L) slot of each key position
+    mask: torch.Tensor = field(init=False)  # (R, L) 0/1, left padding where a row is shorter
+    positions: torch.Tensor = field(init=False)  # (R, T) position ids of the new tokens
+
+    def __post_init__(self) -> None:
+        self.tokens = self.parts[0][1].shape[1]
+        self.length = max(state.seen for state, _ in self.parts) + self.tokens
+        rows = sum(new_mask.shape[0] for _, new_mask in self.parts)
+        self.write = self.pool.allocate(rows * self.tokens)
+        self.gather = torch.zeros(rows, self.length, dtype=torch.long)
+        self.mask = torch.zeros(rows, self.length, dtype=torch.long)
+        self.positions = torch.zeros(rows, self.tokens, dtype=torch.long)
+        row = 0
+        for state, new_mask in self.parts:
+            count, seen = new_mask.shape[0], state.seen
+            new_ids = self.write[row * self.tokens : (row + count) * self.tokens].view(count, self.tokens)
+            start, rows_here = self.length - seen - self.tokens, slice(row, row + count)
+            self.gather[rows_here, self.length - self.tokens :] = new_ids
+            self.mask[rows_here, self.length - self.tokens :] = new_mask
+            if seen and state.slots is not None and state.mask is not None:
+                self.gather[rows_here, start : start + seen] = state.slots[:, :seen]
+                self.mask[rows_here, start : start + seen] = state.mask[:, :seen]
+            # As positions_from_mask() over the whole row: padding skipped, padded positions 0.
+            before = state.ones[:, None] if state.ones is not None else 0
+            self.positions[rows_here] = (before + new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
+            row += count
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new (R, H, T, D) keys and values; return every row's (R, H, L, D)."""
+        keys, values = self.pool.layer(layer_idx - self.first_layer, key)
+        rows, heads, length, dim = key.shape
+        keys.index_copy_(0, self.write, key.transpose(1, 2).reshape(rows * length, heads, dim))
+        values.index_copy_(0, self.write, value.transpose(1, 2).reshape(rows * length, heads, dim))
+        return self._read(keys), self._read(values)
+
+    def _read(self, store: torch.Tensor) -> torch.Tensor:
+        rows, length = self.gather.shape
+        picked = store.index_select(0, self.gather.view(-1)).view(rows, length, *store.shape[1:])
+        return picked.transpose(1, 2).contiguous()  # (R, H, L, D), as attention kernels like it
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.length - self.tokens
+
+    def commit(self) -> None:
+        """Make the new tokens part of their sessions (after a successful forward)."""
+        row = 0
+        for state, new_mask in self.parts:
+            count = new_mask.shape[0]
+            state._append(
+                self.write[row * self.tokens : (row + count) * self.tokens].view(count, -1), new_mask
+            )
+            state.rows = count
+            row += count
+
+    def abort(self) -> None:
+        """Give the new tokens' slots back (after a failed forward)."""
+        self.pool.free(self.write)

@@ -1,0 +1,227 @@
+"""Continuous batching of trunk steps across sessions.
+
+Who waits: every request thread, after :meth:`StepScheduler.enqueue`, waits for its step.
+Who runs: whichever waiter finds nobody running becomes the runner. It takes what is queued
+when the previous batch finishes (no timing constant), runs it as one forward, hands out the
+results, and keeps running until its own step is done; then another waiter takes over.
+What a step costs: a decode step (one new token per row) costs its rows, and decode steps of
+different sessions share one forward up to ``max_rows`` rows. A prefill (several new tokens)
+runs alone; when both kinds wait, prefills and decode batches alternate, so a long prompt
+delays everyone's next token by at most one prefill.
+
+Fairness: owners (authenticated identities) take turns, one step each per round, and an
+owner served moves to the back of the line, so many sessions of one identity cannot starve
+another. A step not taken within ``deadline_s`` fails with :class:`QueueTimeout`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class QueueTimeout(Exception):
+    """A step waited longer than the scheduler's deadline and was not run."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """``max_rows``: rows of one decode batch. ``deadline_s``: longest wait in the queue."""
+
+    max_rows: int = 32
+    deadline_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_rows < 1:
+            raise ValueError("max_rows must be at least 1")
+        if self.deadline_s <= 0:
+            raise ValueError("deadline_s must be positive")
+
+
+@dataclass(eq=False)
+class Step:
+    """One session's step: ``rows`` rows of ``tokens`` new tokens each; ``payload`` is the executor's."""
+
+    owner: str
+    rows: int
+    tokens: int
+    payload: Any
+    submitted: float
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.tokens > 1
+
+
+@dataclass
+class SchedulerStats:
+    """What the scheduler did: batch sizes in rows, time steps spent queued, deadline failures."""
+
+    batch_rows: Counter[int] = field(default_factory=Counter)  # rows of a batch -> how many batches
+    prefills: int = 0
+    queue_wait_s_total: float = 0.0
+    queue_wait_s_max: float = 0.0
+    steps: int = 0
+    timeouts: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "batches": sum(self.batch_rows.values()),
+            "batch_rows": dict(sorted(self.batch_rows.items())),
+            "prefills": self.prefills,
+            "steps": self.steps,
+            "queue_wait_s_total": self.queue_wait_s_total,
+            "queue_wait_s_max": self.queue_wait_s_max,
+            "timeouts": self.timeouts,
+        }
+
+
+#: Runs a batch; returns one result per step, or an exception instance for a step that failed.
+RunBatch = Callable[[Sequence[Step]], Sequence[Any]]
+
+
+class StepScheduler:
+    """Queues steps of many sessions and runs them in batches through ``run_batch``."""
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        config: SchedulerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or SchedulerConfig()
+        self.stats = SchedulerStats()
+        self._run_batch = run_batch
+        self._clock = clock
+        self._queue: list[Step] = []  # arrival order
+        self._turns: dict[str, None] = {}  # owners with queued steps, next to be served first
+        self._running = False
+        self._last_prefill = False
+        self._cond = threading.Condition()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def submit(self, owner: str, rows: int, tokens: int, payload: Any) -> Any:
+        """Queue a step and wait for its result (raising its error, or :class:`QueueTimeout`)."""
+        return self.wait(self.enqueue(owner, rows, tokens, payload))
+
+    def enqueue(self, owner: str, rows: int, tokens: int, payload: Any) -> Step:
+        step = Step(owner, rows, tokens, payload, self._clock())
+        with self._cond:
+            self._queue.append(step)
+            self._turns.setdefault(owner, None)
+        return step
+
+    def wait(self, step: Step) -> Any:
+        with self._cond:
+            while not step.done and self._running:
+                self._cond.wait()
+            if not step.done:
+                self._running = True
+        if not step.done:
+            self._lead(until=step)
+        if step.error is not None:
+            raise step.error
+        return step.result
+
+    def drain(self) -> None:
+        """Run batches in this thread until the queue is empty (when nobody else is running)."""
+        with self._cond:
+            if self._running:
+                raise RuntimeError("another thread is running the scheduler")
+            self._running = True
+        self._lead(until=None)
+
+    # -- the runner -----------------------------------------------------------------------------
+    def _lead(self, until: Step | None) -> None:
+        try:
+            while until is None or not until.done:
+                with self._cond:
+                    batch = self._take()
+                    self._cond.notify_all()  # steps that timed out are done
+                if not batch:
+                    break
+                self._run(batch)
+        finally:
+            with self._cond:
+                self._running = False
+                self._cond.notify_all()
+
+    def _take(self) -> list[Step]:
+        """Choose the next batch (under the lock) and remove it from the queue."""
+        now = self._clock()
+        for step in [s for s in self._queue if now - s.submitted > self.config.deadline_s]:
+            self._queue.remove(step)
+            self.stats.timeouts += 1
+            self._finish(step, error=QueueTimeout(f"the step waited over {self.config.deadline_s:g} s"))
+        prefills = [s for s in self._queue if s.is_prefill]
+        decodes = [s for s in self._queue if not s.is_prefill]
+        order = {owner: turn for turn, owner in enumerate(self._turns)}
+        if prefills and (not decodes or not self._last_prefill):
+            batch = [min(prefills, key=lambda s: order[s.owner])]
+            self.stats.prefills += 1
+        else:
+            batch = self._round_robin(decodes)
+        self._last_prefill = bool(batch) and batch[0].is_prefill
+        for step in batch:
+            self._queue.remove(step)
+            wait = now - step.submitted
+            self.stats.queue_wait_s_total += wait
+            self.stats.queue_wait_s_max = max(self.stats.queue_wait_s_max, wait)
+        if batch and not batch[0].is_prefill:
+            self.stats.batch_rows[sum(s.rows for s in batch)] += 1
+        for step in batch:  # served owners go to the back of the line
+            self._turns.pop(step.owner, None)
+            self._turns[step.owner] = None
+        queued_owners = {s.owner for s in self._queue}
+        for owner in [o for o in self._turns if o not in queued_owners]:
+            del self._turns[owner]
+        return batch
+
+    def _round_robin(self, decodes: list[Step]) -> list[Step]:
+        by_owner: dict[str, list[Step]] = {owner: [] for owner in self._turns}
+        for step in decodes:
+            by_owner[step.owner].append(step)
+        batch: list[Step] = []
+        rows = 0
+        while any(by_owner.values()):
+            for waiting in by_owner.values():
+                if not waiting:
+                    continue
+                if batch and rows + waiting[0].rows > self.config.max_rows:
+                    return batch
+                step = waiting.pop(0)
+                batch.append(step)
+                rows += step.rows
+        return batch
+
+    def _run(self, batch: list[Step]) -> None:
+        try:
+            results = list(self._run_batch(batch))
+        except Exception as exc:
+            if len(batch) > 1:  # run them one by one, so that a failure stays with its own step
+                for step in batch:
+                    self._run([step])
+                return
+            results = [exc]
+        with self._cond:
+            for step, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    self._finish(step, error=result)
+                else:
+                    self._finish(step, result=result)
+            self._cond.notify_all()
+
+    def _finish(self, step: Step, *, result: Any = None, error: BaseException | None = None) -> None:
+        step.result, step.error, step.done = result, error, True
+        self.stats.steps += 1

@@ -1,0 +1,162 @@
+"""The batching scheduler: who runs with whom, fairness, deadlines and failure isolation.
+
+An injected ``run_batch`` records the batches and a fake clock stands in for time, so nothing
+here depends on timing or threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from lambda_split._scheduler import QueueTimeout, SchedulerConfig, Step, StepScheduler
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    """Runs a batch by echoing each payload; fails the whole batch if it holds a payload "bad"."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+
+    def __call__(self, steps: Sequence[Step]) -> list[Any]:
+        payloads = [s.payload for s in steps]
+        self.batches.append(payloads)
+        if "bad" in payloads:
+            raise RuntimeError("this row cannot run")
+        return payloads
+
+
+def scheduler(max_rows: int = 8, deadline_s: float = 30.0) -> tuple[StepScheduler, Recorder, Clock]:
+    recorder, clock = Recorder(), Clock()
+    return StepScheduler(recorder, SchedulerConfig(max_rows, deadline_s), clock=clock), recorder, clock
+
+
+def test_decode_steps_of_different_sessions_share_one_batch() -> None:
+    sched, runs, _ = scheduler()
+    steps = [sched.enqueue(f"owner{i}", 1, 1, f"s{i}") for i in range(5)]
+    sched.drain()
+    assert runs.batches == [["s0", "s1", "s2", "s3", "s4"]]
+    assert [s.result for s in steps] == ["s0", "s1", "s2", "s3", "s4"]
+    assert sched.stats.batch_rows == {5: 1}
+
+
+def test_batches_are_capped_in_rows_and_a_session_keeps_its_rows_together() -> None:
+    sched, runs, _ = scheduler(max_rows=4)
+    for i, rows in enumerate([3, 2, 1, 4]):
+        sched.enqueue(f"o{i}", rows, 1, f"s{i}")
+    sched.drain()
+    assert runs.batches == [["s0"], ["s1", "s2"], ["s3"]]
+    assert all(sum([3, 2, 1, 4][int(p[1])] for p in batch) <= 4 for batch in runs.batches)
+
+
+def test_one_identity_with_many_sessions_cannot_starve_another() -> None:
+    sched, runs, _ = scheduler(max_rows=2)
+    for i in range(6):
+        sched.enqueue("greedy", 1, 1, f"g{i}")
+    sched.enqueue("modest", 1, 1, "m0")
+    sched.drain()
+    assert runs.batches[0] == ["g0", "m0"]  # the late arrival rides in the very first batch
+    # Round robin: with both owners waiting, each batch holds one step of each.
+    sched2, runs2, _ = scheduler(max_rows=2)
+    for i in range(4):
+        sched2.enqueue("greedy", 1, 1, f"g{i}")
+    for i in range(2):
+        sched2.enqueue("modest", 1, 1, f"m{i}")
+    sched2.drain()
+    assert runs2.batches[:2] == [["g0", "m0"], ["g1", "m1"]]
+
+
+def test_prefills_run_alone_and_alternate_with_decode_batches() -> None:
+    sched, runs, _ = scheduler()
+    for i in range(3):
+        sched.enqueue(f"p{i}", 1, 50, f"prefill{i}")
+    for i in range(3):
+        sched.enqueue(f"d{i}", 1, 1, f"decode{i}")
+    sched.drain()
+    assert runs.batches == [
+        ["prefill0"],
+        ["decode0", "decode1", "decode2"],
+        ["prefill1"],
+        ["prefill2"],  # nobody is decoding any more: nothing to alternate with
+    ]
+    assert sched.stats.prefills == 3 and sched.stats.batch_rows == {3: 1}
+
+
+def test_a_step_waiting_past_its_deadline_fails_and_is_not_run() -> None:
+    sched, runs, clock = scheduler(deadline_s=30)
+    old = sched.enqueue("a", 1, 1, "old")
+    clock.now = 20
+    young = sched.enqueue("b", 1, 1, "young")
+    clock.now = 31
+    with pytest.raises(QueueTimeout):
+        sched.wait(old)
+    assert sched.wait(young) == "young"
+    assert runs.batches == [["young"]]
+    assert sched.stats.timeouts == 1 and sched.stats.queue_wait_s_max == 11
+
+
+def test_a_failing_row_fails_alone() -> None:
+    sched, runs, _ = scheduler()
+    good = [sched.enqueue("a", 1, 1, "x"), sched.enqueue("b", 1, 1, "bad"), sched.enqueue("c", 1, 1, "y")]
+    sched.drain()
+    assert runs.batches == [["x", "bad", "y"], ["x"], ["bad"], ["y"]]  # the batch is retried row by row
+    assert good[0].result == "x" and good[2].result == "y"
+    assert isinstance(good[1].error, RuntimeError)
+
+
+def test_the_waiter_that_finds_nobody_running_runs_everyone_queued() -> None:
+    sched, runs, _ = scheduler()
+    other = sched.enqueue("a", 1, 1, "queued earlier")
+    assert sched.submit("b", 1, 1, "mine") == "mine"
+    assert other.done and other.result == "queued earlier"
+    assert runs.batches == [["queued earlier", "mine"]]
+
+
+def test_config_is_validated() -> None:
+    for bad in ({"max_rows": 0}, {"deadline_s": 0}):
+        with pytest.raises(ValueError):
+            SchedulerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_request_threads_queue_behind_the_runner_and_one_of_them_takes_over() -> None:
+    go = threading.Event()
+    batches: list[list[str]] = []
+
+    def run(steps: Sequence[Step]) -> list[str]:
+        payloads = [s.payload for s in steps]
+        batches.append(payloads)
+        if payloads == ["first"]:
+            go.wait()
+        return [p.upper() for p in payloads]
+
+    sched = StepScheduler(run)
+    results: dict[str, str] = {}
+
+    def client(name: str) -> None:
+        results[name] = sched.submit(name, 1, 1, name)
+
+    threads = [threading.Thread(target=client, args=("first",))]
+    threads[0].start()
+    while not batches:  # the first step is running and holds the runner
+        go.wait(0.001)
+    threads += [threading.Thread(target=client, args=(name,)) for name in ("second", "third")]
+    for thread in threads[1:]:
+        thread.start()
+    while sched.queued < 2:
+        go.wait(0.001)
+    go.set()
+    for thread in threads:
+        thread.join()
+    assert batches == [["first"], ["second", "third"]]
+    assert results == {"first": "FIRST", "second": "SECOND", "third": "THIRD"}
