@@ -23,6 +23,7 @@ from lambda_split._generate import (
 from lambda_split._models import Checkpoint, fingerprint, resolve
 from lambda_split._parts import SplitModel, SplitSpec, load_parts
 from lambda_split._session import RemoteSession, check_reply, connect_verified
+from lambda_split._stream import StreamLink, TransportKind, make_link
 from lambda_split.protocol import (
     INFO_PATH,
     PROTOCOL_VERSION,
@@ -89,12 +90,16 @@ class SplitClient:
         *,
         wire: str = "fp32",
         prompt_bucket: int = 0,
+        transport_kind: TransportKind | None = None,
     ) -> None:
+        """``transport_kind`` is ``stream`` (one persistent stream for all sessions), ``http`` (one
+        request per step) or None: the stream when ``transport`` can open one."""
         if not isinstance(transport, Transport):
             raise TypeError("transport must be a secure_channel.Transport")
         if model.head is None or model.tail is None:
             raise ValueError("the client needs the head and the tail")
         self.transport = transport
+        self.link = make_link(transport, transport_kind)
         self.model = model
         self.head, self.tail = model.head, model.tail
         self.info = info
@@ -117,15 +122,22 @@ class SplitClient:
         timeout: float = 60.0,
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
+        transport_kind: TransportKind = "stream",
     ) -> SplitClient:
-        """Open a transport in the named security mode and verify the server. ``security`` has no default."""
+        """Open a transport in the named security mode and verify the server. ``security`` has no default;
+        steps go over one persistent stream unless ``transport_kind="http"``."""
         return connect_verified(
             url,
             security,
             keys,
             timeout,
             lambda transport: cls.from_transport(
-                transport, model, wire=wire, progress=progress, prompt_bucket=prompt_bucket
+                transport,
+                model,
+                wire=wire,
+                progress=progress,
+                prompt_bucket=prompt_bucket,
+                transport_kind=transport_kind,
             ),
         )
 
@@ -138,9 +150,11 @@ class SplitClient:
         wire: str = "fp32",
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
+        transport_kind: TransportKind | None = None,
     ) -> SplitClient:
         say = progress or (lambda _message: None)
         Encoding.parse(wire)
+        make_link(transport, transport_kind)  # an unusable transport kind fails before any model loads
         info = fetch_info(transport)
         if info.kind != "llm":
             raise ProtocolMismatch(f"the server runs a {info.kind} trunk, not a language model")
@@ -164,7 +178,9 @@ class SplitClient:
             )
         say(f"loading head and tail of {checkpoint.name}")
         parts = load_parts(checkpoint, spec, ("head", "tail"))
-        return cls(transport, parts, info, wire=wire, prompt_bucket=prompt_bucket)
+        return cls(
+            transport, parts, info, wire=wire, prompt_bucket=prompt_bucket, transport_kind=transport_kind
+        )
 
     @property
     def tokenizer(self) -> Any:
@@ -194,7 +210,7 @@ class SplitClient:
         on_text: TextCallback | None = None,
         keep_logits: bool = False,
     ) -> GenerationResult:
-        trunk = RemoteTrunk(self.transport, self.wire)
+        trunk = RemoteTrunk(self.link, self.wire)
         try:
             return generate_tokens(
                 self.head,
@@ -232,6 +248,8 @@ class SplitClient:
         worker.join()
 
     def close(self) -> None:
+        if isinstance(self.link, StreamLink):
+            self.link.shutdown()
         self.transport.close()
 
     def __enter__(self) -> SplitClient:

@@ -23,6 +23,7 @@ from secure_channel._records import (
     SESSION_ID_SIZE,
     ServerChannel,
 )
+from secure_channel._sealed_server import _serve_sealed_stream
 from secure_channel._trust import ServerTrust
 from secure_channel._wire import (
     CONTENT_TYPE,
@@ -111,6 +112,8 @@ class AESGCMMiddleware:
     request in flight, and all sessions together buffer at most ``max_unauthenticated_bytes``
     of records whose tag has not been checked yet (503 beyond). ``handshake_rate`` =
     ``(per_second, burst)`` rate-limits handshakes per source address, one token per handshake.
+    A WebSocket is a sealed stream (:mod:`secure_channel._sealed_server`): it must name a
+    channel session and send its sealed opening within ``stream_open_timeout_s``.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class AESGCMMiddleware:
         max_handshakes_in_flight: int = 8,
         max_unauthenticated_bytes: int = 256 * 1024 * 1024,
         handshake_rate: tuple[float, int] | None = None,
+        stream_open_timeout_s: float = 30.0,
     ) -> None:
         trust = credentials if isinstance(credentials, ServerTrust) else None
         if trust is None and isinstance(credentials, Credentials):
@@ -141,6 +145,7 @@ class AESGCMMiddleware:
                 "max_handshakes_in_flight must be positive and max_unauthenticated_bytes >= max_body_bytes"
             )
         self.app = app
+        self._stream_open_timeout = stream_open_timeout_s
         self._trust = trust
         trust.subscribe(self._drop_identities)
         self._max_handshakes = max_handshakes_in_flight
@@ -165,8 +170,10 @@ class AESGCMMiddleware:
         if scope["type"] == "lifespan" or AESGCM_EXTENSION in (scope.get("extensions") or {}):
             await self.app(scope, receive, send)  # lifespan, or already unsealed by an outer instance
             return
+        if scope["type"] == "websocket":
+            await _serve_sealed_stream(self, scope, receive, send, self._stream_open_timeout)
+            return
         if scope["type"] != "http":
-            await send({"type": "websocket.close", "code": 1008})
             return
         method, path = scope["method"], scope["path"]
         if path == HEALTH_PATH and method in ("GET", "HEAD"):

@@ -15,11 +15,11 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import Scope
 
 from lambda_split import ServiceError, TrunkService
-from lambda_split.protocol import FRAME_CONTENT_TYPE, METRICS_PATH
+from lambda_split.protocol import FRAME_CONTENT_TYPE, METRICS_PATH, STREAM_PATH
 from secure_channel import AESGCMMiddleware, Credentials, ServerTrust, peer_identity
 from server.config import ServerConfig
 from server.middleware import (
@@ -30,6 +30,7 @@ from server.middleware import (
     SecurityHeadersMiddleware,
 )
 from server.observability import LOGGER, AccessLogMiddleware, Metrics
+from server.stream import StreamLimits, TrunkStreamEndpoint
 
 ANONYMOUS = "anonymous"
 
@@ -117,6 +118,17 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return error(500, "internal_error", "the server failed to handle this request")
 
 
+def stream_limits(config: ServerConfig) -> StreamLimits:
+    return StreamLimits(
+        max_message_bytes=config.max_body_bytes + 64 * 1024,
+        idle_timeout_s=config.idle_timeout_s,
+        rate_per_s=config.rate_limit_per_s,
+        burst=config.rate_limit_burst,
+        max_streams=max(config.max_sessions, config.max_concurrency),
+        max_streams_per_identity=config.max_sessions_per_identity,
+    )
+
+
 def build_app(
     service: TrunkService,
     info: dict[str, Any],
@@ -137,9 +149,14 @@ def build_app(
         Route("/v1/sessions/{session_id}/step", endpoints.step, methods=["POST"]),
         Route("/v1/sessions/{session_id}", endpoints.close_session, methods=["DELETE"]),
         Route(METRICS_PATH, endpoints.metrics_endpoint, methods=["GET"]),
+        WebSocketRoute(
+            STREAM_PATH, TrunkStreamEndpoint(service, stream_limits(config), owner_of, client_key)
+        ),
     ]
     # Outermost first. The body limit and deadline see the bytes on the wire (sealed records in
     # aesgcm mode); everything below the AES-GCM layer sees the authenticated inner request.
+    # The HTTP-only layers let the stream (a WebSocket scope) through; it enforces its own
+    # limits, and in aesgcm mode the AES-GCM layer opens every stream message before it.
     middleware = [
         Middleware(SecurityHeadersMiddleware),
         Middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes + 64 * 1024),

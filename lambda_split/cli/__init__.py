@@ -15,9 +15,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lambda_split._errors import FingerprintMismatch, ModelNotFoundError, ProtocolMismatch, ServerError
+from lambda_split._stream import TRANSPORT_KINDS
 from secure_channel import SECURITY_MODES, AuthenticationError, ChannelError, CredentialsError, TransportError
 
 EXIT_OTHER, EXIT_USAGE, EXIT_AUTH, EXIT_SERVER = 1, 2, 3, 4
+TRANSPORT_HELP = "stream: one persistent WebSocket per client (default); http: one request per step"
 DEMO_PROMPT = "In two sentences, why would someone split a language model between a phone and a server?"
 
 
@@ -83,6 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         progress=progress,
         prompt_bucket=args.pad_prompt,
+        transport_kind=args.transport,
     ) as client:
         stream = None if args.json else (lambda _row, text: print(text, end="", flush=True))
         result = client.generate(prompt, config, chat=not args.raw, on_text=stream)
@@ -167,6 +170,7 @@ def cmd_imagine(args: argparse.Namespace) -> int:
             model=args.model,
             wire=args.wire,
             guidance_scale=args.guidance,
+            transport_kind=args.transport,
         )
     if args.json:
         print(json.dumps({**dataclasses.asdict(stats), "security": args.security}))
@@ -253,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", required=True, help="model name or path; must match the server's")
     _decoding_options(generate)
     generate.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
+    generate.add_argument("--transport", choices=TRANSPORT_KINDS, default="stream", help=TRANSPORT_HELP)
     generate.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
     generate.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
     generate.add_argument(
@@ -279,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)"
     )
     imagine.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
+    imagine.add_argument("--transport", choices=TRANSPORT_KINDS, default="stream", help=TRANSPORT_HELP)
     imagine.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
     imagine.add_argument("--out", required=True, help="output PNG file")
     imagine.add_argument("--json", action="store_true", help="print one JSON object")

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from lambda_split import (
     Checkpoint,
@@ -84,22 +85,29 @@ def test_client_refuses_a_mode_mismatch(live: dict[str, LiveServer], tiny: Check
         ).close()
 
 
+@pytest.mark.parametrize("kind", ["http", "stream"])
 def test_sessions_are_bound_to_the_authenticated_client(
-    live: dict[str, LiveServer], tiny: Checkpoint, second_client: Path
+    live: dict[str, LiveServer], tiny: Checkpoint, second_client: Path, kind: str
 ) -> None:
-    from lambda_split import RemoteTrunk
+    """Bob, authenticated as himself, cannot step or close Alice's session (on either path)."""
+    from lambda_split import RemoteTrunk, make_link
     from lambda_split.protocol import Encoding
 
     for mode in ("tls", "aesgcm", "tls+aesgcm"):
         alice = connect_transport(live[mode].url, mode, keys_dir=live[mode].keys)  # type: ignore[arg-type]
         bob = connect_transport(live[mode].url, mode, keys_dir=second_client)  # type: ignore[arg-type]
-        session = RemoteTrunk(alice, Encoding.FP32)
+        session = RemoteTrunk(make_link(alice, kind), Encoding.FP32)  # type: ignore[arg-type]
         stolen = RemoteTrunk.__new__(RemoteTrunk)
-        stolen.__dict__.update(session.__dict__, transport=bob)
+        stolen.__dict__.update(session.__dict__, link=make_link(bob, kind))  # type: ignore[arg-type]
+        hidden = torch.zeros(1, 1, tiny.config.hidden_size)
+        with pytest.raises(ServerError) as refused:
+            stolen(hidden, torch.ones(1, 1))
+        assert refused.value.status == 404
         with pytest.raises(ServerError) as refused:
             stolen.close()
         assert refused.value.status == 404
-        session.close()  # alice still owns it
+        session(hidden, torch.ones(1, 1))  # alice's session is untouched and still hers
+        session.close()
         alice.close()
         bob.close()
 
