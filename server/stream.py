@@ -25,7 +25,7 @@ from lambda_split import ServiceError, TrunkService
 from lambda_split.protocol import StreamOp
 from server.observability import LOGGER
 
-POLICY, TOO_BIG, NOT_BINARY, TRY_LATER = 1008, 1009, 1003, 1013
+POLICY, TOO_BIG, NOT_BINARY = 1008, 1009, 1003
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,14 @@ def _error(status: int, code: str, message: str) -> bytes:
     return bytes((StreamOp.ERROR,)) + json.dumps(body).encode()
 
 
+async def _deny(send: Send, status: int, code: str, message: str) -> None:
+    """Refuse the upgrade with a JSON HTTP error (ASGI websocket.http.response), before accepting."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
 class TrunkStreamEndpoint:
     """The ASGI app behind ``GET /v1/stream``."""
 
@@ -83,11 +91,11 @@ class TrunkStreamEndpoint:
             return
         owner, key = self.owner_of(scope), self.client_key(scope)
         if sum(self.open_streams.values()) >= self.limits.max_streams:
-            await send({"type": "websocket.close", "code": TRY_LATER, "reason": "too many streams"})
+            await _deny(send, 503, "too_many_streams", "the server holds its maximum number of streams")
             return
         if self.open_streams[key] >= self.limits.max_streams_per_identity:
-            await send(
-                {"type": "websocket.close", "code": TRY_LATER, "reason": "too many streams for this identity"}
+            await _deny(
+                send, 429, "too_many_streams_for_identity", "this identity holds its maximum of streams"
             )
             return
         self.open_streams[key] += 1
