@@ -249,3 +249,28 @@ def test_server_errors_reach_the_client_as_server_error(
             link.open("fp64")
         assert refused.value.code == "bad_wire_encoding"
         link.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["tls", "aesgcm", "tls+aesgcm"])
+def test_a_revoked_device_loses_its_open_stream_and_the_other_keeps_its_own(
+    tiny: Checkpoint, tmp_path: Path, mode: str
+) -> None:
+    from secure_channel import CertificateAuthority
+    from tests.server.conftest import start_server
+    from tests.server.test_identities import make_devices
+
+    devices = make_devices(tmp_path)
+    server = start_server(tiny, mode, devices.ca)
+    try:
+        alice_transport, alice = open_raw(server, devices.alice)
+        bob_transport, bob = open_raw(server, devices.bob)
+        with alice_transport, bob_transport:
+            for stream in (alice, bob):
+                assert call(stream, StreamOp.OPEN, b'{"wire": "fp32"}')[0] == StreamOp.OPEN
+            CertificateAuthority.open(devices.ca).revoke("alice")
+            server.running.server.request_reload()  # what SIGHUP does
+            with pytest.raises(TransportError):  # cut off (tls) or closed at her next message (aesgcm)
+                call(alice, StreamOp.OPEN, b'{"wire": "fp32"}')
+            assert call(bob, StreamOp.OPEN, b'{"wire": "fp32"}')[0] == StreamOp.OPEN
+    finally:
+        server.stop()
