@@ -51,13 +51,20 @@ async def _serve_sealed_stream(
     if session.busy:
         await _deny(send, 409, "session_busy", "this channel session is already in use")
         return
+    if gate._streams[session.identity] >= gate._max_streams:
+        await _deny(send, 429, "too_many_streams_for_identity", "this identity holds its maximum of streams")
+        return
     session.busy = True
+    gate._streams[session.identity] += 1
     try:
         await send({"type": "websocket.accept"})
         if await _check_opening(scope, receive, send, session, open_timeout_s):
             await _run_app(gate, scope, receive, send, sid, session)
     finally:
         session.busy = False
+        gate._streams[session.identity] -= 1
+        if not gate._streams[session.identity]:
+            del gate._streams[session.identity]
         gate._sessions.pop(sid, None)  # a stream's channel is used once
 
 

@@ -169,6 +169,7 @@ def build_app(
                 credentials=credentials,
                 max_body_bytes=config.max_body_bytes + 64 * 1024,
                 handshake_rate=(config.handshake_rate_per_s, config.handshake_burst),
+                max_streams_per_identity=config.max_sessions_per_identity,
             ),
         ]
     middleware += [

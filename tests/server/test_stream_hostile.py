@@ -274,3 +274,25 @@ def test_a_revoked_device_loses_its_open_stream_and_the_other_keeps_its_own(
             assert call(bob, StreamOp.OPEN, b'{"wire": "fp32"}')[0] == StreamOp.OPEN
     finally:
         server.stop()
+
+
+def test_unauthenticated_openings_are_capped_per_identity(
+    make_server: Callable[..., LiveServer], tiny: Checkpoint, second_client: Path
+) -> None:
+    """Streams that never send their sealed opening count against the identity's cap at once."""
+    server = make_server("aesgcm", max_sessions_per_identity=2)
+    sealed = connect_transport(server.url, "aesgcm", keys_dir=server.keys)
+    assert isinstance(sealed, AESGCMTransport)
+    with sealed:
+        pending = []
+        for _ in range(2):
+            channel = sealed._new_channel()
+            pending.append(
+                sealed.inner.open_stream(STREAM_PATH, {"x-lambda-session": channel.session_id.hex()})
+            )
+        channel = sealed._new_channel()
+        with pytest.raises(TransportError, match=r"HTTP 429 \(too_many_streams_for_identity\)"):
+            sealed.inner.open_stream(STREAM_PATH, {"x-lambda-session": channel.session_id.hex()})
+        assert honest_output(server, tiny, second_client)  # another identity is not affected
+        for stream in pending:
+            stream.close()
