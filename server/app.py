@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from anyio import to_thread
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -142,6 +142,10 @@ def build_app(
     metrics = metrics or Metrics()
     metrics.watch(service)
     endpoints = TrunkEndpoints(service, info, metrics)
+    streams = TrunkStreamEndpoint(service, stream_limits(config), owner_of, client_key)
+    Gauge("lambda_split_open_streams", "Open trunk streams", registry=metrics.registry).set_function(
+        lambda: sum(streams.open_streams.values())
+    )
     routes = [
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/v1/info", endpoints.get_info, methods=["GET"]),
@@ -149,9 +153,7 @@ def build_app(
         Route("/v1/sessions/{session_id}/step", endpoints.step, methods=["POST"]),
         Route("/v1/sessions/{session_id}", endpoints.close_session, methods=["DELETE"]),
         Route(METRICS_PATH, endpoints.metrics_endpoint, methods=["GET"]),
-        WebSocketRoute(
-            STREAM_PATH, TrunkStreamEndpoint(service, stream_limits(config), owner_of, client_key)
-        ),
+        WebSocketRoute(STREAM_PATH, streams),
     ]
     # Outermost first. The body limit and deadline see the bytes on the wire (sealed records in
     # aesgcm mode); everything below the AES-GCM layer sees the authenticated inner request.

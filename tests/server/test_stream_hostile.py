@@ -210,6 +210,16 @@ def test_floods_past_the_stream_limits(
     assert alice == honest_output(server, tiny)
 
 
+def test_metrics_count_open_streams(make_server: Callable[..., LiveServer]) -> None:
+    import httpx
+
+    server = make_server("plain")
+    transport, stream = open_raw(server)
+    with transport:
+        assert call(stream, StreamOp.OPEN, b"{}")[0] == StreamOp.OPEN  # the stream is being served
+        assert "lambda_split_open_streams 1.0" in httpx.get(server.url + "/metrics").text
+
+
 def test_sessions_per_stream_are_capped(live: dict[str, LiveServer]) -> None:
     transport, stream = open_raw(live["plain"])
     with transport:
