@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from lambda_split.protocol import ROUTE_HEADER, STREAM_PATH, Encoding, FrameKind
 from secure_channel import connect_transport
 from tests.conftest import monolithic
 from tests.helpers import reference_tokens
-from tests.server.conftest import MODES, LiveServer
+from tests.server.conftest import MODES, LiveServer, wait_for
 
 GREEDY = GenerationConfig(max_new_tokens=24)
 #: The issue's budget: bytes per decode step and direction beyond the trunk's own frame.
@@ -102,3 +103,16 @@ def test_framing_per_decode_step_is_small(live: dict[str, LiveServer], tiny: Che
     record = 30 if "aesgcm" in mode else 0
     tls = 22 if mode.startswith("tls") else 0
     assert (sent, received) == (ws[0] + record + tls, ws[1] + record + tls)
+
+
+def test_a_stream_the_server_closed_while_idle_is_reopened_for_the_next_session(
+    make_server: Callable[..., LiveServer], tiny: Checkpoint
+) -> None:
+    import httpx
+
+    server = make_server("plain", idle_timeout_s=1.0)
+    with connect(server, tiny, "stream") as client:
+        first = client.generate("hello", GREEDY).token_ids
+        gauge = lambda: httpx.get(server.url + "/metrics").text  # noqa: E731
+        assert wait_for(lambda: "lambda_split_open_streams 0.0" in gauge())  # closed at the idle deadline
+        assert client.generate("hello", GREEDY).token_ids == first
