@@ -1,6 +1,9 @@
 """Decode speed and wire bytes of the stream against the HTTP path, the trunk server in its own process.
 
-    python benchmarks/stream_vs_http.py [--model smollm2-135m] [--security tls+aesgcm] [--reps 6] [--tokens 48]
+    OMP_NUM_THREADS=1 python benchmarks/stream_vs_http.py [--model smollm2-135m] [--security tls+aesgcm]
+                                                         [--reps 6] [--tokens 48]
+
+(One torch thread per process keeps the client and the server from fighting over a small machine's cores.)
 
 Starts ``lambda-split serve`` as a child process, then interleaves, per repetition: transformers'
 ``generate()`` of the whole model, split decoding over HTTP (one request per step) and over the
