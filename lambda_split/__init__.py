@@ -30,6 +30,7 @@ _EXPORTS = {
     "lambda_split._parts": ("Head", "PartState", "SplitModel", "SplitSpec", "Tail", "Trunk", "load_parts"),
     "lambda_split._session": ("RemoteSession",),
     "lambda_split._scheduler": ("SchedulerConfig",),
+    "lambda_split._stream": ("HTTPLink", "Link", "StreamLink", "make_link"),
     "lambda_split._service": (
         "BatchingExecutor",
         "Executor",
@@ -179,4 +180,16 @@ if TYPE_CHECKING:
     )
     from lambda_split._session import (
         RemoteSession as RemoteSession,
+    )
+    from lambda_split._stream import (
+        HTTPLink as HTTPLink,
+    )
+    from lambda_split._stream import (
+        Link as Link,
+    )
+    from lambda_split._stream import (
+        StreamLink as StreamLink,
+    )
+    from lambda_split._stream import (
+        make_link as make_link,
     )

@@ -23,6 +23,7 @@ from lambda_split._generate import (
 from lambda_split._models import Checkpoint, fingerprint, resolve
 from lambda_split._parts import SplitModel, SplitSpec, load_parts
 from lambda_split._session import RemoteSession, check_reply, connect_verified
+from lambda_split._stream import StreamLink, TransportKind, make_link
 from lambda_split.protocol import (
     INFO_PATH,
     PROTOCOL_VERSION,
@@ -116,12 +117,16 @@ class SplitClient:
         *,
         wire: str = "fp32",
         prompt_bucket: int = 0,
+        transport_kind: TransportKind | None = None,
     ) -> None:
+        """``transport_kind`` is ``http`` (one request per step; None means this) or ``stream`` (one
+        persistent stream for all sessions)."""
         if not isinstance(transport, Transport):
             raise TypeError("transport must be a secure_channel.Transport")
         if model.head is None or model.tail is None:
             raise ValueError("the client needs the head and the tail")
         self.transport = transport
+        self.link = make_link(transport, transport_kind)
         self.model = model
         self.head, self.tail = model.head, model.tail
         self.info = info
@@ -145,10 +150,12 @@ class SplitClient:
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
         split: str | None = None,
+        transport_kind: TransportKind = "http",
     ) -> SplitClient:
         """Open a transport in the named security mode and verify the server. ``security`` has no default.
 
         ``split`` (``A:B``), if given, is the split the caller expects; another split on the server is refused.
+        Steps go one HTTP request each unless ``transport_kind="stream"`` (one persistent stream).
         """
         return connect_verified(
             url,
@@ -156,7 +163,13 @@ class SplitClient:
             keys,
             timeout,
             lambda transport: cls.from_transport(
-                transport, model, wire=wire, progress=progress, prompt_bucket=prompt_bucket, split=split
+                transport,
+                model,
+                wire=wire,
+                progress=progress,
+                prompt_bucket=prompt_bucket,
+                split=split,
+                transport_kind=transport_kind,
             ),
         )
 
@@ -170,9 +183,11 @@ class SplitClient:
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
         split: str | None = None,
+        transport_kind: TransportKind | None = None,
     ) -> SplitClient:
         say = progress or (lambda _message: None)
         Encoding.parse(wire)
+        make_link(transport, transport_kind)  # an unusable transport kind fails before any model loads
         info = fetch_info(transport)
         if info.kind != "llm":
             raise ProtocolMismatch(f"the server runs a {info.kind} trunk, not a language model")
@@ -207,7 +222,9 @@ class SplitClient:
             )
         say(f"loading head and tail of {checkpoint.name}")
         parts = load_parts(checkpoint, spec, ("head", "tail"))
-        return cls(transport, parts, info, wire=wire, prompt_bucket=prompt_bucket)
+        return cls(
+            transport, parts, info, wire=wire, prompt_bucket=prompt_bucket, transport_kind=transport_kind
+        )
 
     @property
     def tokenizer(self) -> Any:
@@ -238,7 +255,7 @@ class SplitClient:
         keep_logits: bool = False,
     ) -> GenerationResult:
         chunk = self.check_limits(input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
-        trunk = RemoteTrunk(self.transport, self.wire)
+        trunk = RemoteTrunk(self.link, self.wire)
         try:
             return generate_tokens(
                 self.head,
@@ -302,6 +319,8 @@ class SplitClient:
         worker.join()
 
     def close(self) -> None:
+        if isinstance(self.link, StreamLink):
+            self.link.shutdown()
         self.transport.close()
 
     def __enter__(self) -> SplitClient:

@@ -2,49 +2,33 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
 from lambda_split._codec import Encoding, Frame, FrameError, FrameKind, decode_frame, encode_frame
-from lambda_split._errors import ProtocolMismatch, ServerError
-from lambda_split.protocol import FRAME_CONTENT_TYPE, SESSIONS_PATH, session_path, step_path
-from secure_channel import Request, Response, SecurityMode, Transport
+from lambda_split._errors import ProtocolMismatch
+from lambda_split._stream import HTTPLink, Link, check_reply, json_request
+from secure_channel import SecurityMode, Transport
+
+__all__ = ["RemoteSession", "check_reply", "connect_verified", "json_request"]
 
 T = TypeVar("T")
 
 
-def check_reply(response: Response, expected: int) -> Response:
-    """Return ``response`` if its status is ``expected``; else raise ServerError with the server's code."""
-    if response.status == expected:
-        return response
-    try:
-        error = response.json()["error"]
-        code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        code, message = "http_error", f"unexpected HTTP {response.status}"
-    raise ServerError(response.status, code, message)
-
-
-def json_request(method: str, path: str, data: Any = None) -> Request:
-    body = b"" if data is None else json.dumps(data).encode()
-    return Request(method, path, body, {"content-type": "application/json"} if body else {})
-
-
 class RemoteSession:
     """A session opened on construction; each :meth:`exchange` sends one frame and checks the reply
-    answers it (kind, session id, sequence number)."""
+    answers it (kind, session id, sequence number). ``link`` is a :class:`StreamLink` or
+    :class:`HTTPLink`; a bare transport means one HTTP request per operation."""
 
-    def __init__(self, transport: Transport, wire: Encoding) -> None:
-        self.transport = transport
+    def __init__(self, link: Transport | Link, wire: Encoding) -> None:
+        self.link: Link = HTTPLink(link) if isinstance(link, Transport) else link
         self.wire = wire
-        request = json_request("POST", SESSIONS_PATH, {"wire": wire.wire_name})
-        reply = check_reply(self.transport.exchange(request), 201)
+        reply = self.link.open(wire.wire_name)
         try:
-            self.session_id = str(reply.json()["session_id"])
+            self.session_id = str(reply["session_id"])
             self._raw_id = bytes.fromhex(self.session_id)
         except (ValueError, KeyError, TypeError):
             raise ProtocolMismatch("malformed session reply") from None
@@ -55,10 +39,9 @@ class RemoteSession:
         self, kind: FrameKind, tensors: Mapping[str, tuple[torch.Tensor, Encoding]], expect: FrameKind
     ) -> Frame:
         frame = encode_frame(kind, self._raw_id, self.seq, tensors)
-        request = Request("POST", step_path(self.session_id), frame, {"content-type": FRAME_CONTENT_TYPE})
-        reply = check_reply(self.transport.exchange(request), 200)
+        reply = self.link.step(self.session_id, frame)
         try:
-            result = decode_frame(reply.content)
+            result = decode_frame(reply)
         except FrameError as exc:
             raise ProtocolMismatch(f"bad frame from server: {exc}") from None
         if result.kind is not expect or result.session_id != self._raw_id or result.seq != self.seq:
@@ -69,7 +52,7 @@ class RemoteSession:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            check_reply(self.transport.exchange(Request("DELETE", session_path(self.session_id))), 200)
+            self.link.close(self.session_id)
 
 
 def connect_verified(

@@ -16,10 +16,25 @@ A step frame carries ``hidden`` (B, T, C) in the session's wire encoding and ``m
 in the same encoding, with the same session id and sequence number.
 
 Every error is JSON ``{"error": {"code": str, "message": str}}`` with a 4xx/5xx status.
+
+Stream API (the default path of the client): ``GET /v1/stream`` upgraded to a WebSocket,
+with ``x-lambda-route: <32 hex>`` (random per stream, for a reverse proxy to hash on). Each
+message is binary, ``op (u8) || body``, one up and one down, strictly alternating::
+
+    up                                      down
+    OPEN  JSON {"wire": ...}                OPEN  JSON as POST /v1/sessions
+    STEP  frame(LLM_STEP | DIFFUSION_*)     STEP  result frame
+    CLOSE session id (32 hex, ASCII)        CLOSE JSON {"closed": true}
+                                            ERROR JSON {"status": int, "error": {"code", "message"}}
+
+In the AES-GCM modes every message is a sealed record (see secure_channel._sealed_stream);
+sessions opened on a stream are closed when it ends. A refusal that ends the stream is a
+WebSocket close with a code (1008 policy, 1009 too big, 1003 not binary, 1013 try later) and a reason.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 
 from lambda_split._codec import (
@@ -45,6 +60,15 @@ HEALTH_PATH = "/healthz"
 INFO_PATH = "/v1/info"
 SESSIONS_PATH = "/v1/sessions"
 METRICS_PATH = "/metrics"
+STREAM_PATH = "/v1/stream"
+ROUTE_HEADER = "x-lambda-route"
+
+
+class StreamOp(enum.IntEnum):
+    ERROR = 0
+    OPEN = 1
+    STEP = 2
+    CLOSE = 3
 
 
 def session_path(session_id: str) -> str:
@@ -68,14 +92,17 @@ __all__ = [
     "JSON_CONTENT_TYPE",
     "METRICS_PATH",
     "PROTOCOL_VERSION",
+    "ROUTE_HEADER",
     "SESSIONS_PATH",
     "SESSION_ID_BYTES",
+    "STREAM_PATH",
     "WIRE_ENCODINGS",
     "Encoding",
     "Frame",
     "FrameError",
     "FrameKind",
     "FrameLimits",
+    "StreamOp",
     "decode_frame",
     "encode_frame",
     "encode_tensor",

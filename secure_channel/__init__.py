@@ -15,6 +15,7 @@ from secure_channel._base import (
     Request,
     Response,
     SecurityMode,
+    Stream,
     Transport,
     WireStats,
     check_security_mode,
@@ -34,6 +35,8 @@ from secure_channel._exceptions import (
     CredentialsError,
     InvalidRecord,
     SessionLost,
+    StreamClosed,
+    StreamUnsupported,
     TransportError,
 )
 from secure_channel._factory import connect_transport
@@ -51,10 +54,12 @@ from secure_channel._mock import MockTransport
 from secure_channel._net import CountingBackend
 from secure_channel._plain import PlainTransport
 from secure_channel._records import ClientChannel, RecordOpener, RecordSealer, ReplayWindow, ServerChannel
+from secure_channel._sealed_stream import SealedStream
 from secure_channel._tls import client_ssl_context, server_ssl_context
 from secure_channel._tls_transport import TLSTransport
 from secure_channel._trust import ServerTrust
-from secure_channel._uvicorn import PeerCertH11Protocol, uvicorn_config
+from secure_channel._uvicorn import PeerCertH11Protocol, PeerCertWebSocketProtocol, uvicorn_config
+from secure_channel._ws import WebSocketStream
 
 __all__ = [
     "SECURITY_MODES",
@@ -73,20 +78,26 @@ __all__ = [
     "IssuedCertificate",
     "MockTransport",
     "PeerCertH11Protocol",
+    "PeerCertWebSocketProtocol",
     "PlainTransport",
     "RecordOpener",
     "RecordSealer",
     "ReplayWindow",
     "Request",
     "Response",
+    "SealedStream",
     "SecurityMode",
     "ServerChannel",
     "ServerHandshake",
     "ServerTrust",
     "SessionLost",
+    "Stream",
+    "StreamClosed",
+    "StreamUnsupported",
     "TLSTransport",
     "Transport",
     "TransportError",
+    "WebSocketStream",
     "WireStats",
     "ca_key_is_encrypted",
     "cert_identity",

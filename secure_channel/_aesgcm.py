@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
-from secure_channel._base import Request, Response, SecurityMode, Transport
+from secure_channel._base import Request, Response, SecurityMode, Stream, Transport
 from secure_channel._exceptions import AuthenticationError, InvalidRecord, SessionLost, TransportError
 from secure_channel._handshake import MAX_MESSAGE, ClientHandshake
 from secure_channel._keys import Credentials
 from secure_channel._records import DEFAULT_REKEY_MESSAGES, DEFAULT_REKEY_SECONDS, OVERHEAD, ClientChannel
+from secure_channel._sealed_stream import SealedStream
 from secure_channel._wire import (
     CONTENT_TYPE,
     HANDSHAKE_PATH,
+    ROUTE_HEADER,
     SECURE_PATH,
     SESSION_HEADER,
     _decode_response,
@@ -95,13 +98,30 @@ class AESGCMTransport(Transport):
 
     def _handshake(self) -> None:
         self._channel = None
+        self._channel = self._new_channel()
+
+    def _new_channel(self) -> ClientChannel:
         hs = ClientHandshake(self._creds, self._server_name)
         msg3 = hs.process_msg2(self._handshake_step(hs.start()))
         sid, c2s, s2c = hs.finish(self._handshake_step(msg3))
-        self._channel = ClientChannel(
+        self.peer_identity = hs.peer_identity
+        return ClientChannel(
             sid, c2s, s2c, rekey_after_messages=self._rekey[0], rekey_after_seconds=self._rekey[1]
         )
-        self.peer_identity = hs.peer_identity
+
+    def open_stream(self, path: str, headers: Mapping[str, str] | None = None) -> Stream:
+        """A stream of sealed records (see :mod:`secure_channel._sealed_stream`) over the inner
+        transport's stream, on a channel session of its own: a fresh handshake, whose session id
+        the upgrade request names; the first record binds ``path`` and the routing key header."""
+        with self._lock:
+            channel = self._new_channel()
+        all_headers = {**(headers or {}), SESSION_HEADER: channel.session_id.hex()}
+        inner = self.inner.open_stream(path, all_headers)
+        try:
+            return SealedStream(inner, channel, path, all_headers.get(ROUTE_HEADER, ""))
+        except BaseException:
+            inner.close()
+            raise
 
     def _handshake_step(self, message: bytes) -> bytes:
         response = self._post(HANDSHAKE_PATH, message, limit=MAX_MESSAGE)

@@ -54,6 +54,29 @@ class WireStats:
     bytes_received: int = 0
 
 
+class Stream:
+    """A persistent, ordered, message-oriented channel to the server, opened by
+    :meth:`Transport.open_stream`: each :meth:`send` carries one whole binary message and each
+    :meth:`recv` returns one. Its ``stats`` are the owning transport's socket counters.
+
+    ``send`` and ``recv`` raise :class:`TransportError` when the stream breaks off,
+    :class:`StreamClosed` (with the peer's close code and reason) when the server closes it,
+    :class:`ChannelTimeout` when a deadline passes and :class:`InvalidRecord` when a sealed
+    message does not authenticate. A stream is used by one thread at a time.
+    """
+
+    stats: WireStats
+
+    def send(self, message: bytes) -> None:
+        raise NotImplementedError
+
+    def recv(self) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the stream politely. Idempotent."""
+
+
 class Transport:
     """Carries requests to the trunk server and returns its responses.
 
@@ -77,6 +100,16 @@ class Transport:
         here; it is returned for the caller to interpret.
         """
         raise NotImplementedError
+
+    def open_stream(self, path: str, headers: Mapping[str, str] | None = None) -> Stream:
+        """Open a persistent :class:`Stream` to ``path`` in this transport's security mode.
+
+        Transports that cannot stream raise :class:`StreamUnsupported`; nothing falls back
+        to another mode. ``headers`` go on the upgrade request, in the clear for a proxy.
+        """
+        from secure_channel._exceptions import StreamUnsupported
+
+        raise StreamUnsupported(f"{type(self).__name__} cannot open streams")
 
     def close(self) -> None:
         """Release sockets and keys. Idempotent."""

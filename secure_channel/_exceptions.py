@@ -6,7 +6,9 @@ The tree, written out once::
     ├── CredentialsError         key/certificate files missing, expired, wrong CA or wrong EKU (fails closed)
     ├── TransportError           the peer could not be reached or the exchange broke off
     │   ├── ChannelTimeout       connect, read or write deadline passed
-    │   └── SessionLost          the server forgot the sealed session; a non-idempotent request was not re-sent
+    │   ├── SessionLost          the server forgot the sealed session; a non-idempotent request was not re-sent
+    │   ├── StreamClosed         the server closed a stream (close code and reason attached)
+    │   └── StreamUnsupported    this transport cannot open a persistent stream
     └── AuthenticationError      the peer could not be authenticated, or a record did not verify
         └── InvalidRecord        an AES-GCM record failed to open; deliberately says nothing more
 
@@ -36,6 +38,20 @@ class ChannelTimeout(TransportError):
 class SessionLost(TransportError):
     """The server answered ``unknown_session`` (unauthenticated) to a request that is not safe to
     send twice, so it was not re-sent: it may or may not have run. The next exchange handshakes."""
+
+
+class StreamClosed(TransportError):
+    """The server closed the stream. ``code`` and ``reason`` are the WebSocket close code and
+    reason; in the AES-GCM modes they are not authenticated (like an HTTP error reply)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"stream closed by the server ({code}: {reason or 'no reason'})")
+        self.code = code
+        self.reason = reason
+
+
+class StreamUnsupported(TransportError):
+    """This transport cannot open a persistent stream; use the request/response path instead."""
 
 
 class AuthenticationError(ChannelError):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ssl
+import weakref
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import httpcore
 
-from secure_channel._base import Request, Response, SecurityMode, Transport, WireStats
+from secure_channel._base import Request, Response, SecurityMode, Stream, Transport, WireStats
 from secure_channel._exceptions import AuthenticationError, ChannelTimeout, TransportError
 from secure_channel._net import CountingBackend, _tls_failure
 
@@ -69,6 +71,7 @@ class _HTTPCoreTransport(Transport):
         self.security = security
         self.stats = WireStats()
         self._timeout = timeout
+        self._ssl_context = ssl_context
         self._pool = httpcore.ConnectionPool(
             ssl_context=ssl_context,
             max_connections=4,
@@ -76,6 +79,7 @@ class _HTTPCoreTransport(Transport):
             network_backend=CountingBackend(self.stats),
         )
         self._closed = False
+        self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
 
     @property
     def host(self) -> str:
@@ -110,7 +114,29 @@ class _HTTPCoreTransport(Transport):
         out_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in resp.headers}
         return Response(status=resp.status, content=content, headers=out_headers)
 
+    def open_stream(self, path: str, headers: Mapping[str, str] | None = None) -> Stream:
+        """A WebSocket on a new connection, with this transport's TLS context and byte counters;
+        closed when the transport is."""
+        from secure_channel._ws import WebSocketStream
+
+        if self._closed:
+            raise TransportError("transport is closed")
+        stream = WebSocketStream(
+            host=self._host,
+            port=self._port,
+            path=path,
+            stats=self.stats,
+            ssl_context=self._ssl_context,
+            timeout=self._timeout,
+            headers=headers,
+            max_message=self._max_response,
+        )
+        self._streams.add(stream)
+        return stream
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            for stream in list(self._streams):  # closing the transport closes its streams
+                stream.close()
             self._pool.close()

@@ -4,7 +4,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,7 @@ from secure_channel._records import (
     SESSION_ID_SIZE,
     ServerChannel,
 )
+from secure_channel._sealed_server import _serve_sealed_stream
 from secure_channel._trust import ServerTrust
 from secure_channel._wire import (
     CONTENT_TYPE,
@@ -111,6 +112,10 @@ class AESGCMMiddleware:
     request in flight, and all sessions together buffer at most ``max_unauthenticated_bytes``
     of records whose tag has not been checked yet (503 beyond). ``handshake_rate`` =
     ``(per_second, burst)`` rate-limits handshakes per source address, one token per handshake.
+    A WebSocket is a sealed stream (:mod:`secure_channel._sealed_server`): it must name a
+    channel session and send its sealed opening within ``stream_open_timeout_s``; one identity holds
+    at most ``max_streams_per_identity`` of them, so it cannot make the server buffer many
+    unauthenticated openings at once.
     """
 
     def __init__(
@@ -126,6 +131,8 @@ class AESGCMMiddleware:
         max_handshakes_in_flight: int = 8,
         max_unauthenticated_bytes: int = 256 * 1024 * 1024,
         handshake_rate: tuple[float, int] | None = None,
+        stream_open_timeout_s: float = 30.0,
+        max_streams_per_identity: int = 16,
     ) -> None:
         trust = credentials if isinstance(credentials, ServerTrust) else None
         if trust is None and isinstance(credentials, Credentials):
@@ -136,11 +143,16 @@ class AESGCMMiddleware:
             raise TypeError("credentials must be server Credentials or a ServerTrust")
         if max_sessions < 1 or session_ttl_s <= 0 or max_body_bytes < 1:
             raise ValueError("max_sessions, session_ttl_s and max_body_bytes must be positive")
+        if max_streams_per_identity < 1 or stream_open_timeout_s <= 0:
+            raise ValueError("max_streams_per_identity and stream_open_timeout_s must be positive")
         if max_handshakes_in_flight < 1 or max_unauthenticated_bytes < max_body_bytes:
             raise ValueError(
                 "max_handshakes_in_flight must be positive and max_unauthenticated_bytes >= max_body_bytes"
             )
         self.app = app
+        self._stream_open_timeout = stream_open_timeout_s
+        self._max_streams = max_streams_per_identity
+        self._streams: Counter[str] = Counter()  # sealed streams per identity, opening or open
         self._trust = trust
         trust.subscribe(self._drop_identities)
         self._max_handshakes = max_handshakes_in_flight
@@ -165,8 +177,10 @@ class AESGCMMiddleware:
         if scope["type"] == "lifespan" or AESGCM_EXTENSION in (scope.get("extensions") or {}):
             await self.app(scope, receive, send)  # lifespan, or already unsealed by an outer instance
             return
+        if scope["type"] == "websocket":
+            await _serve_sealed_stream(self, scope, receive, send, self._stream_open_timeout)
+            return
         if scope["type"] != "http":
-            await send({"type": "websocket.close", "code": 1008})
             return
         method, path = scope["method"], scope["path"]
         if path == HEALTH_PATH and method in ("GET", "HEAD"):

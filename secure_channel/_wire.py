@@ -27,6 +27,9 @@ HANDSHAKE_PATH = "/v1/handshake"
 SECURE_PATH = "/v1/secure"
 HEALTH_PATH = "/healthz"
 SESSION_HEADER = "x-lambda-session"
+#: Random per stream, in the clear on the upgrade request, so a reverse proxy can hash on it
+#: (nginx ``hash $http_x_lambda_route consistent``); bound into the sealed opening record.
+ROUTE_HEADER = "x-lambda-route"
 CONTENT_TYPE = "application/octet-stream"
 MAX_META = 64 * 1024
 _LEN = struct.Struct(">I")

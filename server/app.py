@@ -9,17 +9,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from anyio import to_thread
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import Scope
 
 from lambda_split import ServiceError, TrunkService
-from lambda_split.protocol import FRAME_CONTENT_TYPE, METRICS_PATH
+from lambda_split.protocol import FRAME_CONTENT_TYPE, METRICS_PATH, STREAM_PATH
 from secure_channel import AESGCMMiddleware, Credentials, ServerTrust, peer_identity
 from server.config import ServerConfig
 from server.middleware import (
@@ -30,6 +30,7 @@ from server.middleware import (
     SecurityHeadersMiddleware,
 )
 from server.observability import LOGGER, AccessLogMiddleware, Metrics, RouteLabels, SealedAccessMiddleware
+from server.stream import StreamLimits, TrunkStreamEndpoint
 
 ANONYMOUS = "anonymous"
 HANDSHAKE_PATHS = frozenset({"/v1/handshake"})
@@ -121,6 +122,17 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return error(500, "internal_error", "the server failed to handle this request")
 
 
+def stream_limits(config: ServerConfig) -> StreamLimits:
+    return StreamLimits(
+        max_message_bytes=config.max_body_bytes + 64 * 1024,
+        idle_timeout_s=config.idle_timeout_s,
+        rate_per_s=config.rate_limit_per_s,
+        burst=config.rate_limit_burst,
+        max_streams=max(config.max_sessions, config.max_concurrency),
+        max_streams_per_identity=config.max_sessions_per_identity,
+    )
+
+
 def build_app(
     service: TrunkService,
     info: dict[str, Any],
@@ -134,6 +146,10 @@ def build_app(
     metrics = metrics or Metrics()
     metrics.watch(service)
     endpoints = TrunkEndpoints(service, info, metrics)
+    streams = TrunkStreamEndpoint(service, stream_limits(config), owner_of, client_key)
+    Gauge("lambda_split_open_streams", "Open trunk streams", registry=metrics.registry).set_function(
+        lambda: sum(streams.open_streams.values())
+    )
     routes = [
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/v1/info", endpoints.get_info, methods=["GET"]),
@@ -141,6 +157,7 @@ def build_app(
         Route("/v1/sessions/{session_id}/step", endpoints.step, methods=["POST"]),
         Route("/v1/sessions/{session_id}", endpoints.close_session, methods=["DELETE"]),
         Route(METRICS_PATH, endpoints.metrics_endpoint, methods=["GET"]),
+        WebSocketRoute(STREAM_PATH, streams),
     ]
     sealed = config.security in ("aesgcm", "tls+aesgcm")
     labels = RouteLabels(routes, (HANDSHAKE_PATHS | {"/v1/secure"}) if sealed else ())
@@ -148,6 +165,8 @@ def build_app(
     # The body limit and deadline see the bytes on the wire (sealed records in aesgcm mode, which
     # may exceed the frame limit by the sealing overhead); everything below the AES-GCM layer sees
     # the authenticated inner request.
+    # The HTTP-only layers let the stream (a WebSocket scope) through; it enforces its own
+    # limits, and in aesgcm mode the AES-GCM layer opens every stream message before it.
     middleware = [
         Middleware(AccessLogMiddleware, metrics=metrics, identify=client_key, labels=labels),
         Middleware(SecurityHeadersMiddleware),
@@ -165,6 +184,7 @@ def build_app(
                 credentials=credentials,
                 max_body_bytes=config.max_body_bytes,
                 handshake_rate=(config.handshake_rate_per_s, config.handshake_burst),
+                max_streams_per_identity=config.max_sessions_per_identity,
             ),
             Middleware(SealedAccessMiddleware, identify=client_key, labels=labels),
         ]

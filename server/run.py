@@ -178,6 +178,7 @@ def build_server(
             log_level="warning",
             timeout_graceful_shutdown=10,
             h11_max_incomplete_event_size=16 * 1024,
+            ws_max_size=config.max_body_bytes + 128 * 1024,  # one stream message, refused from its header
         )
         scheme = "https" if config.security in ("tls", "tls+aesgcm") else "http"
     except BaseException:

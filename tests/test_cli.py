@@ -102,6 +102,23 @@ def test_generate_json_matches_the_contract(served: tuple[subprocess.Popen[str],
     assert data["token_ids"] == client.generate("hello", GenerationConfig(max_new_tokens=12)).token_ids[0]
 
 
+def test_generate_over_http_and_over_the_stream_agree(
+    served: tuple[subprocess.Popen[str], str], keys: Path
+) -> None:
+    _, url = served
+    base = ["generate", "--server", url, "--security", "tls+aesgcm", "--keys", str(keys)]
+    base += ["--model", "tiny-random-llama", "--max-new-tokens", "6", "--json"]
+    outs = {kind: run(*base, "--transport", kind, "hi") for kind in ("stream", "http")}
+    assert all(out.returncode == 0 for out in outs.values()), [o.stderr for o in outs.values()]
+    data = {kind: json.loads(out.stdout) for kind, out in outs.items()}
+    assert data["stream"]["token_ids"] == data["http"]["token_ids"]
+    assert set(data["stream"]["stats"]) == set(data["http"]["stats"])
+    # socket bytes: the stream's include its WebSocket upgrade and the handshake of its own channel
+    assert data["stream"]["stats"]["bytes_sent"] > 0 and data["stream"]["stats"]["bytes_received"] > 0
+    bad = run(*base, "--transport", "carrier-pigeon", "hi")
+    assert bad.returncode == 2
+
+
 def test_generate_reads_the_prompt_from_stdin(served: tuple[subprocess.Popen[str], str], keys: Path) -> None:
     _, url = served
     args = [

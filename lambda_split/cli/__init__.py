@@ -21,10 +21,15 @@ from lambda_split._errors import (
     ProtocolMismatch,
     ServerError,
 )
+from lambda_split._stream import TRANSPORT_KINDS
 from lambda_split.cli import _args
 from secure_channel import SECURITY_MODES, AuthenticationError, ChannelError, CredentialsError, TransportError
 
 EXIT_OTHER, EXIT_USAGE, EXIT_AUTH, EXIT_SERVER = 1, 2, 3, 4
+TRANSPORT_HELP = (
+    "http: one request per step (default); stream: one persistent WebSocket per client "
+    "(opt-in until the eavesdropping suite captures it)"
+)
 DEMO_PROMPT = "In two sentences, why would someone split a language model between a phone and a server?"
 
 
@@ -113,6 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         progress=progress,
         prompt_bucket=args.pad_prompt,
         split=args.split,
+        transport_kind=args.transport,
     ) as client:
         stream = None if args.json else _Stdout.stream
         result = client.generate(prompt, config, chat=not args.raw, on_text=stream)
@@ -189,6 +195,7 @@ def cmd_imagine(args: argparse.Namespace) -> int:
         model=args.model,
         wire=args.wire,
         timeout=args.timeout,
+        transport_kind=args.transport,
     ) as client:
         stats = imagine(
             client, prompt, args.steps, args.seed, args.out, on_step, guidance_scale=args.guidance
@@ -289,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--timeout", type=_args.positive_float, default=60.0, help="per-request timeout in seconds"
     )
+    generate.add_argument("--transport", choices=TRANSPORT_KINDS, default="http", help=TRANSPORT_HELP)
     generate.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
     generate.add_argument(
         "--pad-prompt",
@@ -320,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument(
         "--timeout", type=_args.positive_float, default=120.0, help="per-request timeout in seconds"
     )
+    imagine.add_argument("--transport", choices=TRANSPORT_KINDS, default="http", help=TRANSPORT_HELP)
     imagine.add_argument("--out", required=True, help="output PNG file")
     imagine.add_argument("--json", action="store_true", help="print one JSON object")
     imagine.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")

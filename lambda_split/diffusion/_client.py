@@ -20,6 +20,7 @@ import torch
 from lambda_split._codec import Encoding
 from lambda_split._errors import FingerprintMismatch, LimitExceeded, ModeMismatch, ProtocolMismatch
 from lambda_split._session import check_reply, connect_verified
+from lambda_split._stream import StreamLink, TransportKind, make_link
 from lambda_split.diffusion._sources import DiffusionSource, resolve_diffusion
 from lambda_split.diffusion._trunk import RemoteUNetTrunk, TrunkUNet
 from lambda_split.protocol import INFO_PATH, PROTOCOL_VERSION
@@ -100,11 +101,19 @@ class DiffusionClient:
     """
 
     def __init__(
-        self, transport: Transport, source: DiffusionSource, info: DiffusionServerInfo, *, wire: str = "fp32"
+        self,
+        transport: Transport,
+        source: DiffusionSource,
+        info: DiffusionServerInfo,
+        *,
+        wire: str = "fp32",
+        transport_kind: TransportKind | None = None,
     ) -> None:
+        """``transport_kind``: ``http`` (None means this) or ``stream``."""
         if not isinstance(transport, Transport):
             raise TypeError("transport must be a secure_channel.Transport")
         self.transport = transport
+        self.link = make_link(transport, transport_kind)
         self.source = source
         self.info = info
         self.wire = Encoding.parse(wire)
@@ -122,6 +131,7 @@ class DiffusionClient:
         wire: str = "fp32",
         timeout: float = 120.0,
         progress: ProgressFn | None = None,
+        transport_kind: TransportKind = "http",
     ) -> DiffusionClient:
         """Open a transport in the named security mode and verify the server. ``security`` has no default."""
         return connect_verified(
@@ -129,7 +139,9 @@ class DiffusionClient:
             security,
             keys,
             timeout,
-            lambda transport: cls.from_transport(transport, model, wire=wire, progress=progress),
+            lambda transport: cls.from_transport(
+                transport, model, wire=wire, progress=progress, transport_kind=transport_kind
+            ),
         )
 
     @classmethod
@@ -140,6 +152,7 @@ class DiffusionClient:
         *,
         wire: str = "fp32",
         progress: ProgressFn | None = None,
+        transport_kind: TransportKind | None = None,
     ) -> DiffusionClient:
         """Verify the server behind ``transport`` and load the local device components of ``model``.
 
@@ -147,6 +160,7 @@ class DiffusionClient:
         """
         say = progress or (lambda _message: None)
         Encoding.parse(wire)
+        make_link(transport, transport_kind)  # an unusable transport kind fails before any model loads
         info = fetch_diffusion_info(transport)
         if info.security != transport.security:
             raise ModeMismatch(
@@ -164,7 +178,7 @@ class DiffusionClient:
                 f"model {source.fingerprint}; refusing to send prompt embeddings"
             )
         say(f"loading the text encoders, scheduler and VAE of {source.name}")
-        return cls(transport, source, info, wire=wire)
+        return cls(transport, source, info, wire=wire, transport_kind=transport_kind)
 
     def generate(
         self,
@@ -199,7 +213,7 @@ class DiffusionClient:
             pipe.scheduler = make_scheduler(scheduler, original.config)
         start = time.perf_counter()
         sent, received = self.transport.stats.bytes_sent, self.transport.stats.bytes_received
-        trunk = RemoteUNetTrunk(self.transport, self.wire)
+        trunk = RemoteUNetTrunk(self.link, self.wire)
         self.unet.trunk = trunk
         try:
             output = pipe(
@@ -228,6 +242,8 @@ class DiffusionClient:
         )
 
     def close(self) -> None:
+        if isinstance(self.link, StreamLink):
+            self.link.shutdown()
         self.transport.close()
 
     def __enter__(self) -> DiffusionClient:
@@ -283,6 +299,7 @@ def imagine(
     model: str | None = None,
     wire: str = "fp32",
     guidance_scale: float = 5.0,
+    transport_kind: TransportKind | None = None,
 ) -> ImagineStats:
     """Generate one image through the split and write it as a PNG; the body of ``lambda-split imagine``.
 
@@ -295,7 +312,9 @@ def imagine(
     if isinstance(client_or_transport, DiffusionClient):
         client = client_or_transport
     else:
-        client = DiffusionClient.from_transport(client_or_transport, model, wire=wire)
+        client = DiffusionClient.from_transport(
+            client_or_transport, model, wire=wire, transport_kind=transport_kind
+        )
     result = client.generate(prompt, steps=steps, seed=seed, guidance_scale=guidance_scale, on_step=progress)
     image = result.images[0]
     image.save(out, format="PNG")

@@ -20,6 +20,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from lambda_split._codec import Encoding, Frame, FrameKind
 from lambda_split._errors import ProtocolMismatch
 from lambda_split._session import RemoteSession
+from lambda_split._stream import Link
 from lambda_split.diffusion._sources import meta_unet
 from secure_channel import Transport
 
@@ -113,8 +114,8 @@ class LocalUNetTrunk:
 class RemoteUNetTrunk(RemoteSession):
     """One U-Net session on the server. Sends the prompt embeddings once, then one frame per call."""
 
-    def __init__(self, transport: Transport, wire: Encoding) -> None:
-        super().__init__(transport, wire)
+    def __init__(self, link: Transport | Link, wire: Encoding) -> None:
+        super().__init__(link, wire)
         self.calls = 0
         self._sent: dict[str, torch.Tensor] | None = None
 

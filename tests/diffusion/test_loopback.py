@@ -45,3 +45,28 @@ def test_every_mode_gives_the_monolithic_image(
         result = client.generate(PROMPT, steps=3, seed=7, guidance_scale=guidance, output_type="np")
     np.testing.assert_array_equal(result.images[0], expected[0])
     assert result.bytes_sent > 0 and result.bytes_received > 0
+
+
+@pytest.mark.parametrize("mode", ["plain", "tls+aesgcm"])
+@pytest.mark.parametrize("kind", ["stream", "http"])
+def test_the_stream_and_the_http_path_give_the_same_pixels(
+    diffusion_servers: dict[tuple[str, str], LiveServer],
+    sources: dict[str, DiffusionSource],
+    mode: str,
+    kind: str,
+) -> None:
+    from lambda_split import HTTPLink, StreamLink
+
+    server = diffusion_servers[("tiny-random-sd", mode)]
+    keys = None if mode == "plain" else server.keys
+    expected = monolithic_image(sources["tiny-random-sd"], "EulerDiscreteScheduler", 5.0)
+    with DiffusionClient.connect(
+        server.url,
+        security=mode,  # type: ignore[arg-type]
+        keys=keys,
+        model=sources["tiny-random-sd"],
+        transport_kind=kind,  # type: ignore[arg-type]
+    ) as client:
+        assert isinstance(client.link, StreamLink if kind == "stream" else HTTPLink)
+        result = client.generate(PROMPT, steps=3, seed=7, guidance_scale=5.0, output_type="np")
+    np.testing.assert_array_equal(result.images[0], expected[0])

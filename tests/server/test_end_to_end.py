@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from lambda_split import (
     Checkpoint,
@@ -84,10 +85,12 @@ def test_client_refuses_a_mode_mismatch(live: dict[str, LiveServer], tiny: Check
         ).close()
 
 
+@pytest.mark.parametrize("kind", ["http", "stream"])
 def test_sessions_are_bound_to_the_authenticated_client(
-    live: dict[str, LiveServer], tiny: Checkpoint, second_client: Path
+    live: dict[str, LiveServer], tiny: Checkpoint, second_client: Path, kind: str
 ) -> None:
-    from lambda_split import RemoteTrunk
+    """Bob, authenticated as himself, cannot step or close Alice's session (on either path)."""
+    from lambda_split import RemoteTrunk, StreamLink, make_link
     from lambda_split.protocol import Encoding
 
     for mode in ("tls", "aesgcm", "tls+aesgcm"):
@@ -96,15 +99,24 @@ def test_sessions_are_bound_to_the_authenticated_client(
             connect_transport(live[mode].url, mode, keys_dir=live[mode].keys) as alice,  # type: ignore[arg-type]
             connect_transport(live[mode].url, mode, keys_dir=second_client) as bob,  # type: ignore[arg-type]
         ):
-            session = RemoteTrunk(alice, Encoding.FP32)
+            own, other = make_link(alice, kind), make_link(bob, kind)  # type: ignore[arg-type]
+            session = RemoteTrunk(own, Encoding.FP32)
             stolen = RemoteTrunk.__new__(RemoteTrunk)
-            stolen.__dict__.update(session.__dict__, transport=bob)
+            stolen.__dict__.update(session.__dict__, link=other)
+            hidden = torch.zeros(1, 1, tiny.config.hidden_size)
             try:
+                with pytest.raises(ServerError) as refused:
+                    stolen(hidden, torch.ones(1, 1))
+                assert refused.value.status == 404
                 with pytest.raises(ServerError) as refused:
                     stolen.close()
                 assert refused.value.status == 404
+                session(hidden, torch.ones(1, 1))  # alice's session is untouched and still hers
             finally:
-                session.close()  # alice still owns it
+                session.close()
+                for link in (own, other):
+                    if isinstance(link, StreamLink):
+                        link.shutdown()
         assert live[mode].service.open_sessions == held
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lambda_split import Checkpoint, RemoteTrunk, ServerError
+from lambda_split import Checkpoint, HTTPLink, RemoteTrunk, ServerError
 from lambda_split.protocol import Encoding
 from secure_channel import (
     AuthenticationError,
@@ -80,7 +80,7 @@ def test_two_devices_are_two_identities_with_their_own_sessions_and_limits(
     ):
         session = RemoteTrunk(alice, Encoding.FP32)
         stolen = RemoteTrunk.__new__(RemoteTrunk)
-        stolen.__dict__.update(session.__dict__, transport=bob)
+        stolen.__dict__.update(session.__dict__, link=HTTPLink(bob))
         with pytest.raises(ServerError) as refused:
             stolen.close()
         assert refused.value.status == 404

@@ -1,0 +1,189 @@
+"""The trunk stream: one WebSocket per device connection, one binary message per step each way.
+
+The messages (``lambda_split.protocol``, *Stream API*) reach this endpoint already opened by
+whatever security layer sits below it (TLS in the transport, AES-GCM records in
+:class:`AESGCMMiddleware`); it calls the same :class:`TrunkService` methods as the HTTP routes.
+The identity is read once, when the stream opens, and owns every session the stream carries.
+Who waits: the stream's own loop, for the next message (idle deadline) and for its step to
+run on a worker thread; nothing else waits on a stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from anyio import to_thread
+from starlette.types import Receive, Scope, Send
+
+from lambda_split import ServiceError, TrunkService
+from lambda_split.protocol import StreamOp
+from server.observability import LOGGER
+
+POLICY, TOO_BIG, NOT_BINARY = 1008, 1009, 1003
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Bounds on streams. ``idle_timeout_s`` is the longest wait for the next message (a slow or
+    silent sender is closed after it); ``rate_per_s``/``burst`` is a token bucket per identity over
+    all its streams, one token per message."""
+
+    max_message_bytes: int = 64 * 1024 * 1024 + 64 * 1024
+    idle_timeout_s: float = 300.0
+    rate_per_s: float = 200.0
+    burst: int = 400
+    max_streams: int = 256
+    max_streams_per_identity: int = 16
+    max_sessions_per_stream: int = 4
+
+    def __post_init__(self) -> None:
+        if min(self.max_message_bytes, self.max_streams, self.max_streams_per_identity) < 1:
+            raise ValueError("stream limits must be positive")
+        if self.max_sessions_per_stream < 1 or self.burst < 1:
+            raise ValueError("stream limits must be positive")
+        if not (self.idle_timeout_s > 0 and self.rate_per_s > 0):
+            raise ValueError("stream deadlines and rates must be positive")
+
+
+class _Closed(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        self.code, self.reason = code, reason
+
+
+def _error(status: int, code: str, message: str) -> bytes:
+    body = {"status": status, "error": {"code": code, "message": message}}
+    return bytes((StreamOp.ERROR,)) + json.dumps(body).encode()
+
+
+async def _deny(send: Send, status: int, code: str, message: str) -> None:
+    """Refuse the upgrade with a JSON HTTP error (ASGI websocket.http.response), before accepting."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
+class TrunkStreamEndpoint:
+    """The ASGI app behind ``GET /v1/stream``."""
+
+    def __init__(
+        self,
+        service: TrunkService,
+        limits: StreamLimits,
+        owner_of: Callable[[Scope], str],
+        client_key: Callable[[Scope], str],
+    ) -> None:
+        self.service = service
+        self.limits = limits
+        self.owner_of = owner_of
+        self.client_key = client_key
+        self.open_streams: Counter[str] = Counter()
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        owner, key = self.owner_of(scope), self.client_key(scope)
+        if sum(self.open_streams.values()) >= self.limits.max_streams:
+            await _deny(send, 503, "too_many_streams", "the server holds its maximum number of streams")
+            return
+        if self.open_streams[key] >= self.limits.max_streams_per_identity:
+            await _deny(
+                send, 429, "too_many_streams_for_identity", "this identity holds its maximum of streams"
+            )
+            return
+        self.open_streams[key] += 1
+        sessions: set[str] = set()
+        try:
+            await send({"type": "websocket.accept"})
+            await self._serve(receive, send, owner, key, sessions)
+        except _Closed as closed:
+            LOGGER.info("stream closed", extra={"fields": {"code": closed.code, "reason": closed.reason}})
+            await send({"type": "websocket.close", "code": closed.code, "reason": closed.reason})
+        finally:
+            self.open_streams[key] -= 1
+            if not self.open_streams[key]:
+                del self.open_streams[key]
+            for session_id in sessions:  # a stream's sessions end with it
+                with contextlib.suppress(ServiceError):
+                    self.service.close_session(owner, session_id)
+
+    async def _next(self, receive: Receive) -> bytes | None:
+        import anyio
+
+        with anyio.move_on_after(self.limits.idle_timeout_s) as scope:
+            message = await receive()
+        if scope.cancel_called:
+            raise _Closed(POLICY, f"no message within {self.limits.idle_timeout_s} s")
+        if message["type"] == "websocket.disconnect":
+            return None
+        data = message.get("bytes")
+        if data is None:
+            raise _Closed(NOT_BINARY, "binary messages only")
+        if len(data) > self.limits.max_message_bytes:
+            raise _Closed(TOO_BIG, "message too large")
+        return bytes(data)
+
+    async def _serve(self, receive: Receive, send: Send, owner: str, key: str, sessions: set[str]) -> None:
+        while (data := await self._next(receive)) is not None:
+            if not data or data[0] not in (StreamOp.OPEN, StreamOp.STEP, StreamOp.CLOSE):
+                raise _Closed(POLICY, "unknown message")
+            wait = self._take(key)
+            if wait is not None:
+                reply = _error(429, "rate_limited", f"too many messages; retry in {wait} s")
+            else:
+                try:
+                    reply = await self._handle(StreamOp(data[0]), data[1:], owner, sessions)
+                except ServiceError as exc:
+                    reply = _error(exc.status, exc.code, exc.message)
+                except Exception as exc:
+                    LOGGER.error(
+                        "internal error", extra={"fields": {"route": "stream", "type": type(exc).__name__}}
+                    )
+                    reply = _error(500, "internal_error", "the server failed to handle this message")
+            await send({"type": "websocket.send", "bytes": reply})
+
+    async def _handle(self, op: StreamOp, body: bytes, owner: str, sessions: set[str]) -> bytes:
+        if op is StreamOp.STEP:
+            if len(body) < 24:
+                raise ServiceError(400, "bad_frame", "frame too short")
+            session_id = body[8:24].hex()
+            out = await to_thread.run_sync(self.service.step, owner, session_id, body)
+            return bytes((StreamOp.STEP,)) + out
+        if op is StreamOp.OPEN:
+            if len(sessions) >= self.limits.max_sessions_per_stream:
+                raise ServiceError(429, "too_many_sessions_on_stream", "close a session on this stream first")
+            try:
+                request = json.loads(body or b"{}")
+                wire = request.get("wire", "fp32") if isinstance(request, dict) else None
+            except (ValueError, UnicodeDecodeError):
+                wire = None
+            if not isinstance(wire, str):
+                raise ServiceError(400, "bad_request", 'body must be JSON like {"wire": "fp16"}')
+            reply = self.service.open_session(owner, wire)
+            sessions.add(reply["session_id"])
+            LOGGER.info("session opened", extra={"fields": {"client": owner, "wire": wire, "path": "stream"}})
+            return bytes((StreamOp.OPEN,)) + json.dumps(reply).encode()
+        session_id = body.decode("ascii", "replace")
+        self.service.close_session(owner, session_id)
+        sessions.discard(session_id)
+        return bytes((StreamOp.CLOSE,)) + b'{"closed": true}'
+
+    def _take(self, key: str) -> int | None:
+        """One token from ``key``'s bucket; the seconds to wait if it is empty."""
+        now = time.monotonic()
+        tokens, last = self._buckets.pop(key, (float(self.limits.burst), now))
+        tokens = min(float(self.limits.burst), tokens + (now - last) * self.limits.rate_per_s)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return math.ceil((1.0 - tokens) / self.limits.rate_per_s)
+        self._buckets[key] = (tokens - 1.0, now)
+        while len(self._buckets) > 10_000:
+            self._buckets.popitem(last=False)
+        return None

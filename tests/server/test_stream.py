@@ -1,0 +1,124 @@
+"""The persistent stream: the default path, in every mode, with the HTTP path's exact results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from lambda_split import (
+    Checkpoint,
+    GenerationConfig,
+    HTTPLink,
+    SplitClient,
+    StreamLink,
+    encode_prompts,
+)
+from lambda_split.protocol import ROUTE_HEADER, STREAM_PATH, Encoding, FrameKind, StreamOp, encode_frame
+from secure_channel import connect_transport
+from tests.conftest import monolithic
+from tests.helpers import reference_tokens
+from tests.server.conftest import MODES, LiveServer, wait_for
+
+GREEDY = GenerationConfig(max_new_tokens=24)
+#: The issue's budget: bytes per decode step and direction beyond the trunk's own frame.
+MAX_FRAMING = 64
+
+
+def connect(server: LiveServer, model: Checkpoint, kind: str, wire: str = "fp32") -> SplitClient:
+    keys = None if server.mode == "plain" else server.keys
+    return SplitClient.connect(
+        server.url,
+        security=server.mode,  # type: ignore[arg-type]
+        keys=keys,
+        model=model,
+        wire=wire,
+        transport_kind=kind,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_stream_gives_the_monolithic_and_the_http_tokens(
+    live: dict[str, LiveServer], tiny: Checkpoint, mode: str
+) -> None:
+    tokens = {}
+    for kind, link in (("stream", StreamLink), ("http", HTTPLink)):
+        with connect(live[mode], tiny, kind) as client:
+            assert isinstance(client.link, link)
+            ids, mask = encode_prompts(client.tokenizer, ["hello there", "x"], chat=True)
+            tokens[kind] = client.generate_ids(ids, mask, GREEDY).token_ids
+            # a second generation reuses the client's stream
+            assert client.generate_ids(ids, mask, GREEDY).token_ids == tokens[kind]
+    expected = reference_tokens(monolithic(tiny), ids, mask, 24, client.tokenizer.eos_token_id)
+    assert tokens["stream"] == tokens["http"] == expected
+
+
+def test_the_stream_is_opt_in_until_the_eavesdropping_suite_captures_it(
+    live: dict[str, LiveServer], tiny: Checkpoint
+) -> None:
+    with SplitClient.connect(live["plain"].url, security="plain", model=tiny) as client:
+        assert isinstance(client.link, HTTPLink)
+    with SplitClient.connect(
+        live["plain"].url, security="plain", model=tiny, transport_kind="stream"
+    ) as client:
+        assert isinstance(client.link, StreamLink)
+        client.generate("hi", GenerationConfig(max_new_tokens=2))
+
+
+def _framing(mode: str, server: LiveServer, hidden_size: int, wire: Encoding) -> tuple[int, int]:
+    """Socket bytes of one decode step, each direction, minus the trunk frame it carries."""
+    transport = connect_transport(server.url, mode, keys_dir=None if mode == "plain" else server.keys)  # type: ignore[arg-type]
+    stream = transport.open_stream(STREAM_PATH, {ROUTE_HEADER: "0" * 32})
+    try:
+        stream.send(bytes((StreamOp.OPEN,)) + json.dumps({"wire": wire.wire_name}).encode())
+        session = bytes.fromhex(json.loads(stream.recv()[1:])["session_id"])
+        sent, received, replies = 0, 0, []
+        for seq in range(3):  # a prefill of one token, then two decode steps
+            frame = encode_frame(
+                FrameKind.LLM_STEP,
+                session,
+                seq,
+                {
+                    "hidden": (torch.randn(1, 1, hidden_size), wire),
+                    "mask": (torch.ones(1, 1, dtype=torch.uint8), Encoding.U8),
+                },
+            )
+            before = (transport.stats.bytes_sent, transport.stats.bytes_received)
+            stream.send(bytes((StreamOp.STEP,)) + frame)
+            reply = stream.recv()
+            assert reply[0] == StreamOp.STEP
+            sent = transport.stats.bytes_sent - before[0] - len(frame)
+            received = transport.stats.bytes_received - before[1] - (len(reply) - 1)
+            replies.append((sent, received))
+        assert replies[1] == replies[2]  # deterministic: the same bytes every step
+        return sent, received
+    finally:
+        stream.close()
+        transport.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_framing_per_decode_step_is_small(live: dict[str, LiveServer], tiny: Checkpoint, mode: str) -> None:
+    """Counted at the socket: WebSocket header, op byte, record header and tag, TLS record."""
+    sent, received = _framing(mode, live[mode], tiny.config.hidden_size, Encoding.FP16)
+    assert sent <= MAX_FRAMING and received <= MAX_FRAMING, (sent, received)
+    # what each layer adds: ws 8 (client, masked) or 4 (server) + op 1, record 14 + 16, TLS 5 + 1 + 16
+    ws = (8 + 1, 4 + 1)
+    record = 30 if "aesgcm" in mode else 0
+    tls = 22 if mode.startswith("tls") else 0
+    assert (sent, received) == (ws[0] + record + tls, ws[1] + record + tls)
+
+
+def test_a_stream_the_server_closed_while_idle_is_reopened_for_the_next_session(
+    make_server: Callable[..., LiveServer], tiny: Checkpoint
+) -> None:
+    import httpx
+
+    server = make_server("plain", idle_timeout_s=1.0)
+    with connect(server, tiny, "stream") as client:
+        first = client.generate("hello", GREEDY).token_ids
+        gauge = lambda: httpx.get(server.url + "/metrics").text  # noqa: E731
+        assert wait_for(lambda: "lambda_split_open_streams 0.0" in gauge())  # closed at the idle deadline
+        assert client.generate("hello", GREEDY).token_ids == first
