@@ -250,7 +250,9 @@ class ServerTap:
         return getattr(self.inner, name)
 
     def step(self, state: Any, frame: Any, limits: Any) -> Any:
-        out = self.inner.step(state, frame, limits)
+        return self._record(state, frame, self.inner.step(state, frame, limits))
+
+    def _record(self, state: Any, frame: Any, out: Any) -> Any:
         if "hidden" in frame.tensors and "hidden" in out:
             if id(state) not in self.sessions:
                 self._states.append(state)
@@ -264,8 +266,19 @@ class ServerTap:
         return list(self.sessions.values())
 
 
+class BatchingServerTap(ServerTap):
+    """A :class:`ServerTap` for a batching executor: the service calls ``step_as`` on it, which
+    the plain tap would forward to the executor unseen."""
+
+    def step_as(self, owner: str, state: Any, frame: Any, limits: Any) -> Any:
+        return self._record(state, frame, self.inner.step_as(owner, state, frame, limits))
+
+
 def tap_service(service: tuple[Any, dict[str, Any]]) -> ServerTap:
     """Install a :class:`ServerTap` on a loaded ``(TrunkService, info)`` and return it."""
-    tap = ServerTap(service[0].executor)
+    from lambda_split import BatchingExecutor
+
+    executor = service[0].executor
+    tap = BatchingServerTap(executor) if isinstance(executor, BatchingExecutor) else ServerTap(executor)
     service[0].executor = tap
     return tap
