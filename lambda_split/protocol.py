@@ -17,7 +17,7 @@ in the same encoding, with the same session id and sequence number.
 
 Every error is JSON ``{"error": {"code": str, "message": str}}`` with a 4xx/5xx status.
 
-Stream API (the default path of the client): ``GET /v1/stream`` upgraded to a WebSocket,
+Stream API (opt-in for the client, ``transport_kind="stream"``): ``GET /v1/stream`` upgraded to a WebSocket,
 with ``x-lambda-route: <32 hex>`` (random per stream, for a reverse proxy to hash on). Each
 message is binary, ``op (u8) || body``, one up and one down, strictly alternating::
 

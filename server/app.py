@@ -37,6 +37,7 @@ HANDSHAKE_PATHS = frozenset({"/v1/handshake"})
 # A sealed record is the inner request (method, path, headers, frame) plus the record header and
 # tag; AESGCMMiddleware itself accepts max_body_bytes + 64 KiB + that overhead, which this covers.
 SEALING_ALLOWANCE = 128 * 1024
+UNAUTHENTICATED_BYTES = 256 * 1024 * 1024
 
 
 def owner_of(scope: Scope) -> str:
@@ -183,6 +184,8 @@ def build_app(
                 AESGCMMiddleware,
                 credentials=credentials,
                 max_body_bytes=config.max_body_bytes,
+                # room for a few requests of the largest size in flight before their tags are checked
+                max_unauthenticated_bytes=max(UNAUTHENTICATED_BYTES, 4 * config.max_body_bytes),
                 handshake_rate=(config.handshake_rate_per_s, config.handshake_burst),
                 max_streams_per_identity=config.max_sessions_per_identity,
             ),
@@ -217,4 +220,7 @@ def build_app(
         lifespan=lifespan,
     )
     app.state.endpoints = endpoints
+    # Build the middleware now, not at the first request: a layer that refuses its settings must
+    # fail here, before the server says it is listening.
+    app.middleware_stack = app.build_middleware_stack()
     return app

@@ -282,6 +282,19 @@ def test_hardening_headers_are_sent_once_even_over_the_sealed_channel(
     assert reply.headers.get_list("x-content-type-options") == ["nosniff"]
 
 
+def test_a_body_limit_above_the_unauthenticated_buffer_still_serves_sealed_requests(
+    make_server: Callable[..., LiveServer],
+) -> None:
+    """The AES-GCM layer's cap on unauthenticated bytes grows with max_body_bytes; a layer that
+    refused its settings would only have failed at the first request, after 'listening on'."""
+    from secure_channel import Request, connect_transport
+
+    server = make_server("aesgcm", max_body_bytes=300 * 1024 * 1024)
+    with connect_transport(server.url, "aesgcm", keys_dir=server.keys) as transport:
+        reply = transport.exchange(Request("GET", "/healthz"))
+    assert reply.status == 200
+
+
 def test_oversized_bodies_declared_or_chunked_get_413(make_server: Callable[..., LiveServer]) -> None:
     server = make_server(max_body_bytes=4096)
     head = f"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: {10**6}\r\n\r\n".encode()

@@ -1,4 +1,4 @@
-"""The persistent stream: the default path, in every mode, with the HTTP path's exact results."""
+"""The persistent stream (opt-in): in every mode, with the HTTP path's exact results."""
 
 from __future__ import annotations
 
