@@ -11,9 +11,10 @@ stream from then on (a sealed HTTP request naming it gets 409) and is dropped wh
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from secure_channel._exceptions import InvalidRecord
 from secure_channel._identity import AESGCM_EXTENSION
@@ -27,6 +28,7 @@ logger = logging.getLogger("secure_channel")
 #: WebSocket close code for a policy violation (RFC 6455 §7.4.1).
 POLICY = 1008
 UNSUPPORTED = 1003
+TRY_AGAIN_LATER = 1013
 
 
 async def _deny(send: Send, status: int, code: str, message: str) -> None:
@@ -132,10 +134,29 @@ async def _run_app(
         waiting.append(sequence)
         return {"type": "websocket.receive", "bytes": plaintext}
 
+    refusal: dict[str, Any] = {}
+
     async def sealed_send(message: Message) -> None:
         kind = message["type"]
         if kind == "websocket.accept":
             return  # accepted before the opening was checked
+        if kind.startswith("websocket.http.response"):
+            # The app refuses the upgrade, but this layer has accepted it already: close instead,
+            # with the refusal's error code as the reason (1013 for a limit: try again later).
+            if kind == "websocket.http.response.start":
+                refusal["status"] = int(message["status"])
+                refusal["body"] = b""
+                return
+            refusal["body"] = refusal.get("body", b"") + message.get("body", b"")
+            if message.get("more_body"):
+                return
+            status = refusal.get("status", 500)
+            try:
+                reason = str(json.loads(refusal["body"])["error"]["code"])[:100]
+            except (ValueError, KeyError, TypeError):
+                reason = f"refused ({status})"
+            await _close(send, TRY_AGAIN_LATER if status in (429, 503) else POLICY, reason)
+            return
         if kind == "websocket.send":
             if message.get("bytes") is None or not waiting:
                 raise RuntimeError("a sealed stream only sends binary answers to requests")

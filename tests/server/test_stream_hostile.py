@@ -210,6 +210,27 @@ def test_floods_past_the_stream_limits(
     assert alice == honest_output(server, tiny)
 
 
+@pytest.mark.parametrize("mode", ["tls", "aesgcm"])
+def test_a_stream_past_the_server_wide_cap_is_refused_cleanly(
+    make_server: Callable[..., LiveServer], tiny: Checkpoint, mode: str
+) -> None:
+    """Over TLS the upgrade gets a JSON 503; in aesgcm the sealed layer has accepted the WebSocket
+    already, so the refusal is a close with the error code, never a server-side crash."""
+    server = make_server(mode, max_sessions=1, max_concurrency=1)
+    first, held = open_raw(server)
+    with first:
+        assert call(held, StreamOp.OPEN, b'{"wire": "fp32"}')[0] == StreamOp.OPEN
+        if mode == "tls":
+            with pytest.raises(TransportError, match=r"HTTP 503 \(too_many_streams\)"):
+                open_raw(server)
+        else:
+            second, stream = open_raw(server)
+            with second, pytest.raises(StreamClosed) as closed:
+                call(stream, StreamOp.OPEN, b"{}")
+            assert (closed.value.code, closed.value.reason) == (1013, "too_many_streams")
+    assert honest_output(server, tiny) == honest_output(server, tiny)
+
+
 def test_metrics_count_open_streams(make_server: Callable[..., LiveServer]) -> None:
     import httpx
 
