@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from secure_channel._exceptions import CredentialsError
+from secure_channel._exceptions import CredentialsError, KeysUsageError
 from secure_channel._keys import (
     _CLIENT_NAME,
     _EKU,
@@ -75,12 +75,14 @@ class IssuedCertificate:
 
 def _check_days(days: int) -> None:
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= _MAX_DAYS:
-        raise ValueError(f"days must be an integer between 1 and {_MAX_DAYS}")
+        raise KeysUsageError(f"days must be an integer between 1 and {_MAX_DAYS}")
 
 
 def _check_client_name(name: str) -> None:
     if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
-        raise ValueError("a client name must be DNS-style: letters, digits, '-' and '.', at most 63 chars")
+        raise KeysUsageError(
+            "a client name must be DNS-style: letters, digits, '-' and '.', at most 63 chars"
+        )
 
 
 def _encryption(passphrase: bytes | None) -> serialization.KeySerializationEncryption:
@@ -181,7 +183,7 @@ class CertificateAuthority:
         check_private_permissions(target)
         existing = [f for f in (CA_FILE, "client.pem", "client.key") if (target / f).exists()]
         if existing and not force:
-            raise CredentialsError(f"refusing to overwrite {', '.join(existing)} in {target} (use --force)")
+            raise KeysUsageError(f"refusing to overwrite {', '.join(existing)} in {target} (use --force)")
         cert, key = self.issue("client", name, days=days)
         _write_file(target / "client.key", _key_pem(key), 0o600, force)
         _write_file(target / "client.pem", _pem(cert), 0o644, force)
@@ -220,9 +222,7 @@ class CertificateAuthority:
                 serial = -1
             matches = [c for c in clients if c.serial_number == serial]
         if not matches:
-            raise CredentialsError(
-                f"no client certificate named or numbered {name_or_serial!r} in {self.root}"
-            )
+            raise KeysUsageError(f"no client certificate named or numbered {name_or_serial!r} in {self.root}")
         fresh = [c for c in matches if c.serial_number not in already]
         self.write_crl(already | {c.serial_number for c in fresh})
         return fresh
@@ -324,7 +324,7 @@ def generate_credentials(
     all_files = (*CREDENTIAL_FILES, CA_KEY_FILE, CRL_FILE)
     existing = [name for name in all_files if (root / name).exists()]
     if existing and not force:
-        raise CredentialsError(
+        raise KeysUsageError(
             f"refusing to overwrite existing credentials in {root}: {', '.join(existing)} (use --force)"
         )
     ca_key = ec.generate_private_key(ec.SECP256R1())

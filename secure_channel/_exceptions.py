@@ -4,6 +4,7 @@ The tree, written out once::
 
     ChannelError                 base of everything this package raises
     ├── CredentialsError         key/certificate files missing, expired, wrong CA or wrong EKU (fails closed)
+    │   └── KeysUsageError       a keys request that cannot be done as asked (also a ValueError)
     ├── TransportError           the peer could not be reached or the exchange broke off
     │   ├── ChannelTimeout       connect, read or write deadline passed
     │   ├── SessionLost          the server forgot the sealed session; a non-idempotent request was not re-sent
@@ -25,6 +26,11 @@ class ChannelError(Exception):
 
 class CredentialsError(ChannelError):
     """Key or certificate material is missing, malformed, expired, or not fit for its role."""
+
+
+class KeysUsageError(CredentialsError, ValueError):
+    """A request to the certificate authority that cannot be done as asked: an existing file without
+    ``force``, no certificate of that name, a malformed name, a validity out of range."""
 
 
 class TransportError(ChannelError):

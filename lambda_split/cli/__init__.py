@@ -23,7 +23,14 @@ from lambda_split._errors import (
 )
 from lambda_split._stream import TRANSPORT_KINDS
 from lambda_split.cli import _args
-from secure_channel import SECURITY_MODES, AuthenticationError, ChannelError, CredentialsError, TransportError
+from secure_channel import (
+    SECURITY_MODES,
+    AuthenticationError,
+    ChannelError,
+    CredentialsError,
+    KeysUsageError,
+    TransportError,
+)
 
 EXIT_OTHER, EXIT_USAGE, EXIT_AUTH, EXIT_SERVER = 1, 2, 3, 4
 TRANSPORT_HELP = (
@@ -44,7 +51,9 @@ def progress(message: str) -> None:
 def exit_code(exc: BaseException) -> int:
     from server.config import ConfigError
 
-    if isinstance(exc, (UsageError, ConfigError, ModelNotFoundError, FileExistsError, LimitExceeded)):
+    if isinstance(
+        exc, (UsageError, ConfigError, ModelNotFoundError, FileExistsError, LimitExceeded, KeysUsageError)
+    ):
         return EXIT_USAGE
     if isinstance(exc, (AuthenticationError, CredentialsError)):
         return EXIT_AUTH

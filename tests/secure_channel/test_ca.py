@@ -161,6 +161,22 @@ def test_keys_days_out_of_range_is_a_usage_error(tmp_path: Path, days: str) -> N
     assert not (tmp_path / "k").exists()
 
 
+def test_keys_requests_that_cannot_be_done_as_asked_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("LAMBDA_SPLIT_CA_PASSPHRASE", raising=False)
+    ca = str(tmp_path / "ca")
+    assert main(["keys", "init", ca]) == 0
+    for argv in (
+        ["keys", "init", ca],  # existing files without --force
+        ["keys", "add-client", ca, "bad name!", "--out", str(tmp_path / "dev")],
+        ["keys", "revoke", ca, "nosuch"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, argv
+
+
 def test_keys_commands_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
