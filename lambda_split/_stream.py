@@ -23,7 +23,7 @@ from lambda_split.protocol import (
     session_path,
     step_path,
 )
-from secure_channel import Request, Response, Stream, StreamUnsupported, Transport
+from secure_channel import Request, Response, Stream, StreamUnsupported, Transport, TransportError
 
 TransportKind = Literal["stream", "http"]
 TRANSPORT_KINDS: tuple[TransportKind, ...] = ("stream", "http")
@@ -79,13 +79,20 @@ class StreamLink:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self._stream: Stream | None = None
+        self._generation = 0  # counts the streams opened; a session lives only on the one it was opened on
+        self._sessions: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _call(self, op: StreamOp, body: bytes, *, reopen: bool = False) -> bytes:
         with self._lock:
             if self._stream is None or reopen:
+                if op != StreamOp.OPEN:  # a step or close belongs to a stream that is gone
+                    raise TransportError(
+                        "the stream that carried this session has closed; so has the session"
+                    )
                 self._drop()
                 self._stream = self.transport.open_stream(STREAM_PATH, {ROUTE_HEADER: secrets.token_hex(16)})
+                self._generation += 1
             try:
                 self._stream.send(bytes((op,)) + body)
                 reply = self._stream.recv()
@@ -123,15 +130,26 @@ class StreamLink:
             # a new session may open a new stream (nothing of this session has run yet).
             reply = self._call(StreamOp.OPEN, body, reopen=True)
         try:
-            return json.loads(reply)
-        except ValueError:
+            data = json.loads(reply)
+            self._sessions[str(data["session_id"])] = self._generation
+        except (ValueError, KeyError, TypeError):
             raise ProtocolMismatch("malformed session reply") from None
+        return data
+
+    def _alive(self, session_id: str) -> bool:
+        return self._stream is not None and self._sessions.get(session_id) == self._generation
 
     def step(self, session_id: str, frame: bytes) -> bytes:
+        if not self._alive(session_id):
+            raise TransportError("the stream that carried this session has closed; so has the session")
         return self._call(StreamOp.STEP, frame)
 
     def close(self, session_id: str) -> None:
-        self._call(StreamOp.CLOSE, session_id.encode())
+        """Close the session; a no-op once its stream is gone (the server closed the session then)."""
+        alive = self._alive(session_id)
+        self._sessions.pop(session_id, None)
+        if alive:
+            self._call(StreamOp.CLOSE, session_id.encode())
 
     def _drop(self) -> None:
         if self._stream is not None:

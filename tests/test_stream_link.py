@@ -1,0 +1,91 @@
+"""StreamLink: a session lives on the stream it was opened on; a failure never opens a new stream
+just to close (or step) a session the server has already closed with the old one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+
+import pytest
+
+from lambda_split._stream import StreamLink
+from lambda_split.protocol import StreamOp
+from secure_channel import Stream, Transport, TransportError, WireStats
+
+
+class FakeStream(Stream):
+    """Answers OPEN with a fresh session id and CLOSE with ``{"closed": true}``; STEP runs ``on_step``."""
+
+    def __init__(self, on_step: Callable[[], bytes]) -> None:
+        self.stats = WireStats()
+        self.on_step = on_step
+        self.reply = b""
+        self.sessions = 0
+        self.closed = False
+
+    def send(self, message: bytes) -> None:
+        op = message[0]
+        if op == StreamOp.OPEN:
+            self.sessions += 1
+            self.reply = bytes((op,)) + json.dumps({"session_id": f"{self.sessions:032x}"}).encode()
+        elif op == StreamOp.CLOSE:
+            self.reply = bytes((op,)) + b'{"closed": true}'
+        else:
+            self.reply = bytes((op,)) + self.on_step()
+
+    def recv(self) -> bytes:
+        return self.reply
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeTransport(Transport):
+    security = "plain"
+
+    def __init__(self, on_step: Callable[[], bytes]) -> None:
+        self.stats = WireStats()
+        self.on_step = on_step
+        self.streams: list[FakeStream] = []
+
+    def open_stream(self, path: str, headers: Mapping[str, str] | None = None) -> Stream:
+        self.streams.append(FakeStream(self.on_step))
+        return self.streams[-1]
+
+
+def interrupted() -> bytes:
+    raise KeyboardInterrupt
+
+
+def reset() -> bytes:
+    raise TransportError("connection reset")
+
+
+def test_an_interrupted_step_is_not_masked_by_closing_its_session() -> None:
+    transport = FakeTransport(interrupted)
+    link = StreamLink(transport)
+    session = link.open("fp32")["session_id"]
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            link.step(session, b"frame")
+        finally:
+            link.close(session)  # what RemoteTrunk.close does in the client's finally
+    assert len(transport.streams) == 1 and transport.streams[0].closed
+
+
+def test_a_session_of_a_lost_stream_cannot_step_and_a_new_session_opens_a_new_stream() -> None:
+    transport = FakeTransport(reset)
+    link = StreamLink(transport)
+    old = link.open("fp32")["session_id"]
+    with pytest.raises(TransportError, match="connection reset"):
+        link.step(old, b"frame")
+    with pytest.raises(TransportError, match="stream that carried this session has closed"):
+        link.step(old, b"frame")
+    assert len(transport.streams) == 1
+    transport.on_step = lambda: b"result"
+    for stream in transport.streams:
+        stream.on_step = transport.on_step
+    new = link.open("fp32")["session_id"]
+    assert len(transport.streams) == 2
+    assert link.step(new, b"frame") == b"result"
+    link.close(new)
