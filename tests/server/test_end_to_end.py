@@ -101,6 +101,11 @@ def test_sessions_are_bound_to_the_authenticated_client(
         ):
             own, other = make_link(alice, kind), make_link(bob, kind)  # type: ignore[arg-type]
             session = RemoteTrunk(own, Encoding.FP32)
+            if isinstance(other, StreamLink):
+                # A hostile client skips the link's own check that a session was opened on its
+                # stream, so that the server's ownership check is what is tested here.
+                mine = other.open("fp32")["session_id"]
+                other._sessions[session.session_id] = other._generation
             stolen = RemoteTrunk.__new__(RemoteTrunk)
             stolen.__dict__.update(session.__dict__, link=other)
             hidden = torch.zeros(1, 1, tiny.config.hidden_size)
@@ -114,6 +119,8 @@ def test_sessions_are_bound_to_the_authenticated_client(
                 session(hidden, torch.ones(1, 1))  # alice's session is untouched and still hers
             finally:
                 session.close()
+                if isinstance(other, StreamLink):
+                    other.close(mine)
                 for link in (own, other):
                     if isinstance(link, StreamLink):
                         link.shutdown()
