@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import httpcore
 from websockets.client import ClientProtocol
@@ -34,6 +34,21 @@ from secure_channel._net import CountingBackend, _tls_failure
 _READ_SIZE = 65536
 #: Default cap on one message from the server, checked from the frame header before buffering.
 DEFAULT_MAX_MESSAGE = 1 << 30
+
+
+@contextlib.contextmanager
+def _translated(timeout_message: str, failure_message: str) -> Iterator[None]:
+    """Socket and TLS failures as this package's errors (authentication errors pass unchanged)."""
+    try:
+        yield
+    except AuthenticationError:
+        raise
+    except ssl.SSLError as exc:
+        raise _tls_failure(exc) from exc
+    except httpcore.TimeoutException as exc:
+        raise ChannelTimeout(timeout_message) from exc
+    except (httpcore.NetworkError, OSError) as exc:
+        raise TransportError(f"{failure_message}: {exc}") from exc
 
 
 def _refusal(response: WSResponse) -> ChannelError:
@@ -72,17 +87,9 @@ class WebSocketStream(Stream):
         self._ws = ClientProtocol(parse_uri(f"{scheme}://{authority}:{port}{path}"), max_size=max_message)
         self._closed = False
         self._where = f"{scheme}://{authority}:{port}{path}"
-        try:
+        with _translated(f"connecting to {self._where} timed out", f"cannot connect to {self._where}"):
             raw = CountingBackend(stats).connect_tcp(host, port, timeout)
             self._net = raw if ssl_context is None else raw.start_tls(ssl_context, host, timeout)
-        except AuthenticationError:
-            raise
-        except ssl.SSLError as exc:
-            raise _tls_failure(exc) from exc
-        except httpcore.TimeoutException as exc:
-            raise ChannelTimeout(f"connecting to {self._where} timed out") from exc
-        except (httpcore.NetworkError, OSError) as exc:
-            raise TransportError(f"cannot connect to {self._where}: {exc}") from exc
         try:
             self._upgrade(headers or {})
         except BaseException:
@@ -120,17 +127,11 @@ class WebSocketStream(Stream):
                 raise TransportError(f"{self._where} closed the connection during the upgrade")
         self._flush()  # answers pings and close frames
 
-    def _io(self, op: object) -> bytes:
-        try:
-            return op()  # type: ignore[operator, no-any-return]
-        except AuthenticationError:
-            raise
-        except ssl.SSLError as exc:
-            raise _tls_failure(exc) from exc
-        except httpcore.TimeoutException as exc:
-            raise ChannelTimeout(f"no reply from {self._where} within {self._timeout} s") from exc
-        except (httpcore.NetworkError, OSError) as exc:
-            raise TransportError(f"stream to {self._where} broke off: {exc}") from exc
+    def _io(self, op: Callable[[], bytes | None]) -> bytes:
+        with _translated(
+            f"no reply from {self._where} within {self._timeout} s", f"stream to {self._where} broke off"
+        ):
+            return op() or b""
 
     def send(self, message: bytes) -> None:
         """Send one binary message (one WebSocket frame)."""
