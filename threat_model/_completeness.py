@@ -6,7 +6,8 @@ sockets and the transport's ``WireStats``) is compared with the capture:
 * every connection the client opened to the server was captured, with both directions
   non-empty, its TCP handshake and both closes, and no sequence hole;
 * captured payload bytes equal the client socket's byte counters, connection by
-  connection, and their sum equals the transport's own counters;
+  connection (the WebSocket connections of the stream included), and their sum equals
+  the transport's own counters;
 * the sniffer lost nothing (kernel drops, truncated frames);
 * the client opened no connection to anywhere but the server.
 
@@ -85,7 +86,8 @@ def _row(connection: ClientConnection, stream: TcpStream | None) -> dict[str, An
 
 def _unread(stream: TcpStream, connection: ClientConnection) -> int | None:
     """Bytes the server sent after the client's last write that the client never read: whole TLS
-    records (the server's close_notify answering the client's). None if the surplus is anything else."""
+    records (the server's close_notify answering the client's) or whole unmasked WebSocket close
+    frames (the server's answer to the client's close). None if the surplus is anything else."""
     surplus = stream.s2c.data[connection.bytes_received :]
     if len(stream.s2c.data) <= connection.bytes_received:
         return 0
@@ -94,8 +96,13 @@ def _unread(stream: TcpStream, connection: ClientConnection) -> int | None:
         c.ts >= last_write for c in stream.s2c.chunks if c.offset + c.length > connection.bytes_received
     )
     pos = 0
-    while pos + 5 <= len(surplus) and surplus[pos] in (21, 23) and surplus[pos + 1] == 3:
-        pos += 5 + int.from_bytes(surplus[pos + 3 : pos + 5], "big")
+    while pos < len(surplus):
+        if pos + 5 <= len(surplus) and surplus[pos] in (21, 23) and surplus[pos + 1] == 3:
+            pos += 5 + int.from_bytes(surplus[pos + 3 : pos + 5], "big")
+        elif pos + 2 <= len(surplus) and surplus[pos] == 0x88 and surplus[pos + 1] <= 125:
+            pos += 2 + surplus[pos + 1]  # FIN + close, unmasked, a payload of at most 125 bytes
+        else:
+            break
     return len(surplus) if late and pos == len(surplus) else None
 
 
