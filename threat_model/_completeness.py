@@ -85,15 +85,21 @@ def _row(connection: ClientConnection, stream: TcpStream | None) -> dict[str, An
 
 
 def _unread(stream: TcpStream, connection: ClientConnection) -> int | None:
-    """Bytes the server sent after the client's last write that the client never read: whole TLS
-    records (the server's close_notify answering the client's) or whole unmasked WebSocket close
-    frames (the server's answer to the client's close). None if the surplus is anything else."""
+    """Bytes the server sent once the client had begun to close (after its last write, or after the
+    first write that followed the last byte it read) that the client never read: whole TLS records
+    (the server's close_notify, or its WebSocket close frame, answering the client's) or whole
+    unmasked WebSocket close frames. None if the surplus is anything else, or came earlier."""
     surplus = stream.s2c.data[connection.bytes_received :]
     if len(stream.s2c.data) <= connection.bytes_received:
         return 0
+    unread = [c.ts for c in stream.s2c.chunks if c.offset + c.length > connection.bytes_received]
+    last_read = max((c.ts for c in stream.s2c.chunks if c.offset < connection.bytes_received), default=0.0)
+    # the client's closing writes: after the last byte it read (a WebSocket close frame, then in
+    # TLS its close_notify); the server's answers to them may arrive between the two
+    closing = [c.ts for c in stream.c2s.chunks if c.ts > last_read]
     last_write = max((c.ts for c in stream.c2s.chunks), default=None)
-    late = last_write is not None and all(
-        c.ts >= last_write for c in stream.s2c.chunks if c.offset + c.length > connection.bytes_received
+    late = last_write is not None and (
+        all(ts >= last_write for ts in unread) or (bool(closing) and all(ts >= min(closing) for ts in unread))
     )
     pos = 0
     while pos < len(surplus):

@@ -244,3 +244,23 @@ def test_the_servers_unread_close_frame_is_the_only_surplus_allowed() -> None:
     tail = frame(Opcode.BINARY, b"more", client=False)
     assert _unread(stream(c2s, s2c[:read] + tail), connection) is None
     assert Opcode.CLOSE.value == CLOSE
+
+
+def test_in_tls_the_servers_close_may_come_between_the_clients_close_frame_and_its_close_notify() -> None:
+    """Client: last request (t=0), its WebSocket close (t=2), its close_notify (t=4). Server: the last
+    reply, read (t=1), then TLS records the client never read (its close frame, its close_notify)."""
+    record = b"\x17\x03\x03\x00\x15" + os.urandom(21)
+    read = b"\x17\x03\x03\x00\x40" + os.urandom(64)
+
+    def tls(unread_at: float) -> TcpStream:
+        c2s = Direction(b"x" * 30, (Chunk(0.0, 0, 10), Chunk(2.0, 10, 10), Chunk(4.0, 20, 10)), ())
+        s2c = Direction(
+            read + record, (Chunk(1.0, 0, len(read)), Chunk(unread_at, len(read), len(record))), ()
+        )
+        return TcpStream(("127.0.0.1", 40000), ("127.0.0.1", 8443), c2s, s2c, 0.0, 5.0, True)
+
+    connection = ClientConnection(("127.0.0.1", 40000), ("127.0.0.1", 8443), 0.0, "t", 30, len(read))
+    assert _unread(tls(3.0), connection) == len(record)
+    assert (
+        _unread(tls(1.5), connection) is None
+    )  # sent before the client began to close: it should have read it
