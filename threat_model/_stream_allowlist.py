@@ -3,15 +3,16 @@
 Client to server: one HTTP upgrade request, ``GET /v1/stream``, whose header names and values
 belong to fixed shapes and all must be there (host, the four WebSocket headers, a
 32-hex-digit routing key and channel session id; nothing else, not even a user agent); then only masked frames: binary messages
-that are each one sealed *request* record in the stream's compact form (no session id), a
-close with code 1000 or 1001 and no reason, and pongs that echo the server's pings.
+that are each one sealed *request* record in the stream's compact form (no session id), and
+a close with code 1000 or 1001 and no reason.
 
 Server to client: ``HTTP/1.1 101 Switching Protocols`` whose ``sec-websocket-accept`` is
 exactly the one RFC 6455 derives from the client's key, then only unmasked frames: binary
-messages that are each one sealed *response* record, a close with a known code and a
-short ASCII reason (an unauthenticated hint, see SECURITY.md), and pings of at most 8 bytes.
+messages that are each one sealed *response* record, and a close with a known code and a
+short ASCII reason (an unauthenticated hint, see SECURITY.md).
 
-No text frame, no extension (reserved bits), no fragment left open, no record of the wrong
+No text frame, no ping or pong (the server sends no pings, the client none either; a ping's
+payload is free bytes), no extension (reserved bits), no fragment left open, no record of the wrong
 type, no byte after the framing stops parsing. Records go to the caller (with the session
 id of the upgrade put back) for the fresh-keys check.
 """
@@ -27,7 +28,7 @@ from secure_channel._records import FRAME_REQUEST, FRAME_RESPONSE, RECORD_VERSIO
 from secure_channel._sealed_stream import COMPACT_HEADER
 from secure_channel._wire import SESSION_HEADER
 from threat_model._capture._reassembly import DirectionName, TcpStream
-from threat_model._websocket import BINARY, CLOSE, PING, PONG, WsDirection, WsMessage, read_websocket
+from threat_model._websocket import BINARY, CLOSE, WsDirection, WsMessage, read_websocket
 from threat_model.allowlist import _DATE, _HOST, Violation, _check_headers, _label, _parse, _violation
 
 __all__ = ["websocket_violations"]
@@ -55,7 +56,6 @@ SWITCH_LINE = "HTTP/1.1 101 Switching Protocols"
 CLIENT_CLOSE_CODES = (1000, 1001)
 SERVER_CLOSE_CODES = (1000, 1001, 1003, 1008, 1009, 1011, 1013)
 _REASON = re.compile(rb"[ -~]{0,123}")
-MAX_PING = 8
 
 
 def accept_key(key: str) -> str:
@@ -82,13 +82,12 @@ def _close(message: WsMessage, codes: tuple[int, ...], reason: bool) -> str | No
 
 
 def _frames(
-    label: str, name: DirectionName, data: bytes, frames: WsDirection, pings: list[bytes]
+    label: str, name: DirectionName, data: bytes, frames: WsDirection
 ) -> tuple[list[Violation], list[bytes]]:
     """Violations of one direction's frames, and its sealed records (compact form)."""
     out = [_violation(label, name, data, at, problem) for at, problem in frames.problems]
     records: list[bytes] = []
     client = name == "c2s"
-    echoes = list(pings)
     for message in frames.messages:
         problem: str | None
         if message.opcode == BINARY:
@@ -97,10 +96,6 @@ def _frames(
                 records.append(message.data)
         elif message.opcode == CLOSE:
             problem = _close(message, CLIENT_CLOSE_CODES if client else SERVER_CLOSE_CODES, not client)
-        elif message.opcode == PING and not client:
-            problem = None if len(message.data) <= MAX_PING else f"ping of {len(message.data)} bytes"
-        elif message.opcode == PONG and client:
-            problem = None if echoes and echoes.pop(0) == message.data else "pong that echoes no ping"
         else:
             problem = f"{message.kind} message {'to' if client else 'from'} the server"
         if problem:
@@ -140,9 +135,8 @@ def websocket_violations(
             problem = "sec-websocket-accept does not answer the client's key"
         if problem or response.body:
             out.append(_violation(label, "s2c", s2c, 0, problem or "a body after the upgrade response"))
-    pings = [m.data for m in view.s2c.messages if m.opcode == PING]
-    found_c2s, sent = _frames(label, "c2s", c2s, view.c2s, pings)
-    found_s2c, answered = _frames(label, "s2c", s2c, view.s2c, [])
+    found_c2s, sent = _frames(label, "c2s", c2s, view.c2s)
+    found_s2c, answered = _frames(label, "s2c", s2c, view.s2c)
     out += found_c2s + found_s2c
     if len(answered) > len(sent):
         out.append(_violation(label, "s2c", s2c, view.s2c.head_end, "more sealed responses than requests"))
