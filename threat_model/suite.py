@@ -266,7 +266,9 @@ def collect(
                 methods |= {s.capture.method for s in sessions}
                 evaluated = evaluate_llm(mode, sessions, wire=opts.wire, attacker=attacker)
                 evaluated["transport"] = path
-                evaluated["pcaps"] = _pcaps(sessions, out_dir, f"llm-{mode}-{path}")
+                evaluated["pcaps"] = _pcaps(
+                    sessions, out_dir, f"llm-{mode}" + ("" if path == main else f"-{path}")
+                )
                 evaluated["split"] = list(client.split_client.info.split)
                 results.setdefault(name, {})["llm" if path == main else f"llm-{path}"] = evaluated
             if actual == "plain" and truth_ids is None:
@@ -357,9 +359,12 @@ def _run_diffusion(
             methods.add(session.capture.method)
             evaluated = evaluate(mode, session, wire=opts.wire, guidance=opts.guidance)
             evaluated["transport"] = kind
-            evaluated["pcaps"] = _pcaps([session], out_dir, f"diffusion-{mode}-{kind}")
+            main = kind == opts.transports[0]
+            evaluated["pcaps"] = _pcaps(
+                [session], out_dir, f"diffusion-{mode}" + ("" if main else f"-{kind}")
+            )
             evaluated["_image"] = session.image
-            key = "diffusion" if kind == opts.transports[0] else f"diffusion-{kind}"
+            key = "diffusion" if main else f"diffusion-{kind}"
             results.setdefault(mode if index < len(modes) else "plain (control)", {})[key] = evaluated
 
 
