@@ -11,13 +11,13 @@ import argparse
 import contextlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from secure_channel import Request, Response, Transport
+from secure_channel import Request, Response, Stream, Transport
 from threat_model.capture import read_pcap
 from threat_model.report import render_text
 from threat_model.suite import SuiteOptions, add_arguments, run_eavesdrop, run_from_args
@@ -166,7 +166,7 @@ def test_outputs_are_written(full_run: tuple[int, dict[str, Any], Path, str]) ->
 
 
 class LeakyTransport(Transport):
-    """A 'debug' transport that adds the prompt to every request as a header."""
+    """A 'debug' transport that adds the prompt to every request, and to the stream's upgrade, as a header."""
 
     def __init__(self, inner: Transport, secret: str) -> None:
         self.inner, self.secret = inner, secret
@@ -175,6 +175,9 @@ class LeakyTransport(Transport):
     def exchange(self, request: Request) -> Response:
         headers = {**request.headers, "x-debug-prompt": self.secret}
         return self.inner.exchange(Request(request.method, request.path, request.content, headers))
+
+    def open_stream(self, path: str, headers: Mapping[str, str] | None = None) -> Stream:
+        return self.inner.open_stream(path, {**(headers or {}), "x-debug-prompt": self.secret})
 
     def close(self) -> None:
         self.inner.close()
@@ -188,7 +191,7 @@ class LeakyTransport(Transport):
         (
             "plain",
             {"transport_wrapper": lambda t: LeakyTransport(t, PROMPT)},
-            "plain/llm: no prompt or output text",
+            "plain/llm: no prompt or output text",  # the stream's upgrade (and llm-http's requests)
         ),
     ],
 )
