@@ -119,8 +119,8 @@ class SplitClient:
         prompt_bucket: int = 0,
         transport_kind: TransportKind | None = None,
     ) -> None:
-        """``transport_kind`` is ``http`` (one request per step; None means this) or ``stream`` (one
-        persistent stream for all sessions)."""
+        """``transport_kind`` is ``stream`` (one persistent stream for all sessions; None means this
+        when the transport can stream) or ``http`` (one request per step)."""
         if not isinstance(transport, Transport):
             raise TypeError("transport must be a secure_channel.Transport")
         if model.head is None or model.tail is None:
@@ -150,12 +150,12 @@ class SplitClient:
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
         split: str | None = None,
-        transport_kind: TransportKind = "http",
+        transport_kind: TransportKind | None = None,
     ) -> SplitClient:
         """Open a transport in the named security mode and verify the server. ``security`` has no default.
 
         ``split`` (``A:B``), if given, is the split the caller expects; another split on the server is refused.
-        Steps go one HTTP request each unless ``transport_kind="stream"`` (one persistent stream).
+        Steps go over one persistent stream unless ``transport_kind="http"`` (one request each).
         """
         return connect_verified(
             url,

@@ -1,9 +1,9 @@
-"""How a remote session reaches the trunk: one request per operation, or one persistent stream.
+"""How a remote session reaches the trunk: one persistent stream (the default), or one request per operation.
 
-:class:`HTTPLink` sends each open, step and close as its own request through
-``Transport.exchange``; :class:`StreamLink` carries them as messages of one stream from
+:class:`StreamLink` carries open, step and close as messages of one stream from
 ``Transport.open_stream`` (the Stream API of :mod:`lambda_split.protocol`), opened on first
-use and re-opened after the server closed it. Both raise the same errors.
+use and re-opened for a new session after the server closed it; :class:`HTTPLink` sends each
+as its own request through ``Transport.exchange`` (``--transport http``). Both raise the same errors.
 """
 
 from __future__ import annotations
@@ -161,15 +161,21 @@ class StreamLink:
             self._drop()
 
 
+def _can_stream(transport: Transport) -> bool:
+    """True when ``transport`` implements :meth:`Transport.open_stream`."""
+    return type(transport).open_stream is not Transport.open_stream
+
+
 def make_link(transport: Transport, kind: TransportKind | None) -> HTTPLink | StreamLink:
-    """``stream`` or ``http`` as named; None means ``http``. The stream is opt-in until the
-    eavesdropping suite captures it (SECURITY.md, "Streams")."""
+    """``stream`` or ``http`` as named. None (the default) means ``stream`` when the transport can
+    open streams, else ``http``. Either way the security mode is the transport's own, so no choice
+    here changes it: only the framing of the same sealed (or TLS, or plain) bytes differs."""
     if kind is None:
-        kind = "http"
+        kind = "stream" if _can_stream(transport) else "http"
     if kind == "http":
         return HTTPLink(transport)
     if kind != "stream":
         raise ValueError(f"unknown transport {kind!r}; choose stream or http")
-    if type(transport).open_stream is Transport.open_stream:
+    if not _can_stream(transport):
         raise StreamUnsupported(f"{type(transport).__name__} cannot open streams; use --transport http")
     return StreamLink(transport)

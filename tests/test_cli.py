@@ -95,7 +95,9 @@ def test_generate_json_matches_the_contract(served: tuple[subprocess.Popen[str],
         "time_to_first_token_s",
         "bytes_sent",
         "bytes_received",
+        "transport",
     }
+    assert data["stats"]["transport"] == "stream"  # the default path, in the mode that was asked for
     assert data["security"] == "tls+aesgcm" and data["split"] == [2, 6] and data["wire"] == "fp32"
     assert data["stats"]["bytes_sent"] > 12 * 64 * 4 and data["stats"]["bytes_received"] > 12 * 64 * 4
     client, _ = local_client(__import__("lambda_split").resolve("tiny-random-llama"), "2:-2")
@@ -113,6 +115,8 @@ def test_generate_over_http_and_over_the_stream_agree(
     data = {kind: json.loads(out.stdout) for kind, out in outs.items()}
     assert data["stream"]["token_ids"] == data["http"]["token_ids"]
     assert set(data["stream"]["stats"]) == set(data["http"]["stats"])
+    assert [data[kind]["stats"]["transport"] for kind in ("stream", "http")] == ["stream", "http"]
+    assert data["stream"]["security"] == data["http"]["security"] == "tls+aesgcm"
     # socket bytes: the stream's include its WebSocket upgrade and the handshake of its own channel
     assert data["stream"]["stats"]["bytes_sent"] > 0 and data["stream"]["stats"]["bytes_received"] > 0
     bad = run(*base, "--transport", "carrier-pigeon", "hi")

@@ -150,3 +150,18 @@ def test_version_comes_from_the_package_metadata(capsys: pytest.CaptureFixture[s
         cli.main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"lambda-split {metadata.version('lambda-split')}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [*GEN, "hi"],
+        [*IMAGINE, "--out", "x.png", "hi"],
+        ["demo", "--model", "tiny-random-llama"],
+        ["eavesdrop"],
+    ],
+)
+def test_the_stream_is_the_default_path_and_http_stays_available(argv: list[str]) -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(argv).transport == "stream"
+    assert parser.parse_args([*argv[:1], "--transport", "http", *argv[1:]]).transport == "http"

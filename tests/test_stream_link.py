@@ -89,3 +89,41 @@ def test_a_session_of_a_lost_stream_cannot_step_and_a_new_session_opens_a_new_st
     assert len(transport.streams) == 2
     assert link.step(new, b"frame") == b"result"
     link.close(new)
+
+
+class HTTPOnly(Transport):
+    """A transport that cannot open streams (``open_stream`` not overridden)."""
+
+    security = "plain"
+
+    def __init__(self) -> None:
+        self.stats = WireStats()
+
+
+def test_the_default_is_the_stream_when_the_transport_can_open_one_and_http_otherwise() -> None:
+    from lambda_split._stream import HTTPLink, make_link
+    from secure_channel import StreamUnsupported
+
+    streaming, http_only = FakeTransport(lambda: b""), HTTPOnly()
+    default = make_link(streaming, None)
+    assert isinstance(default, StreamLink) and default.transport is streaming  # same transport, same mode
+    assert isinstance(make_link(streaming, "http"), HTTPLink)
+    fallback = make_link(http_only, None)
+    assert isinstance(fallback, HTTPLink) and fallback.transport is http_only
+    with pytest.raises(StreamUnsupported, match="--transport http"):
+        make_link(http_only, "stream")
+    with pytest.raises(ValueError, match="unknown transport"):
+        make_link(streaming, "carrier-pigeon")  # type: ignore[arg-type]
+
+
+def test_every_transport_of_every_mode_can_stream() -> None:
+    """So the default is the stream in every mode: each transport secure_channel builds implements it."""
+    import secure_channel
+    from secure_channel import MockTransport
+
+    def subclasses(cls: type[Transport]) -> list[type[Transport]]:
+        return [c for s in cls.__subclasses__() for c in (s, *subclasses(s))]
+
+    ours = [c for c in subclasses(Transport) if c.__module__.startswith(secure_channel.__name__)]
+    modes = [c for c in ours if c is not MockTransport]  # the test seam answers exchange only
+    assert len(modes) >= 3 and all(c.open_stream is not Transport.open_stream for c in modes), modes

@@ -6,7 +6,8 @@ sockets and the transport's ``WireStats``) is compared with the capture:
 * every connection the client opened to the server was captured, with both directions
   non-empty, its TCP handshake and both closes, and no sequence hole;
 * captured payload bytes equal the client socket's byte counters, connection by
-  connection, and their sum equals the transport's own counters;
+  connection (the WebSocket connections of the stream included), and their sum equals
+  the transport's own counters;
 * the sniffer lost nothing (kernel drops, truncated frames);
 * the client opened no connection to anywhere but the server.
 
@@ -84,18 +85,30 @@ def _row(connection: ClientConnection, stream: TcpStream | None) -> dict[str, An
 
 
 def _unread(stream: TcpStream, connection: ClientConnection) -> int | None:
-    """Bytes the server sent after the client's last write that the client never read: whole TLS
-    records (the server's close_notify answering the client's). None if the surplus is anything else."""
+    """Bytes the server sent once the client had begun to close (after its last write, or after the
+    first write that followed the last byte it read) that the client never read: whole TLS records
+    (the server's close_notify, or its WebSocket close frame, answering the client's) or whole
+    unmasked WebSocket close frames. None if the surplus is anything else, or came earlier."""
     surplus = stream.s2c.data[connection.bytes_received :]
     if len(stream.s2c.data) <= connection.bytes_received:
         return 0
+    unread = [c.ts for c in stream.s2c.chunks if c.offset + c.length > connection.bytes_received]
+    last_read = max((c.ts for c in stream.s2c.chunks if c.offset < connection.bytes_received), default=0.0)
+    # the client's closing writes: after the last byte it read (a WebSocket close frame, then in
+    # TLS its close_notify); the server's answers to them may arrive between the two
+    closing = [c.ts for c in stream.c2s.chunks if c.ts > last_read]
     last_write = max((c.ts for c in stream.c2s.chunks), default=None)
-    late = last_write is not None and all(
-        c.ts >= last_write for c in stream.s2c.chunks if c.offset + c.length > connection.bytes_received
+    late = last_write is not None and (
+        all(ts >= last_write for ts in unread) or (bool(closing) and all(ts >= min(closing) for ts in unread))
     )
     pos = 0
-    while pos + 5 <= len(surplus) and surplus[pos] in (21, 23) and surplus[pos + 1] == 3:
-        pos += 5 + int.from_bytes(surplus[pos + 3 : pos + 5], "big")
+    while pos < len(surplus):
+        if pos + 5 <= len(surplus) and surplus[pos] in (21, 23) and surplus[pos + 1] == 3:
+            pos += 5 + int.from_bytes(surplus[pos + 3 : pos + 5], "big")
+        elif pos + 2 <= len(surplus) and surplus[pos] == 0x88 and surplus[pos + 1] <= 125:
+            pos += 2 + surplus[pos + 1]  # FIN + close, unmasked, a payload of at most 125 bytes
+        else:
+            break
     return len(surplus) if late and pos == len(surplus) else None
 
 

@@ -4,24 +4,27 @@ The server is the product's own (:func:`server.build_server`, in a thread, fresh
 credentials). The client is the product's own too; what it sent and received is
 recorded on the device side without patching anything: the LLM loop is driven with
 :func:`lambda_split.generate_tokens` around a :class:`RecordingTrunk`, and the
-diffusion client runs over a :class:`lambda_split.diffusion.RecordingTransport`.
+diffusion client runs over a :class:`Recording` transport. Sessions go over the stream
+(the client's default) or over HTTP, as the caller asks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from secure_channel import Request, Response, Stream, Transport
 from threat_model._capture._packets import Segment
 from threat_model._completeness import SessionCapture
 from threat_model._ledger import connection_ledger
 from threat_model.capture import Capture, Method, capture_loopback
 
 TransportWrapper = Callable[[Any], Any]
+TransportKind = Literal["stream", "http"]  # as lambda_split's (not imported here: the CLI parser loads this)
 TrunkFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``fault(kind, segments, server_port) -> segments``: plants a capture fault (the suite's self-test)
 CaptureFault = Callable[[str, list[Segment], int], list[Segment]]
@@ -139,14 +142,19 @@ class LLMClient:
         max_new_tokens: int,
         method: Method,
         name: str = "llm session",
+        transport_kind: TransportKind = "stream",
     ) -> LLMSession:
+        """One captured generation whose trunk session goes over ``transport_kind`` (``stream``:
+        the client's default, one WebSocket; ``http``: one request per step)."""
         from lambda_split import (
             GenerationConfig,
             RemoteTrunk,
             SplitClient,
+            StreamLink,
             encode_prompts,
             fetch_info,
             generate_tokens,
+            make_link,
         )
         from secure_channel import connect_transport
 
@@ -159,17 +167,30 @@ class LLMClient:
                 transport = self.wrapper(transport)
             try:
                 if self.split_client is None:
-                    self.split_client = SplitClient.from_transport(transport, self.checkpoint, wire=self.wire)
+                    self.split_client = SplitClient.from_transport(
+                        transport, self.checkpoint, wire=self.wire, transport_kind=transport_kind
+                    )
                 else:
                     fetch_info(transport)
-                remote = RemoteTrunk(transport, self.split_client.wire)
-                recorder = RecordingTrunk(remote)
+                link = make_link(transport, transport_kind)
                 try:
-                    result = generate_tokens(
-                        self.split_client.head, recorder, self.split_client.tail, tokenizer, ids, mask, config
-                    )
+                    remote = RemoteTrunk(link, self.split_client.wire)
+                    recorder = RecordingTrunk(remote)
+                    try:
+                        result = generate_tokens(
+                            self.split_client.head,
+                            recorder,
+                            self.split_client.tail,
+                            tokenizer,
+                            ids,
+                            mask,
+                            config,
+                        )
+                    finally:
+                        remote.close()
                 finally:
-                    remote.close()
+                    if isinstance(link, StreamLink):
+                        link.shutdown()
             finally:
                 transport.close()
                 done(transport)
@@ -216,15 +237,19 @@ def diffusion_session(
     method: Method,
     fault: CaptureFault | None = None,
     wrapper: TransportWrapper | None = None,
+    transport_kind: TransportKind = "stream",
+    name: str = "diffusion session",
 ) -> DiffusionSession:
-    from lambda_split.diffusion import DiffusionClient, RecordingTransport
+    from lambda_split.diffusion import DiffusionClient
     from secure_channel import connect_transport
 
-    with captured(server, "diffusion session", "diffusion", method, fault) as (url, tap, done):
+    with captured(server, name, "diffusion", method, fault) as (url, tap, done):
         inner = connect_transport(url, security, keys_dir=keys)
-        transport = RecordingTransport(wrapper(inner) if wrapper is not None else inner)
+        transport = Recording(wrapper(inner) if wrapper is not None else inner)
         try:
-            with DiffusionClient.from_transport(transport, source, wire=wire) as client:
+            with DiffusionClient.from_transport(
+                transport, source, wire=wire, transport_kind=transport_kind
+            ) as client:
                 result = client.generate(
                     prompt, steps=steps, seed=seed, guidance_scale=guidance, output_type="np"
                 )
@@ -235,6 +260,48 @@ def diffusion_session(
         raise RuntimeError("capture window did not close")
     ids = [int(i) for i in client.pipeline.tokenizer(prompt).input_ids]  # the client's own tokenizer
     return DiffusionSession(prompt, result.images[0], transport.bodies(), tap.record, client.pipeline, ids)
+
+
+class RecordingStream(Stream):
+    """A stream that appends (message sent, reply), each without its op byte, to ``bodies``."""
+
+    def __init__(self, inner: Stream, bodies: list[tuple[bytes, bytes]]) -> None:
+        self.inner, self.stats, self.bodies, self._sent = inner, inner.stats, bodies, b""
+
+    def send(self, message: bytes) -> None:
+        self.inner.send(message)
+        self._sent = message[1:]
+
+    def recv(self) -> bytes:
+        reply = self.inner.recv()
+        self.bodies.append((self._sent, reply[1:]))
+        return reply
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class Recording(Transport):
+    """Wraps a transport and keeps every request and response body, and every stream message
+    pair, as a plain-mode tap would see them (the client's own view, to build detectors from)."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner, self.security, self.stats = inner, inner.security, inner.stats
+        self.recorded: list[tuple[bytes, bytes]] = []
+
+    def exchange(self, request: Request) -> Response:
+        response = self.inner.exchange(request)
+        self.recorded.append((request.content, response.content))
+        return response
+
+    def open_stream(self, path: str, headers: Mapping[str, str] | None = None) -> Stream:
+        return RecordingStream(self.inner.open_stream(path, headers), self.recorded)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def bodies(self) -> list[tuple[bytes, bytes]]:
+        return list(self.recorded)
 
 
 class ServerTap:

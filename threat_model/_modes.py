@@ -19,6 +19,7 @@ import torch
 from threat_model._capture._reassembly import TcpStream
 from threat_model._completeness import completeness
 from threat_model._live import DiffusionSession, LLMSession
+from threat_model._websocket import is_websocket
 from threat_model.attacks import (
     AttackResult,
     cached_step_fn,
@@ -28,6 +29,7 @@ from threat_model.attacks import (
     wire_roundtrip,
 )
 from threat_model.detectors import (
+    IN_FRAME,
     Detector,
     HiddenStateDetector,
     ImageSignatureDetector,
@@ -64,9 +66,15 @@ def scan_llm(
     """Run the text, token-id and hidden-state detectors; findings per detector and a few examples."""
     text, text_examples = _count([TextLeakDetector(texts)], streams)
     token, token_examples = _count([TokenIdDetector(ids)], streams)
-    hidden, hidden_examples = _count([HiddenStateDetector(tensors, wire)], streams)
-    counts = {"text": text, "token_ids": token, "hidden_states": hidden}
-    return counts, text_examples + token_examples + hidden_examples
+    found = scan_streams([HiddenStateDetector(tensors, wire)], streams)
+    masked = sum(f.direction == "c2s" and f.variant.endswith(IN_FRAME) for f in found)
+    counts = {
+        "text": text,
+        "token_ids": token,
+        "hidden_states": len(found),
+        "hidden_in_masked_frames": masked,
+    }
+    return counts, text_examples + token_examples + [str(f) for f in found[:3]]
 
 
 def _count(detectors: Sequence[Detector], streams: Sequence[TcpStream]) -> tuple[int, list[str]]:
@@ -74,20 +82,35 @@ def _count(detectors: Sequence[Detector], streams: Sequence[TcpStream]) -> tuple
     return len(findings), [str(f) for f in findings[:3]]
 
 
-def wire_view(streams: Sequence[TcpStream]) -> dict[str, Any]:
-    """What a passive observer delimits: HTTP requests (ids masked), TLS records, sealed AES-GCM records."""
+def wire_view(streams: Sequence[TcpStream], mode: str = "plain") -> dict[str, Any]:
+    """What a passive observer delimits: HTTP requests (ids masked), WebSocket messages, TLS records,
+    sealed AES-GCM records (``/v1/secure`` bodies; in ``aesgcm`` also binary stream messages, each
+    one sealed record, as the allowlist checks)."""
     requests: Counter[str] = Counter()
     records: Counter[str] = Counter()
+    frames: Counter[str] = Counter()
     kinds: set[str] = set()
-    sealed = 0
+    sealed = {"c2s": 0, "s2c": 0}
     for stream in streams:
         found = messages(stream)
-        kinds.add(found[0].kind.split("-")[0] if found else "none")
+        kinds.add(
+            "websocket"
+            if any(m.kind == "ws-message" for m in found)
+            else found[0].kind.split("-")[0]
+            if found
+            else "none"
+        )
         for message in found:
             if message.kind == "http-request":
                 line = re.sub(r"/[0-9a-f]{16,}", "/{id}", message.detail.rsplit(" ", 1)[0])
                 requests[line] += 1
-                sealed += line.endswith("/v1/secure")
+                if line.endswith("/v1/secure"):
+                    sealed["c2s"] += 1
+                    sealed["s2c"] += 1
+            elif message.kind == "ws-message":
+                frames[f"{message.direction} {message.detail}"] += 1
+                if mode == "aesgcm" and message.detail == "binary":
+                    sealed[message.direction] += 1
             elif message.kind == "tls-record":
                 records[f"{message.direction} {message.detail}"] += 1
     return {
@@ -97,7 +120,8 @@ def wire_view(streams: Sequence[TcpStream]) -> dict[str, Any]:
         "visible_as": sorted(kinds),
         "http_requests": dict(sorted(requests.items())),
         "tls_records": dict(sorted(records.items())),
-        "sealed_records": {"c2s": sealed, "s2c": sealed},
+        "websocket_messages": dict(sorted(frames.items())),
+        "sealed_records": sealed,
     }
 
 
@@ -237,7 +261,7 @@ def evaluate_llm(
     replay = attacker.replay(trunk_out, len(main.prompt_ids), main.token_ids)
     result: dict[str, Any] = {
         "completeness": complete,
-        "wire": wire_view(streams),
+        "wire": wire_view(streams, mode),
         "detectors": counts,
         "examples": examples,
         "frames_decoded": len(frames),
@@ -255,6 +279,15 @@ def evaluate_llm(
     hidden = counts["hidden_states"]
     if mode == "plain":
         checks.append(check("plain shows hidden-state windows (control)", hidden > 0, f"{hidden} findings"))
+        if any(is_websocket(s) for s in streams):
+            masked = counts["hidden_in_masked_frames"]
+            checks.append(
+                check(
+                    "plain: hidden states found inside the masked client-to-server WebSocket frames (control)",
+                    masked > 0,
+                    f"{masked} findings",
+                )
+            )
         for name, res in (("exact inversion", inversion), ("tail replay", replay)):
             checks.append(
                 check(
@@ -354,7 +387,7 @@ def evaluate_diffusion(mode: str, session: DiffusionSession, *, wire: str, guida
         ]
     return {
         "completeness": complete,
-        "wire": wire_view(streams),
+        "wire": wire_view(streams, mode),
         "detectors": {"text": text, "pixels": image, "token_ids": token, "latents": latents},
         "examples": text_examples + image_examples + token_examples + latent_examples,
         "frames_decoded": len(frames),

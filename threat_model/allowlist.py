@@ -14,9 +14,12 @@ reports anything that is not one of the few shapes the protocol can produce.
     body is a well-formed handshake message or sealed record whose length matches its
     header. Across sessions no two sealed records may share keystream (fresh keys).
 
-Each violation carries the stream, direction, offset and a short hex excerpt. New wire
-surfaces (a WebSocket streaming path, say) add a route to :data:`_REQUEST_BODIES` and a
-frame parser; everything not listed stays a violation.
+    A WebSocket connection (the stream) is judged by :mod:`threat_model._stream_allowlist`:
+    the upgrade's headers, the RFC 6455 framing, and one sealed record per binary message.
+
+Each violation carries the stream, direction, offset and a short hex excerpt. A new wire
+surface adds a route to :data:`_REQUEST_BODIES` or a parser of its own; everything not
+listed stays a violation.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ __all__ = [
 
 CHECKS = {
     "tls": "wire allowlist: only TLS 1.3 records, encrypted after the hello",
-    "aesgcm": "wire allowlist: only the sealed-channel HTTP surface",
+    "aesgcm": "wire allowlist: only the sealed-channel HTTP and stream surface",
     "keys": "aesgcm: fresh keys (no keystream shared between sessions)",
 }
 TLS_MAX_CIPHERTEXT = 2**14 + 256
@@ -354,8 +357,15 @@ def allowlist_checks(mode: str, sessions: Sequence[Sequence[TcpStream]]) -> list
         return [verdict("tls", [v for s in streams for v in tls_violations(s)], len(streams))]
     if mode != "aesgcm":
         raise ValueError(f"no allowlist for mode {mode!r}")
+    from threat_model._stream_allowlist import websocket_violations
+    from threat_model._websocket import is_websocket
+
     records: list[tuple[int, bytes]] = []
-    violations = [v for s in streams for v in sealed_http_violations(s, records)]
+    violations = [
+        v
+        for s in streams
+        for v in (websocket_violations if is_websocket(s) else sealed_http_violations)(s, records)
+    ]
     return [
         verdict("aesgcm", violations, len(streams)),
         verdict("keys", keystream_reuse(records), len(records)),

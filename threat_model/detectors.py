@@ -23,12 +23,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from threat_model._capture._reassembly import TcpStream
+from threat_model._capture._reassembly import DirectionName, TcpStream
 from threat_model._forms import armoured, float_forms
 from threat_model._unpack import layers
+from threat_model._websocket import read_websocket
 from threat_model._windows import WindowIndex
 
 __all__ = [
+    "IN_FRAME",
     "Detector",
     "Finding",
     "HiddenStateDetector",
@@ -360,12 +362,31 @@ def scan_deep(
     return findings
 
 
+IN_FRAME = " in a WebSocket frame"  # the suffix of a finding read from an unmasked frame payload
+
+
 def scan_streams(detectors: Iterable[Detector], streams: Sequence[TcpStream]) -> list[Finding]:
-    """Run every detector over both directions of every stream, and inside what they encode."""
+    """Run every detector over both directions of every stream, and inside what they encode.
+
+    A WebSocket connection is read as an observer reads it (:mod:`threat_model._websocket`): its
+    HTTP heads, then each frame's payload unmasked (the masking key travels in the clear), then
+    raw bytes from wherever the framing stops making sense. Findings inside a frame say so and
+    carry the wire offset of the frame's payload.
+    """
     detectors = list(detectors)
     findings: list[Finding] = []
     for number, stream in enumerate(streams):
-        for direction in ("c2s", "s2c"):
+        view = read_websocket(stream)
+        names: tuple[DirectionName, ...] = ("c2s", "s2c")
+        for direction in names:
             data = stream.c2s.data if direction == "c2s" else stream.s2c.data
-            findings += scan_deep(detectors, data, stream=number, direction=direction)
+            if view is None:
+                findings += scan_deep(detectors, data, stream=number, direction=direction)
+                continue
+            frames = view.direction(direction)
+            for at, span in frames.spans(data):
+                found = scan_deep(detectors, span, stream=number, direction=direction)
+                if at >= frames.head_end and at != frames.unparsed:
+                    found = [dataclasses.replace(f, variant=f"{f.variant}{IN_FRAME}") for f in found]
+                findings += [dataclasses.replace(f, offset=at + f.offset) for f in found]
     return findings

@@ -1,8 +1,9 @@
 """What a passive eavesdropper can decode from captured streams: plaintext tensor frames.
 
-In ``plain`` mode every step request and result is an HTTP body holding a Λ-Split
-frame (see ``lambda_split.protocol``); anyone on the path can parse it and hand the
-tensors to :mod:`threat_model.attacks`. In every other mode nothing here decodes.
+In ``plain`` mode every step request and result is an HTTP body, or a WebSocket message
+of the stream (an op byte, then the frame; masked client to server, which hides nothing),
+holding a Λ-Split frame (see ``lambda_split.protocol``); anyone on the path can parse it
+and hand the tensors to :mod:`threat_model.attacks`. In every other mode nothing here decodes.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from threat_model._capture._reassembly import TcpStream
-from threat_model.traffic import http_messages
+from threat_model._capture._reassembly import DirectionName, TcpStream
+from threat_model._websocket import BINARY, read_websocket
+from threat_model.traffic import _time_at, http_messages
 
 __all__ = ["CapturedFrame", "plaintext_frames", "session_tensors"]
 
@@ -28,24 +30,43 @@ class CapturedFrame:
 
 
 def plaintext_frames(streams: Sequence[TcpStream]) -> list[CapturedFrame]:
-    """Every well-formed frame found as an HTTP body in the streams, in capture order."""
-    from lambda_split.protocol import FrameError, decode_frame
+    """Every well-formed frame found as an HTTP body or a WebSocket message (unmasked; after the
+    stream's op byte) in the streams, in capture order."""
 
     found: list[CapturedFrame] = []
     for number, stream in enumerate(streams):
+        view = read_websocket(stream)
+        if view is not None:
+            names: tuple[DirectionName, ...] = ("c2s", "s2c")
+            for name in names:
+                direction = stream.direction(name)
+                for ws in view.direction(name).messages:
+                    # a stream message is one op byte, then (for open/step/close) a frame
+                    body = ws.data[1:] if ws.data[1:5] == FRAME_MAGIC else ws.data
+                    frame = _decode(body) if ws.opcode == BINARY else None
+                    if frame is not None:
+                        found.append(CapturedFrame(number, name, _time_at(direction, ws.offset), frame))
+            continue
         for message in http_messages(stream):
             if message.kind == "http-chunk" or not message.payload:
                 continue
             data = stream.direction(message.direction).data
             body = data[message.offset + message.size - message.payload : message.offset + message.size]
-            if not body.startswith(FRAME_MAGIC):
-                continue
-            try:
-                frame = decode_frame(body)
-            except FrameError:
-                continue
-            found.append(CapturedFrame(number, message.direction, message.ts, frame))
+            frame = _decode(body)
+            if frame is not None:
+                found.append(CapturedFrame(number, message.direction, message.ts, frame))
     return sorted(found, key=lambda f: f.ts)
+
+
+def _decode(body: bytes) -> Any:
+    from lambda_split.protocol import FrameError, decode_frame
+
+    if not body.startswith(FRAME_MAGIC):
+        return None
+    try:
+        return decode_frame(body)
+    except FrameError:
+        return None
 
 
 def session_tensors(frames: Sequence[CapturedFrame], name: str = "hidden") -> tuple[list[Any], list[Any]]:

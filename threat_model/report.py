@@ -69,26 +69,26 @@ def _verdict(checks: Sequence[dict[str, Any]]) -> str:
 def _llm_rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for mode, entry in report["results"].items():
-        if "llm" not in entry:
-            continue
-        r = entry["llm"]
-        det, attacks = r["detectors"], r["attacks"]
-        inv, rep = attacks["inversion"], attacks["tail_replay"]
-        rows.append(
-            [
-                mode,
-                "+".join(r["wire"]["visible_as"]),
-                f"{r['wire']['bytes']['c2s']:,}/{r['wire']['bytes']['s2c']:,}",
-                str(det["text"]),
-                str(det["token_ids"]),
-                str(det["hidden_states"]),
-                str(r["frames_decoded"]),
-                _attack_cell(inv),
-                _attack_cell(rep),
-                *_traffic_cells(r["traffic"]),
-                _verdict(r["checks"]),
-            ]
-        )
+        for kind, r in entry.items():
+            if not kind.startswith("llm"):
+                continue
+            det, attacks = r["detectors"], r["attacks"]
+            inv, rep = attacks["inversion"], attacks["tail_replay"]
+            rows.append(
+                [
+                    f"{mode} ({r.get('transport', 'http')})",
+                    "+".join(r["wire"]["visible_as"]),
+                    f"{r['wire']['bytes']['c2s']:,}/{r['wire']['bytes']['s2c']:,}",
+                    str(det["text"]),
+                    str(det["token_ids"]),
+                    str(det["hidden_states"]),
+                    str(r["frames_decoded"]),
+                    _attack_cell(inv),
+                    _attack_cell(rep),
+                    *_traffic_cells(r["traffic"]),
+                    _verdict(r["checks"]),
+                ]
+            )
     return rows
 
 
@@ -121,22 +121,22 @@ DIFF_HEADER = [
 def _diffusion_rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for mode, entry in report["results"].items():
-        if "diffusion" not in entry:
-            continue
-        r = entry["diffusion"]
-        ssim = ", ".join(f"{s['ssim_x0']:.3f}" for s in r["latent_attack"]) or "—"
-        det = r["detectors"]
-        rows.append(
-            [
-                mode,
-                str(det["text"]),
-                str(det["pixels"]),
-                str(det["latents"]),
-                str(r["frames_decoded"]),
-                ssim,
-                _verdict(r["checks"]),
-            ]
-        )
+        for kind, r in entry.items():
+            if not kind.startswith("diffusion"):
+                continue
+            ssim = ", ".join(f"{s['ssim_x0']:.3f}" for s in r["latent_attack"]) or "—"
+            det = r["detectors"]
+            rows.append(
+                [
+                    f"{mode} ({r.get('transport', 'http')})",
+                    str(det["text"]),
+                    str(det["pixels"]),
+                    str(det["latents"]),
+                    str(r["frames_decoded"]),
+                    ssim,
+                    _verdict(r["checks"]),
+                ]
+            )
     return rows
 
 
@@ -231,6 +231,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 ", ".join(f"`{k}` ×{v}" for k, v in wire["http_requests"].items()) or "none (inside TLS)"
             )
             records = ", ".join(f"{k} ×{v}" for k, v in wire["tls_records"].items()) or "none"
+            frames = ", ".join(f"{k} ×{v}" for k, v in wire.get("websocket_messages", {}).items())
+            records += f"; WebSocket messages: {frames}" if frames else ""
             out.append(
                 f"- **{mode} / {kind}**: TCP connections: {wire['connections']}; HTTP requests visible: {requests}; "
                 f"TLS records: {records}; sealed AES-GCM records on the wire: {wire['sealed_records']['c2s']} "

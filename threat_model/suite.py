@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from threat_model.capture import Method
 
@@ -65,6 +65,9 @@ class SuiteOptions:
     sweep_wires: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
     threads: int | None = None  # torch intra-op threads; 1 is steadier on a busy machine
     sessions: int = 4  # LLM sessions per mode: the secret prompt, then the traffic prompts
+    # The client's paths to the trunk: every session runs on the first (the default, the stream);
+    # each other one gets the secret prompt's session and one diffusion image, judged on their own.
+    transports: tuple[Literal["stream", "http"], ...] = ("stream", "http")
     # Negative testing of the suite itself (Python only, no command-line flag): a wrapper around
     # the client transport, running the server and client in plain whatever the mode says, or a
     # fault planted in the captured segments. They apply to the modes asked for, never the control.
@@ -83,6 +86,10 @@ class SuiteOptions:
             raise ValueError("diffusion_steps must be at least 1")
         if not self.prompt.strip():
             raise ValueError("empty prompt")
+        if not self.transports or len(set(self.transports)) != len(self.transports):
+            raise ValueError("transports: one or more distinct kinds")
+        if bad := set(self.transports) - {"stream", "http"}:
+            raise ValueError(f"unknown transports {sorted(bad)}; choose stream and/or http")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -133,6 +140,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-wires", type=_wire_list, default=("fp32", "fp16", "bf16", "int8"))
     parser.add_argument("--threads", type=int, help="torch threads (1 is steadier on a busy machine)")
     parser.add_argument(
+        "--transport",
+        choices=("stream", "http"),
+        default="stream",
+        help="the client's path for every session (default stream, the client's default); the other "
+        "path carries one more session and image, judged on their own",
+    )
+    parser.add_argument(
         "--sessions",
         type=int,
         default=4,
@@ -147,6 +161,8 @@ def run_from_args(args: argparse.Namespace, progress: Progress) -> int:
     """Run with a namespace built by a parser that :func:`add_arguments` filled."""
     names = {f.name for f in dataclasses.fields(SuiteOptions)} - set(_SELF_TEST)
     options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if getattr(args, "transport", None) is not None:
+        options["transports"] = (args.transport, "http" if args.transport == "stream" else "stream")
     return run_eavesdrop(
         security=args.security,
         out=args.out,
@@ -232,22 +248,34 @@ def collect(
                 None if control else opts.transport_wrapper,
                 None if control else opts.capture_fault,
             )
+            main, *others = opts.transports
+            runs: dict[str, list[Any]] = {}
             with live_server(service, model=model, split=opts.split, security=actual, keys=keys) as server:
-                sessions = [
-                    client.session(server, actual, keys, p, n, opts.capture, f"llm session {i}")
+                runs[main] = [
+                    client.session(server, actual, keys, p, n, opts.capture, f"llm session {i}", main)
                     for i, (p, n) in enumerate(prompts)
                 ]
-            methods |= {s.capture.method for s in sessions}
-            progress(f"{mode}: checking the capture, scanning it and attacking what decodes")
-            evaluated = evaluate_llm(mode, sessions, wire=opts.wire, attacker=attacker)
-            evaluated["pcaps"] = _pcaps(sessions, out_dir, f"llm-{mode}")
-            evaluated["split"] = list(client.split_client.info.split)
-            if actual == "plain" and truth_ids is None:
-                truth_ids = sessions[0].prompt_ids  # the client's own prompt ids, for the sweep
+                for kind in others:
+                    p, n = prompts[0]
+                    runs[kind] = [
+                        client.session(server, actual, keys, p, n, opts.capture, f"llm {kind} session", kind)
+                    ]
             name = "plain (control)" if control else mode
-            results.setdefault(name, {})["llm"] = evaluated
+            progress(f"{mode}: checking the capture, scanning it and attacking what decodes")
+            for path, sessions in runs.items():
+                methods |= {s.capture.method for s in sessions}
+                evaluated = evaluate_llm(mode, sessions, wire=opts.wire, attacker=attacker)
+                evaluated["transport"] = path
+                evaluated["pcaps"] = _pcaps(
+                    sessions, out_dir, f"llm-{mode}" + ("" if path == main else f"-{path}")
+                )
+                evaluated["split"] = list(client.split_client.info.split)
+                results.setdefault(name, {})["llm" if path == main else f"llm-{path}"] = evaluated
+            if actual == "plain" and truth_ids is None:
+                truth_ids = runs[main][0].prompt_ids  # the client's own prompt ids, for the sweep
+            everything = [s for sessions in runs.values() for s in sessions]  # in the order they ran
             server_views[name] = _server_view(
-                attacker, tap, sessions, opts.wire, every_prompt=actual == "plain"
+                attacker, tap, everything, opts.wire, every_prompt=actual == "plain"
             )
         if opts.diffusion:
             _run_diffusion(
@@ -269,7 +297,8 @@ def collect(
                 DIFFUSION_PROMPT, image, method=method, pcap_dir=pcap_dir
             )
     for entry in results.values():
-        entry.get("diffusion", {}).pop("_image", None)
+        for evaluated in entry.values():
+            evaluated.pop("_image", None)
     sweep = None
     if opts.sweep:
         from threat_model.sweep import attack_sweep, default_depths
@@ -307,25 +336,36 @@ def _run_diffusion(
         with live_server(
             service, model=opts.diffusion_model, split="2:-2", security=actual, keys=keys
         ) as server:
-            session = diffusion_session(
-                server,
-                actual,
-                keys,
-                source,
-                DIFFUSION_PROMPT,
-                wire=opts.wire,
-                steps=opts.diffusion_steps,
-                guidance=opts.guidance,
-                seed=7,
-                method=opts.capture,
-                fault=None if control else opts.capture_fault,
-                wrapper=None if control else opts.transport_wrapper,
+            sessions = {
+                kind: diffusion_session(
+                    server,
+                    actual,
+                    keys,
+                    source,
+                    DIFFUSION_PROMPT,
+                    wire=opts.wire,
+                    steps=opts.diffusion_steps,
+                    guidance=opts.guidance,
+                    seed=7,
+                    method=opts.capture,
+                    fault=None if control else opts.capture_fault,
+                    wrapper=None if control else opts.transport_wrapper,
+                    transport_kind=kind,
+                    name=f"diffusion {kind} session",
+                )
+                for kind in opts.transports
+            }
+        for kind, session in sessions.items():
+            methods.add(session.capture.method)
+            evaluated = evaluate(mode, session, wire=opts.wire, guidance=opts.guidance)
+            evaluated["transport"] = kind
+            main = kind == opts.transports[0]
+            evaluated["pcaps"] = _pcaps(
+                [session], out_dir, f"diffusion-{mode}" + ("" if main else f"-{kind}")
             )
-        methods.add(session.capture.method)
-        evaluated = evaluate(mode, session, wire=opts.wire, guidance=opts.guidance)
-        evaluated["pcaps"] = _pcaps([session], out_dir, f"diffusion-{mode}")
-        evaluated["_image"] = session.image
-        results.setdefault(mode if index < len(modes) else "plain (control)", {})["diffusion"] = evaluated
+            evaluated["_image"] = session.image
+            key = "diffusion" if main else f"diffusion-{kind}"
+            results.setdefault(mode if index < len(modes) else "plain (control)", {})[key] = evaluated
 
 
 def _server_view(

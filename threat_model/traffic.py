@@ -2,8 +2,9 @@
 
 Encryption hides bytes, not lengths. From a reassembled stream this module recovers
 the messages an on-path observer can delimit — HTTP/1.1 requests, responses and
-chunks when the stream is plaintext HTTP (also with an AES-GCM body inside), TLS
-records from their 5-byte headers when it is TLS, otherwise TCP bursts — and tests
+chunks when the stream is plaintext HTTP (also with an AES-GCM body inside), WebSocket
+messages after an upgrade (also sealed records inside), TLS records from their 5-byte
+headers when it is TLS, otherwise TCP bursts — and tests
 whether a known quantity (prompt length, output length, per-token text length) can
 be predicted from them.
 
@@ -43,9 +44,10 @@ __all__ = [
     "messages",
     "profile",
     "tls_records",
+    "websocket_messages",
 ]
 
-MessageKind = Literal["http-request", "http-response", "http-chunk", "tls-record", "burst"]
+MessageKind = Literal["http-request", "http-response", "http-chunk", "tls-record", "ws-message", "burst"]
 _HTTP_START = re.compile(
     rb"(?:GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH) \S+ HTTP/1\.[01]\r\n|HTTP/1\.[01] \d{3}"
 )
@@ -152,11 +154,37 @@ def bursts(stream: TcpStream, *, gap: float = 0.002) -> list[Message]:
     return out
 
 
+def websocket_messages(stream: TcpStream) -> list[Message]:
+    """The HTTP upgrade request and response, then every WebSocket message (fragments joined;
+    ``size`` counts every frame header, ``payload`` the unmasked bytes), in time order."""
+    from threat_model._websocket import read_websocket
+
+    view = read_websocket(stream)
+    if view is None:
+        return []
+    out: list[Message] = []
+    names: tuple[DirectionName, ...] = ("c2s", "s2c")
+    for name in names:
+        direction, frames = stream.direction(name), view.direction(name)
+        head = direction.data[: frames.head_end]
+        kind: MessageKind = "http-request" if name == "c2s" else "http-response"
+        start_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        out.append(Message(kind, name, 0, len(head), 0, _time_at(direction, 0), start_line))
+        out += [
+            Message("ws-message", name, m.offset, m.size, len(m.data), _time_at(direction, m.offset), m.kind)
+            for m in frames.messages
+        ]
+    return sorted(out, key=lambda m: (m.ts, m.direction == "s2c", m.offset))
+
+
 def messages(stream: TcpStream) -> list[Message]:
-    """TLS records if the client speaks TLS, HTTP messages if it speaks HTTP/1.1, else bursts."""
+    """TLS records if the client speaks TLS, WebSocket messages after an upgrade, HTTP messages
+    if it speaks HTTP/1.1, else bursts."""
     head = stream.c2s.data[:2048]
     if len(head) >= 3 and head[0] == 22 and head[1] == 3:
         return tls_records(stream)
+    if found := websocket_messages(stream):
+        return found
     if _HTTP_START.match(head):
         return http_messages(stream)
     return bursts(stream)

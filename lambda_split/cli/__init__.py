@@ -21,7 +21,7 @@ from lambda_split._errors import (
     ProtocolMismatch,
     ServerError,
 )
-from lambda_split._stream import TRANSPORT_KINDS
+from lambda_split._stream import TRANSPORT_KINDS, StreamLink
 from lambda_split.cli import _args
 from secure_channel import (
     SECURITY_MODES,
@@ -34,8 +34,8 @@ from secure_channel import (
 
 EXIT_OTHER, EXIT_USAGE, EXIT_AUTH, EXIT_SERVER = 1, 2, 3, 4
 TRANSPORT_HELP = (
-    "http: one request per step (default); stream: one persistent WebSocket per client "
-    "(opt-in until the eavesdropping suite captures it)"
+    "stream: one persistent WebSocket per client (default); http: one request per step. "
+    "Same security mode either way"
 )
 DEMO_PROMPT = "In two sentences, why would someone split a language model between a phone and a server?"
 
@@ -170,6 +170,7 @@ def _result_json(result: Any, client: Any, stats: Any) -> dict[str, Any]:
             "time_to_first_token_s": round(result.time_to_first_token_s, 4),
             "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received,
+            "transport": "stream" if isinstance(client.link, StreamLink) else "http",
         },
     }
 
@@ -252,6 +253,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=progress,
         stream=_Stdout.stream,
         wire=args.wire,
+        transport_kind=args.transport,
     )
 
 
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--timeout", type=_args.positive_float, default=60.0, help="per-request timeout in seconds"
     )
-    generate.add_argument("--transport", choices=TRANSPORT_KINDS, default="http", help=TRANSPORT_HELP)
+    generate.add_argument("--transport", choices=TRANSPORT_KINDS, default="stream", help=TRANSPORT_HELP)
     generate.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
     generate.add_argument(
         "--pad-prompt",
@@ -337,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument(
         "--timeout", type=_args.positive_float, default=120.0, help="per-request timeout in seconds"
     )
-    imagine.add_argument("--transport", choices=TRANSPORT_KINDS, default="http", help=TRANSPORT_HELP)
+    imagine.add_argument("--transport", choices=TRANSPORT_KINDS, default="stream", help=TRANSPORT_HELP)
     imagine.add_argument("--out", required=True, help="output PNG file")
     imagine.add_argument("--json", action="store_true", help="print one JSON object")
     imagine.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
@@ -367,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt")
     demo.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
     demo.add_argument("--json", action="store_true")
+    demo.add_argument("--transport", choices=TRANSPORT_KINDS, default="stream", help=TRANSPORT_HELP)
     demo.set_defaults(run=cmd_demo)
     _args.finish(parser)
     return parser

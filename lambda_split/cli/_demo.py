@@ -13,6 +13,7 @@ from lambda_split._generate import GenerationConfig, GenerationResult, TextCallb
 from lambda_split._models import preload, resolve
 from lambda_split._names import SMOLLM2
 from lambda_split._service import load_llm_service
+from lambda_split._stream import TransportKind
 from secure_channel import WireStats
 
 
@@ -27,6 +28,7 @@ def run_demo(
     progress: Callable[[str], None],
     stream: TextCallback,
     wire: str = "fp32",
+    transport_kind: TransportKind = "stream",
 ) -> int:
     from secure_channel import generate_credentials
     from server import BackgroundServer, ServerConfig
@@ -49,6 +51,7 @@ def run_demo(
                 model=checkpoint,
                 wire=wire,
                 progress=progress,
+                transport_kind=transport_kind,
             )
             with client:
                 if not as_json:

@@ -109,7 +109,7 @@ class DiffusionClient:
         wire: str = "fp32",
         transport_kind: TransportKind | None = None,
     ) -> None:
-        """``transport_kind``: ``http`` (None means this) or ``stream``."""
+        """``transport_kind``: ``stream`` (None means this when the transport can stream) or ``http``."""
         if not isinstance(transport, Transport):
             raise TypeError("transport must be a secure_channel.Transport")
         self.transport = transport
@@ -131,7 +131,7 @@ class DiffusionClient:
         wire: str = "fp32",
         timeout: float = 120.0,
         progress: ProgressFn | None = None,
-        transport_kind: TransportKind = "http",
+        transport_kind: TransportKind | None = None,
     ) -> DiffusionClient:
         """Open a transport in the named security mode and verify the server. ``security`` has no default."""
         return connect_verified(

@@ -1,4 +1,4 @@
-"""The persistent stream (opt-in): in every mode, with the HTTP path's exact results."""
+"""The persistent stream (the client's default): in every mode, with the HTTP path's exact results."""
 
 from __future__ import annotations
 
@@ -55,16 +55,19 @@ def test_the_stream_gives_the_monolithic_and_the_http_tokens(
     assert tokens["stream"] == tokens["http"] == expected
 
 
-def test_the_stream_is_opt_in_until_the_eavesdropping_suite_captures_it(
-    live: dict[str, LiveServer], tiny: Checkpoint
+@pytest.mark.parametrize("mode", MODES)
+def test_the_stream_is_the_default_in_every_mode_and_changes_nothing_but_the_framing(
+    live: dict[str, LiveServer], tiny: Checkpoint, mode: str
 ) -> None:
-    with SplitClient.connect(live["plain"].url, security="plain", model=tiny) as client:
-        assert isinstance(client.link, HTTPLink)
-    with SplitClient.connect(
-        live["plain"].url, security="plain", model=tiny, transport_kind="stream"
-    ) as client:
-        assert isinstance(client.link, StreamLink)
+    """Now that the eavesdropping suite captures and polices the stream (SECURITY.md, "Streams")."""
+    server = live[mode]
+    keys = None if mode == "plain" else server.keys
+    with SplitClient.connect(server.url, security=mode, keys=keys, model=tiny) as client:  # type: ignore[arg-type]
+        assert isinstance(client.link, StreamLink) and client.link.transport is client.transport
+        assert client.transport.security == mode
         client.generate("hi", GenerationConfig(max_new_tokens=2))
+    with connect(server, tiny, "http") as client:
+        assert isinstance(client.link, HTTPLink) and client.transport.security == mode
 
 
 def _framing(mode: str, server: LiveServer, hidden_size: int, wire: Encoding) -> tuple[int, int]:

