@@ -31,7 +31,7 @@ from lambda_split._generate import (
 from lambda_split._models import Checkpoint, fingerprint, resolve
 from lambda_split._parts import SplitModel, SplitSpec, load_parts
 from lambda_split._session import RemoteSession, check_reply, connect_verified
-from lambda_split._stream import StreamLink, TransportKind, make_link
+from lambda_split._stream import HTTPLink, StreamLink, TransportKind, make_link
 from lambda_split.protocol import (
     INFO_PATH,
     PROTOCOL_VERSION,
@@ -152,8 +152,9 @@ class SplitClient(_FailoverMixin):
         self.failovers = 0  # sessions rebuilt on another transport, over this client's life
         self.failover_s = 0.0  # time spent rebuilding them (or failing to)
         self._transport_kind = transport_kind
-        self._retired = WireStats()  # the byte counts of transports replaced by failover
-        self._request = (0, 0, 0)  # batch, prompt tokens, max new tokens of the generation running
+        self._switching = threading.Lock()
+        self._retired: list[tuple[Transport, HTTPLink | StreamLink]] = []  # replaced by failover, still open
+        self._closed_stats = WireStats()  # the byte counts of replaced transports since closed
 
     @classmethod
     def connect(
@@ -311,12 +312,12 @@ class SplitClient(_FailoverMixin):
         keep_logits: bool = False,
     ) -> GenerationResult:
         chunk = self.check_limits(input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
-        self._request = (input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
         trunk: RemoteTrunk | ResilientTrunk
         if self.reconnector is None:
             trunk = RemoteTrunk(self.link, self.wire)
         else:
-            trunk = ResilientTrunk(self, self.reconnector, self.wire)
+            request = (input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
+            trunk = ResilientTrunk(self, self.reconnector, self.wire, request)
         try:
             return generate_tokens(
                 self.head,
@@ -337,16 +338,6 @@ class SplitClient(_FailoverMixin):
                 if isinstance(trunk, ResilientTrunk):
                     self.failovers += trunk.failovers
                     self.failover_s += trunk.failover_s
-
-    # --- failover (see lambda_split._failover) ---------------------------------------------------
-
-    def open_trunk(self) -> RemoteTrunk:
-        """Open a trunk session on the current server."""
-        return RemoteTrunk(self.link, self.wire)
-
-    def replay_chunk(self) -> int:
-        """The prefill chunk on the current server, for the running generation (its limits may differ)."""
-        return self.check_limits(*self._request)
 
     def check_limits(self, batch: int, prompt_tokens: int, max_new_tokens: int) -> int:
         """Refuse, before anything is sent, what the server's limits cannot hold; return the prefill
@@ -395,6 +386,7 @@ class SplitClient(_FailoverMixin):
         worker.join()
 
     def close(self) -> None:
+        self.close_retired()
         if isinstance(self.link, StreamLink):
             self.link.shutdown()
         self.transport.close()

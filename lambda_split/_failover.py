@@ -198,7 +198,7 @@ class Reconnector:
         self.on_event = on_event
 
     def report(self, event: FailoverEvent) -> None:
-        (logger.error if event.stage == "failed" else logger.warning)("%s", event.describe())
+        logger.info("%s", event.describe())
         if self.on_event is not None:
             self.on_event(event)
 
@@ -239,7 +239,7 @@ class _FailoverHost(Protocol):
 
     def open_trunk(self) -> _TrunkSession: ...
     def switch_to(self, url: str) -> None: ...
-    def replay_chunk(self) -> int: ...
+    def replay_chunk(self, request: tuple[int, int, int]) -> int: ...
 
 
 class ResilientTrunk:
@@ -249,8 +249,13 @@ class ResilientTrunk:
     failover-worthy way is re-run on a rebuilt session, after the replay.
     """
 
-    def __init__(self, host: _FailoverHost, reconnector: Reconnector, wire: Encoding) -> None:
+    def __init__(
+        self, host: _FailoverHost, reconnector: Reconnector, wire: Encoding, request: tuple[int, int, int]
+    ) -> None:
+        """``request`` is the generation's (batch, prompt tokens, max new tokens), for the replay's
+        chunks on the new server."""
         self.host = host
+        self.request = request
         self.reconnector = reconnector
         self.history = _History(wire)
         self.failovers = 0
@@ -283,7 +288,7 @@ class ResilientTrunk:
                 self.host.switch_to(url)
                 trunk = self.host.open_trunk()
                 self.trunk = trunk
-                for past_hidden, past_mask in self.history.chunks(self.host.replay_chunk()):
+                for past_hidden, past_mask in self.history.chunks(self.host.replay_chunk(self.request)):
                     trunk(past_hidden, past_mask)
                 out = trunk(hidden, mask)
             except Exception as exc:

@@ -1,16 +1,25 @@
-"""The client's side of failover: move a SplitClient to another server."""
+"""The client's side of failover: move a SplitClient to another server.
+
+The transport a failover replaces is not closed at once: another generation running on the
+same client may still use it (its server may be alive: a 404 for one evicted session says
+nothing of the others). The last few stay open until :meth:`SplitClient.close`.
+"""
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
+from lambda_split._codec import Encoding
 from lambda_split._errors import FingerprintMismatch, ModeMismatch
 from lambda_split._failover import Reconnector, failover_worthy
 from lambda_split._stream import HTTPLink, StreamLink, TransportKind, make_link
 from secure_channel import Transport, WireStats
 
 if TYPE_CHECKING:
-    from lambda_split._client import ServerInfo
+    from lambda_split._client import RemoteTrunk, ServerInfo
+
+_KEEP_RETIRED = 4
 
 
 class _FailoverMixin:
@@ -22,10 +31,27 @@ class _FailoverMixin:
     url: str
     reconnector: Reconnector | None
     _transport_kind: TransportKind | None
-    _retired: WireStats
+    _switching: threading.Lock
+    _retired: list[tuple[Transport, HTTPLink | StreamLink]]
+    _closed_stats: WireStats
 
-    def close(self) -> None:
+    wire: Encoding
+
+    def check_limits(self, batch: int, prompt_tokens: int, max_new_tokens: int) -> int:
         raise NotImplementedError
+
+    def open_trunk(self) -> RemoteTrunk:
+        """Open a trunk session on the current server."""
+        from lambda_split._client import RemoteTrunk
+
+        with self._switching:
+            link = self.link
+        return RemoteTrunk(link, self.wire)
+
+    def replay_chunk(self, request: tuple[int, int, int]) -> int:
+        """The prefill chunk on the current server (its limits may differ) for a generation of
+        ``(batch, prompt tokens, max new tokens)``."""
+        return self.check_limits(*request)
 
     def switch_to(self, url: str) -> None:
         """Move to a new transport to ``url``: a new handshake and routing key, and a server that must
@@ -42,8 +68,11 @@ class _FailoverMixin:
         except BaseException:
             transport.close()
             raise
-        self._retire()
-        self.transport, self.link, self.info, self.url = transport, link, info, url
+        with self._switching:
+            self._retired.append((self.transport, self.link))
+            self.transport, self.link, self.info, self.url = transport, link, info, url
+            while len(self._retired) > _KEEP_RETIRED:
+                self._close_retired(*self._retired.pop(0))
 
     def _check_same_trunk(self, info: ServerInfo, url: str, security: str) -> None:
         if info.security != security:
@@ -63,21 +92,27 @@ class _FailoverMixin:
                 "refusing to replay the history to it"
             )
 
-    def _retire(self) -> None:
-        """Drop the current transport (after a failover); its byte counts stay in :attr:`wire_stats`."""
-        stats = self.transport.stats
-        self._retired.bytes_sent += stats.bytes_sent
-        self._retired.bytes_received += stats.bytes_received
+    def _close_retired(self, transport: Transport, link: HTTPLink | StreamLink) -> None:
+        stats = transport.stats
+        self._closed_stats.bytes_sent += stats.bytes_sent
+        self._closed_stats.bytes_received += stats.bytes_received
         try:
-            self.close()
-        except Exception as exc:  # a dead server's socket may fail to close politely
+            if isinstance(link, StreamLink):
+                link.shutdown()
+            transport.close()
+        except Exception as exc:  # a dead server's socket may not close politely
             if not failover_worthy(exc):
                 raise
+
+    def close_retired(self) -> None:
+        """Close the transports failover replaced (:meth:`SplitClient.close` does)."""
+        with self._switching:
+            while self._retired:
+                self._close_retired(*self._retired.pop(0))
 
     @property
     def wire_stats(self) -> WireStats:
         """Socket bytes over this client's life, across the transports failover replaced."""
-        now = self.transport.stats
-        return WireStats(
-            self._retired.bytes_sent + now.bytes_sent, self._retired.bytes_received + now.bytes_received
-        )
+        with self._switching:
+            every = [self._closed_stats, self.transport.stats, *(t.stats for t, _ in self._retired)]
+        return WireStats(sum(s.bytes_sent for s in every), sum(s.bytes_received for s in every))

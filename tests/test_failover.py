@@ -219,6 +219,8 @@ def test_a_server_stopped_mid_generation_fails_over_with_the_same_tokens(
     ) as client:
         assert same_answer(tokens(client), reference)
         assert client.failovers == 1 and client.url == second.url
+        # The bytes sent to the first server still count.
+        assert client.wire_stats.bytes_sent > client.transport.stats.bytes_sent > 0
     assert [event.stage for event in events] == ["lost", "recovered"]
     # The replay is the prompt and the 3 tokens decoded before the lost step (4 steps answered).
     assert events[1].url == second.url and events[1].replayed_tokens == faults_prompt_tokens(tiny) + 3
