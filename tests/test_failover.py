@@ -456,6 +456,24 @@ def test_generate_passes_the_failover_policy(
     assert seen == [((["http://127.0.0.1:9"],), expected)]
 
 
+def test_generate_refuses_the_same_server_twice(capsys: pytest.CaptureFixture[str]) -> None:
+    url = "http://127.0.0.1:9"
+    argv = [
+        "generate",
+        "--server",
+        url,
+        "--server",
+        url,
+        "--security",
+        "plain",
+        "--model",
+        "tiny-random-llama",
+    ]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "hello"])
+    assert exited.value.code == 2 and "the same URL is given twice" in capsys.readouterr().err
+
+
 # --- kill -9: lambda-split serve in subprocesses ---------------------------------------------------
 
 
