@@ -46,6 +46,7 @@ from secure_channel import (
     StreamUnsupported,
     Transport,
     TransportError,
+    WireStats,
     connect_transport,
 )
 from tests.secure_channel.conftest import PKI
@@ -347,6 +348,56 @@ def test_an_authentication_failure_on_reconnect_is_not_retried(
     with client, pytest.raises(AuthenticationError):
         tokens(client)
     assert faults.connects == [first.url, second.url]
+
+
+class _Health(Transport):
+    def __init__(self, status: int) -> None:
+        self.status, self.stats, self.security = status, WireStats(), "plain"
+
+    def exchange(self, request: Request) -> Response:
+        assert (request.method, request.path) == ("GET", "/healthz")
+        return Response(self.status, b"{}")
+
+
+class RefusedHandshake(Transport):
+    """What AESGCMTransport raises when the handshake gets any error reply, a draining 503 included."""
+
+    def __init__(self, health: int) -> None:
+        self.inner, self.stats, self.security = _Health(health), WireStats(), "plain"
+
+    def exchange(self, request: Request) -> Response:
+        raise AuthenticationError("server refused the handshake (draining)")
+
+
+@pytest.mark.parametrize(("health", "recovers"), [(503, True), (502, True), (200, False)])
+def test_a_refused_handshake_fails_over_only_if_the_server_is_unavailable(
+    servers: Callable[..., LiveServer],
+    tiny: Checkpoint,
+    reference: GenerationResult,
+    health: int,
+    recovers: bool,
+) -> None:
+    first, second = servers(), servers()
+    faults = Faults(hooks={3: stopping(first)})
+    connect = factory(faults)
+
+    def draining_once(url: str) -> Transport:
+        if url == second.url and faults.connects.count(url) == 0:
+            faults.connects.append(url)
+            return RefusedHandshake(health)
+        return connect(url)
+
+    client = SplitClient.connect(
+        [first.url, second.url], security="plain", model=tiny, failover=FAST, transport_factory=draining_once
+    )
+    with client:
+        if recovers:
+            assert same_answer(tokens(client), reference) and client.failovers == 1
+            assert faults.connects == [first.url, second.url, first.url, second.url]
+        else:
+            with pytest.raises(AuthenticationError):
+                tokens(client)
+            assert faults.connects == [first.url, second.url]
 
 
 def test_a_replacement_with_another_trunk_is_refused_and_sees_nothing(
