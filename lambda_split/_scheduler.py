@@ -30,16 +30,18 @@ class QueueTimeout(Exception):
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """``max_rows``: rows of one decode batch. ``deadline_s``: longest wait in the queue."""
+    """``max_rows``: rows of one decode batch (a single step with more rows runs alone).
+    ``deadline_s``: longest wait in the queue. Servers set them in ``[limits]`` as
+    ``max_batch_rows`` and ``step_deadline_s``."""
 
     max_rows: int = 32
     deadline_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.max_rows < 1:
-            raise ValueError("max_rows must be at least 1")
-        if self.deadline_s <= 0:
-            raise ValueError("deadline_s must be positive")
+        if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 1:
+            raise ValueError("max_rows must be a whole number, at least 1")
+        if not 0 < self.deadline_s < float("inf"):  # NaN fails too
+            raise ValueError("deadline_s must be a positive, finite number of seconds")
 
 
 @dataclass(eq=False)
@@ -60,11 +62,18 @@ class Step:
         return self.tokens > 1
 
 
+#: Upper bounds (seconds) of the queue-wait histogram in :class:`SchedulerStats`.
+QUEUE_WAIT_BOUNDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
 @dataclass
 class SchedulerStats:
     """What the scheduler did: batch sizes in rows, time steps spent queued, deadline failures."""
 
     batch_rows: Counter[int] = field(default_factory=Counter)  # rows of a batch -> how many batches
+    #: steps whose wait was at most QUEUE_WAIT_BOUNDS[i] (not cumulative; the rest waited longer)
+    queue_wait_counts: list[int] = field(default_factory=lambda: [0] * len(QUEUE_WAIT_BOUNDS))
+    taken: int = 0  # steps taken from the queue into a batch (each with its recorded wait)
     prefills: int = 0
     queue_wait_s_total: float = 0.0
     queue_wait_s_max: float = 0.0
@@ -79,8 +88,20 @@ class SchedulerStats:
             "steps": self.steps,
             "queue_wait_s_total": self.queue_wait_s_total,
             "queue_wait_s_max": self.queue_wait_s_max,
+            "taken": self.taken,
+            "queue_wait_le": {
+                bound: sum(self.queue_wait_counts[: i + 1]) for i, bound in enumerate(QUEUE_WAIT_BOUNDS)
+            },
             "timeouts": self.timeouts,
         }
+
+    def record_wait(self, wait: float) -> None:
+        self.taken += 1
+        self.queue_wait_s_total += wait
+        self.queue_wait_s_max = max(self.queue_wait_s_max, wait)
+        index = next((i for i, bound in enumerate(QUEUE_WAIT_BOUNDS) if wait <= bound), None)
+        if index is not None:
+            self.queue_wait_counts[index] += 1
 
 
 #: Runs a batch; returns one result per step, or an exception instance for a step that failed.
@@ -175,9 +196,7 @@ class StepScheduler:
         self._last_prefill = bool(batch) and batch[0].is_prefill
         for step in batch:
             self._queue.remove(step)
-            wait = now - step.submitted
-            self.stats.queue_wait_s_total += wait
-            self.stats.queue_wait_s_max = max(self.stats.queue_wait_s_max, wait)
+            self.stats.record_wait(now - step.submitted)
         if batch and not batch[0].is_prefill:
             self.stats.batch_rows[sum(s.rows for s in batch)] += 1
         for step in batch:  # served owners go to the back of the line

@@ -160,3 +160,22 @@ def test_request_threads_queue_behind_the_runner_and_one_of_them_takes_over() ->
         thread.join()
     assert batches == [["first"], ["second", "third"]]
     assert results == {"first": "FIRST", "second": "SECOND", "third": "THIRD"}
+
+
+def test_queue_waits_are_counted_by_bound_for_the_metrics() -> None:
+    sched, _, clock = scheduler()
+    sched.enqueue("a", 1, 1, "early")
+    clock.now = 0.02  # "early" has waited 20 ms when the batch is taken
+    sched.enqueue("b", 1, 1, "late")
+    sched.drain()
+    snap = sched.stats.snapshot()
+    assert snap["taken"] == 2 and snap["queue_wait_s_max"] == pytest.approx(0.02)
+    assert snap["queue_wait_le"][0.001] == 1 and snap["queue_wait_le"][0.01] == 1
+    assert snap["queue_wait_le"][0.025] == 2 and snap["queue_wait_le"][5.0] == 2
+    assert snap["queue_wait_s_total"] == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize(("rows", "deadline"), [(0, 1.0), (1, 0.0), (1, float("nan")), (1, float("inf"))])
+def test_bad_scheduler_settings_are_refused(rows: int, deadline: float) -> None:
+    with pytest.raises(ValueError, match=r"max_rows|deadline_s"):
+        SchedulerConfig(rows, deadline)
