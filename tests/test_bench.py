@@ -108,7 +108,11 @@ def test_deploy_figures_are_finite_positive_and_tokens_match(
         for entry in table.values():
             assert entry["tokens_unchanged"] is True, "batched clients decode the solo run's greedy tokens"
             assert entry["aggregate_tokens_per_s"]["median"] > 0
+            assert entry["aggregate_decode_tokens_per_s"]["median"] > 0
             assert 0 < entry["token_latency_ms"]["p50"] <= entry["token_latency_ms"]["p99"]
+        server = results["concurrency"]["by_variant"][variant]["server_batching"]
+        assert server["decode_batches"] > 0 and server["mean_rows_per_decode_batch"] >= 1, "read off /metrics"
+        assert server["prefills"] >= 3 and server["mean_queue_wait_ms"] >= 0
     goals = results["goals"]["tls+aesgcm/stream"]
     assert set(goals) == {"decode", "int8_bytes"}, "no 8-client run in this plan, so no scaling goal"
     assert all(isinstance(g["met"], bool) for g in goals.values())

@@ -70,7 +70,13 @@ def export_device_model(client: ClientModel, directory: str) -> str:
 
     names = [n for n in meta_model(client.config).state_dict() if _device_tensor(n, client.spec)]
     tensors = client.checkpoint.read_tensors(names)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, f"{directory}/model.safetensors")
+    seen: set[int] = set()
+    kept: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():  # a tied LM head is rebuilt from the embeddings on load
+        if value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            kept[key] = value.contiguous()
+    save_file(kept, f"{directory}/model.safetensors")
     client.config.save_pretrained(directory)
     client.tokenizer.save_pretrained(directory)
     return directory
@@ -135,6 +141,7 @@ def summary(run: Run) -> dict[str, Any]:
         "decode_tokens_per_s": run.decode_tokens_per_s,
         "latencies_s": run.decode_latencies,
         "start": run.starts[0] if run.starts else run.ended,
+        "first_decode": run.starts[1] if len(run.starts) > 1 else run.ended,
         "ended": run.ended,
         "step_bytes": run.step_bytes,
         "session_bytes": run.session_bytes,

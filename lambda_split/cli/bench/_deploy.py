@@ -48,7 +48,7 @@ class DeployPlan:
     wires: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")  # the wires whose bytes are counted
     tokens: int = 48
     reps: int = 6
-    byte_tokens: int = 8
+    byte_tokens: int = 4  # bytes per step are the same at every decode step; 3 of them give the median
     clients: tuple[int, ...] = (1, 2, 4, 8, 16)
     concurrency_modes: tuple[str, ...] = ("tls+aesgcm",)
     concurrency_tokens: int = 16
@@ -247,19 +247,63 @@ def concurrency(
         try:
             for kind in plan.transports:
                 solo = _solo_tokens(plan, client, targets[mode], kind)
-                out["by_variant"][f"{mode}/{kind}"] = _scaling(
-                    plan, pool, kind, f"{mode}/{kind}", solo, progress
-                )
+                before = scrape(targets[mode])
+                entry = _scaling(plan, pool, kind, f"{mode}/{kind}", solo, progress)
+                entry["server_batching"] = batching_delta(before, scrape(targets[mode]))
+                out["by_variant"][f"{mode}/{kind}"] = entry
         finally:
             pool.close()
     out["notes"] = [
         "each client is a process of its own (multiprocessing spawn) with its own connection and trunk "
         "session; all start one generation at the same instant; server and clients share this machine's cores",
-        "aggregate tokens/s = all clients' new tokens / (last client's end - first client's start)",
+        "aggregate tokens/s = all clients' new tokens / (last client's end - first client's start), prefills "
+        "included; aggregate decode tokens/s = the tokens after each client's first / (last end - first "
+        "decode step of any client), so the prefills of the others still fall inside it",
         "tokens_unchanged: every client's greedy tokens equal those of a single client alone (a run of the "
         "benchmark process on the same variant and wire)",
     ]
     return out
+
+
+_SCRAPED = ("lambda_split_batch_rows_bucket", "lambda_split_batch_rows_sum", "lambda_split_batch_rows_count",
+            "lambda_split_step_queue_wait_seconds_sum", "lambda_split_step_queue_wait_seconds_count",
+            "lambda_split_prefills_total")  # fmt: skip
+
+
+def scrape(target: Target) -> dict[str, float]:
+    """The server's batching counters from ``/metrics`` (over this mode's own authenticated channel)."""
+    from lambda_split.protocol import METRICS_PATH
+    from secure_channel import Request
+
+    conns = Connections(target)
+    try:
+        transport, _ = conns.get("http")
+        text = transport.exchange(Request("GET", METRICS_PATH)).content.decode()
+    finally:
+        conns.close()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(_SCRAPED):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def batching_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the server's scheduler did between two scrapes: decode batches by rows, queue waits."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    batches = delta.get("lambda_split_batch_rows_count", 0.0)
+    waits = delta.get("lambda_split_step_queue_wait_seconds_count", 0.0)
+    buckets = {k.split('le="')[1].rstrip('"}'): int(v) for k, v in delta.items() if "batch_rows_bucket" in k}
+    return {
+        "decode_batches": int(batches),
+        "mean_rows_per_decode_batch": round(delta.get("lambda_split_batch_rows_sum", 0.0) / batches, 2)
+        if batches else None,
+        "decode_batches_with_rows_at_most": buckets,
+        "prefills": int(delta.get("lambda_split_prefills_total", 0.0)),
+        "mean_queue_wait_ms": round(1000 * delta.get("lambda_split_step_queue_wait_seconds_sum", 0.0) / waits, 3)
+        if waits else None,
+    }  # fmt: skip
 
 
 def _solo_tokens(plan: DeployPlan, client: ClientModel, target: Target, kind: str) -> list[int]:
@@ -278,12 +322,15 @@ def _scaling(
     pool.run(max(plan.clients), kind, plan.wire, 2)  # warm-up: every client connects and runs once
     aggregate: dict[int, list[float]] = {n: [] for n in plan.clients}
     latencies: dict[int, list[float]] = {n: [] for n in plan.clients}
+    decoding: dict[int, list[float]] = {n: [] for n in plan.clients}
     unchanged: dict[int, bool] = dict.fromkeys(plan.clients, True)
     for rep in range(plan.concurrency_reps):
         for n in map(int, rotated([str(n) for n in plan.clients], rep)):
             runs = pool.run(n, kind, plan.wire, plan.concurrency_tokens)
             wall = max(r["ended"] for r in runs) - min(r["start"] for r in runs)
             aggregate[n].append(sum(r["new_tokens"] for r in runs) / wall)
+            window = max(r["ended"] for r in runs) - min(r["first_decode"] for r in runs)
+            decoding[n].append(sum(r["new_tokens"] - 1 for r in runs) / max(window, 1e-9))
             latencies[n].extend(lat for r in runs for lat in r["latencies_s"])
             unchanged[n] = unchanged[n] and all(r["token_ids"] == solo for r in runs)
             progress(f"concurrency {variant}: {n} client(s): {aggregate[n][-1]:.1f} tokens/s in aggregate")
@@ -294,6 +341,8 @@ def _scaling(
         table[str(n)] = {
             "aggregate_tokens_per_s": summarize(aggregate[n], 3),
             "scaling_vs_first": summarize(ratios(aggregate[n], base), 3),
+            "aggregate_decode_tokens_per_s": summarize(decoding[n], 3),
+            "decode_scaling_vs_first": summarize(ratios(decoding[n], decoding[plan.clients[0]]), 3),
             "token_latency_ms": {"p50": round(quantile(ms, 0.5), 2), "p99": round(quantile(ms, 0.99), 2), "n": len(ms)},
             "tokens_unchanged": unchanged[n],
         }  # fmt: skip

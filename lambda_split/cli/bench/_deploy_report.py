@@ -111,10 +111,16 @@ def _concurrency(results: dict[str, Any]) -> list[str]:
              f"{c['reps']} reps"]  # fmt: skip
     for variant, entry in c["by_variant"].items():
         rows = [[n, fmt(e["aggregate_tokens_per_s"], "", 1), fmt(e["scaling_vs_first"], "×", 2),
+                 fmt(e["aggregate_decode_tokens_per_s"], "", 1), fmt(e["decode_scaling_vs_first"], "×", 2),
                  e["token_latency_ms"]["p50"], e["token_latency_ms"]["p99"], e["tokens_unchanged"]]
                 for n, e in entry["by_clients"].items()]  # fmt: skip
-        lines += ["", f"### {variant}", "", *_table(["clients", "aggregate tokens/s", "× first", "p50 ms/token",
+        lines += ["", f"### {variant}", "", *_table(["clients", "aggregate tokens/s", "× first", "decode tokens/s", "× first", "p50 ms/token",
                                                       "p99 ms/token", "tokens unchanged"], rows)]  # fmt: skip
+        if b := entry.get("server_batching"):
+            lines += ["", f"Server, over this variant's runs: {b['decode_batches']} decode batches, "
+                      f"{b['mean_rows_per_decode_batch']} rows each on average (batches by rows, at most: "
+                      f"{b['decode_batches_with_rows_at_most']}); {b['prefills']} prefills; mean queue wait "
+                      f"{b['mean_queue_wait_ms']} ms."]  # fmt: skip
     return [*lines, "", *[f"- {n}" for n in c["notes"]]]
 
 
