@@ -178,11 +178,15 @@ def plots(results: dict[str, Any], directory: Path) -> list[Path]:
             twin.plot(n, [e["token_latency_ms"]["p50"] for e in rows], "s--", color=f"C{i}", alpha=0.5,
                       label=f"{v} p50 ms/token")  # fmt: skip
         ax.set_xscale("log", base=2)
+        counts = [int(k) for k in next(iter(c["by_variant"].values()))["by_clients"]]
+        ax.set_xticks(counts, [str(k) for k in counts])
         ax.set_xlabel("concurrent client processes")
         ax.set_ylabel("aggregate tokens/s")
         twin.set_ylabel("p50 ms per token (dashed)")
         ax.set_ylim(bottom=0)
         twin.set_ylim(bottom=0)
-        fig.legend(loc="upper left", fontsize=7)
+        fig.legend(loc="upper center", fontsize=7, ncol=2)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.25)
+        twin.set_ylim(top=twin.get_ylim()[1] * 1.25)
         save(fig, "concurrency_scaling.png")
     return written
