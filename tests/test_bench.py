@@ -144,7 +144,7 @@ def test_options_choose_the_plan() -> None:
 @pytest.mark.parametrize(
     "argv",
     [["--modes", "tls,bogus"], ["--clients", "0"], ["--clients", "x"], ["--clients", "100"], ["--wire", "fp8"],
-     ["--transports", ""], ["--reps", "0"]],
+     ["--transports", ""], ["--reps", "0"], ["--split", "0:5"], ["--split", "2-4"]],
 )  # fmt: skip
 def test_bad_options_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--quick", action="store_true", help="fewer modes, tokens and repetitions (a few minutes); "
         "options given explicitly still win")  # fmt: skip
     add("--model", default=SMOLLM2, help="model (default smollm2-135m)")
-    add("--split", default="2:-2", help="split A:B (default 2:-2)")
+    add("--split", default="2:-2", type=_split, help="split A:B (default 2:-2)")
     add(
         "--threads",
         type=_positive,
@@ -76,6 +76,16 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _split(text: str) -> str:
+    from lambda_split._parts import SplitSpec
+
+    try:  # the syntax and 1 <= A <= B; B against the real depth once the model is open
+        SplitSpec.parse(text, num_layers=2**31)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace(f" <= {2**31}", "")) from None
+    return text
 
 
 def _choices(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:

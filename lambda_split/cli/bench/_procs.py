@@ -85,8 +85,16 @@ class ServerProcess:
                 return line.split()[-1]
             if line == "" or time.monotonic() > deadline:
                 code = self.child.poll()
-                raise BenchError(f"the {self.mode} server exited before it was ready (exit code {code}); "
-                                 f"see {self._log.name}")  # fmt: skip
+                raise BenchError(f"the {self.mode} server exited before it was ready (exit code {code}): "
+                                 f"{self._last_log_line()}")  # fmt: skip
+
+    def _last_log_line(self) -> str:
+        self._log.flush()
+        try:
+            lines = [line for line in Path(self._log.name).read_text().splitlines() if line.strip()]
+        except OSError:
+            return "no log"
+        return lines[-1] if lines else "no output"
 
     @property
     def exit_code(self) -> int | None:
