@@ -9,6 +9,13 @@ different sessions share one forward up to ``max_rows`` rows. A prefill (several
 runs alone; when both kinds wait, prefills and decode batches alternate, so a long prompt
 delays everyone's next token by at most one prefill.
 
+Gathering: clients in step with each other come back at about the same time, and the first to
+arrive would otherwise run alone while the others queue behind it. So a runner about to start a
+decode batch with fewer rows queued than the previous decode batch had waits for the rest, at most
+``gather_fraction`` of the previous forward's duration and never over ``max_gather_s``: a gather
+that fails costs at most that fraction of one step, one that succeeds saves a forward. A queued
+prefill, or :meth:`StepScheduler.drain`, does not wait.
+
 Fairness: owners (authenticated identities) take turns, one step each per round, and an
 owner served moves to the back of the line, so many sessions of one identity cannot starve
 another. A step not taken within ``deadline_s`` fails with :class:`QueueTimeout`.
@@ -30,16 +37,24 @@ class QueueTimeout(Exception):
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """``max_rows``: rows of one decode batch. ``deadline_s``: longest wait in the queue."""
+    """``max_rows``: rows of one decode batch (a single step with more rows runs alone).
+    ``deadline_s``: longest wait in the queue. Servers set them in ``[limits]`` as
+    ``max_batch_rows`` and ``step_deadline_s``."""
 
     max_rows: int = 32
     deadline_s: float = 30.0
+    gather_fraction: float = 0.5
+    max_gather_s: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.max_rows < 1:
-            raise ValueError("max_rows must be at least 1")
-        if self.deadline_s <= 0:
-            raise ValueError("deadline_s must be positive")
+        if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 1:
+            raise ValueError("max_rows must be a whole number, at least 1")
+        if not 0 < self.deadline_s < float("inf"):  # NaN fails too
+            raise ValueError("deadline_s must be a positive, finite number of seconds")
+        if not 0 <= self.gather_fraction <= 1:
+            raise ValueError("gather_fraction must be between 0 and 1")
+        if not 0 <= self.max_gather_s < float("inf"):
+            raise ValueError("max_gather_s must be 0 or more seconds, finite")
 
 
 @dataclass(eq=False)
@@ -60,11 +75,19 @@ class Step:
         return self.tokens > 1
 
 
+#: Upper bounds (seconds) of the queue-wait histogram in :class:`SchedulerStats`.
+QUEUE_WAIT_BOUNDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
 @dataclass
 class SchedulerStats:
     """What the scheduler did: batch sizes in rows, time steps spent queued, deadline failures."""
 
     batch_rows: Counter[int] = field(default_factory=Counter)  # rows of a batch -> how many batches
+    #: steps whose wait was at most QUEUE_WAIT_BOUNDS[i] (not cumulative; the rest waited longer)
+    queue_wait_counts: list[int] = field(default_factory=lambda: [0] * len(QUEUE_WAIT_BOUNDS))
+    taken: int = 0  # steps taken from the queue into a batch (each with its recorded wait)
+    gather_timeouts: int = 0  # decode batches started short after waiting the whole gather budget
     prefills: int = 0
     queue_wait_s_total: float = 0.0
     queue_wait_s_max: float = 0.0
@@ -79,8 +102,21 @@ class SchedulerStats:
             "steps": self.steps,
             "queue_wait_s_total": self.queue_wait_s_total,
             "queue_wait_s_max": self.queue_wait_s_max,
+            "taken": self.taken,
+            "gather_timeouts": self.gather_timeouts,
+            "queue_wait_le": {
+                bound: sum(self.queue_wait_counts[: i + 1]) for i, bound in enumerate(QUEUE_WAIT_BOUNDS)
+            },
             "timeouts": self.timeouts,
         }
+
+    def record_wait(self, wait: float) -> None:
+        self.taken += 1
+        self.queue_wait_s_total += wait
+        self.queue_wait_s_max = max(self.queue_wait_s_max, wait)
+        index = next((i for i, bound in enumerate(QUEUE_WAIT_BOUNDS) if wait <= bound), None)
+        if index is not None:
+            self.queue_wait_counts[index] += 1
 
 
 #: Runs a batch; returns one result per step, or an exception instance for a step that failed.
@@ -105,6 +141,8 @@ class StepScheduler:
         self._turns: dict[str, None] = {}  # owners with queued steps, next to be served first
         self._running = False
         self._last_prefill = False
+        self._expected_rows = 0  # rows of the last decode batch, which will come back for their next step
+        self._last_forward_s = 0.0  # how long that batch took
         self._cond = threading.Condition()
 
     @property
@@ -120,6 +158,7 @@ class StepScheduler:
         with self._cond:
             self._queue.append(step)
             self._turns.setdefault(owner, None)
+            self._cond.notify_all()  # a runner may be gathering
         return step
 
     def wait(self, step: Step) -> Any:
@@ -147,15 +186,36 @@ class StepScheduler:
         try:
             while until is None or not until.done:
                 with self._cond:
+                    if until is not None:
+                        self._gather()
                     batch = self._take()
                     self._cond.notify_all()  # steps that timed out are done
                 if not batch:
                     break
+                started = time.monotonic()
                 self._run(batch)
+                if not batch[0].is_prefill:
+                    self._expected_rows = sum(s.rows for s in batch)
+                    self._last_forward_s = time.monotonic() - started
         finally:
             with self._cond:
                 self._running = False
                 self._cond.notify_all()
+
+    def _gather(self) -> None:
+        """Under the lock: wait (bounded, see the module doc) for the rows of the last decode batch."""
+        budget = min(self.config.max_gather_s, self.config.gather_fraction * self._last_forward_s)
+        end = time.monotonic() + budget
+        while True:
+            if any(s.is_prefill for s in self._queue):
+                return
+            if sum(s.rows for s in self._queue) >= self._expected_rows or not self._queue:
+                return
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                self.stats.gather_timeouts += 1
+                return
+            self._cond.wait(remaining)
 
     def _take(self) -> list[Step]:
         """Choose the next batch (under the lock) and remove it from the queue."""
@@ -175,9 +235,7 @@ class StepScheduler:
         self._last_prefill = bool(batch) and batch[0].is_prefill
         for step in batch:
             self._queue.remove(step)
-            wait = now - step.submitted
-            self.stats.queue_wait_s_total += wait
-            self.stats.queue_wait_s_max = max(self.stats.queue_wait_s_max, wait)
+            self.stats.record_wait(now - step.submitted)
         if batch and not batch[0].is_prefill:
             self.stats.batch_rows[sum(s.rows for s in batch)] += 1
         for step in batch:  # served owners go to the back of the line

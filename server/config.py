@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lambda_split import ServiceLimits, SplitSpec
+from lambda_split import SchedulerConfig, ServiceLimits, SplitSpec
 from lambda_split._codec import FrameLimits
 from secure_channel import check_security_mode
 
@@ -54,6 +55,9 @@ class ServerConfig:
     max_cache_bytes: int = 2 * 1024**3
     max_diffusion_steps: int = 256  # U-Net calls per diffusion session
     max_sessions_per_identity: int = 32  # one device cannot take every session (not in plain mode)
+    # cross-session batching (lambda_split/_scheduler.py)
+    max_batch_rows: int = 32  # rows of one batched decode forward, over all sessions in it
+    step_deadline_s: float = 30.0  # a step still queued after this fails with 503 step_timeout
     # proxies whose X-Forwarded-For/-Proto uvicorn believes: comma-separated IPs or CIDRs; none by default
     trusted_proxies: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +73,9 @@ class ServerConfig:
             max_sessions_per_owner=None if self.security == "plain" else self.max_sessions_per_identity,
             frame=FrameLimits(max_bytes=self.max_body_bytes),
         )
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(max_rows=self.max_batch_rows, deadline_s=self.step_deadline_s)
 
     def validate(self) -> ServerConfig:
         """Return self if safe to run, else raise ConfigError naming the problem."""
@@ -100,6 +107,7 @@ class ServerConfig:
             "handshake_burst",
             "max_diffusion_steps",
             "max_sessions_per_identity",
+            "max_batch_rows",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -108,16 +116,20 @@ class ServerConfig:
             "rate_limit_per_s",
             "handshake_rate_per_s",
             "expiry_interval_s",
+            "step_deadline_s",
         ):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # NaN too
                 raise ConfigError(f"{name} must be positive")
         for proxy in filter(None, (p.strip() for p in self.trusted_proxies.split(","))):
             try:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise ConfigError(f"trusted_proxies: {proxy!r} is not an IP address or network") from None
-        try:  # the session limits check themselves
+        if not math.isfinite(self.step_deadline_s):
+            raise ConfigError("step_deadline_s must be a finite number of seconds")
+        try:  # the session and scheduler limits check themselves
             self.service_limits()
+            self.scheduler_config()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return self

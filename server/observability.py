@@ -115,8 +115,19 @@ def _batching_metrics(stats: dict[str, Any] | None) -> list[Metric]:
     total = sum(size * n for size, n in sizes)
     rows.add_metric([], [*buckets, ("+Inf", stats["batches"])], sum_value=total)
     gauge, counter = GaugeMetricFamily, CounterMetricFamily
+    waits = HistogramMetricFamily("lambda_split_step_queue_wait_seconds", "Time a step waited in the queue")
+    le = [(repr(float(bound)), count) for bound, count in stats.get("queue_wait_le", {}).items()]
+    waits.add_metric([], [*le, ("+Inf", stats.get("taken", 0))], sum_value=stats["queue_wait_s_total"])
     return [
         rows,
+        waits,
+        counter("lambda_split_batches", "Batched decode forwards run", value=stats["batches"]),
+        gauge(
+            "lambda_split_step_queue_seconds_max",
+            "Longest wait of a step in the queue",
+            value=stats["queue_wait_s_max"],
+        ),
+        gauge("lambda_split_kv_slot_bytes_used", "Bytes of KV slots in use", value=stats["slot_bytes_used"]),
         counter("lambda_split_prefills", "Prefill steps run alone", value=stats["prefills"]),
         counter(
             "lambda_split_step_queue_seconds",

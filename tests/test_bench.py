@@ -1,14 +1,21 @@
-"""The benchmark's pieces on tiny-random-llama: structure and sanity of the figures, never a timing threshold."""
+"""The benchmark on tiny-random-llama: structure and sanity of the figures, never a timing threshold.
+
+The deployment benchmark (server and clients in processes of their own) first, then the older
+in-process suite (``--in-process``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lambda_split.cli.bench import Plan, run_bench
+from lambda_split.cli.bench import DeployPlan, Plan, add_arguments, deploy_plan, run_bench
 from lambda_split.cli.bench._stats import ratios, rotated, summarize
 from secure_channel import SECURITY_MODES
 
@@ -21,19 +28,138 @@ TINY_PLAN = Plan(model=TINY, decode_model=TINY, decode_tokens=4, decode_reps=2, 
                  diffusion_model=None)  # fmt: skip
 
 
+DEPLOY_PLAN = DeployPlan(model=TINY, modes=("tls+aesgcm",), transports=("stream", "http"), wire="fp32",
+                         wires=("fp16", "int8"), tokens=4, reps=2, byte_tokens=3, clients=(1, 2),
+                         concurrency_modes=("tls+aesgcm",), concurrency_tokens=3, concurrency_reps=1)  # fmt: skip
+
+
+def _run(plan: Any, out: Path, messages: list[str]) -> tuple[int, list[str]]:
+    printed: list[str] = []
+    capture = pytest.MonkeyPatch()
+    capture.setattr("builtins.print", lambda *args, **_kw: printed.append(" ".join(map(str, args))))
+    try:
+        code = run_bench(
+            out=str(out), as_json=True, quick=True, model=TINY, progress=messages.append, plan=plan
+        )
+    finally:
+        capture.undo()
+    return code, printed
+
+
+@pytest.fixture(scope="module")
+def deploy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, list[str]]:
+    out = tmp_path_factory.mktemp("deploy")
+    messages: list[str] = []
+    code, printed = _run(DEPLOY_PLAN, out, messages)
+    assert code == 0, messages
+    assert len(printed) == 1, "--json prints exactly one JSON object"
+    return json.loads(printed[0]), out, messages
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/status").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.mark.heavy
+def test_deploy_server_and_clients_ran_in_processes_of_their_own(
+    deploy_run: tuple[dict[str, Any], Path, list[str]],
+) -> None:
+    results, _, messages = deploy_run
+    assert results["failed_sections"] == [] and results["meta"]["kind"] == "deployment"
+    procs = results["processes"]
+    server = procs["servers"]["tls+aesgcm"]
+    clients = procs["clients"]["tls+aesgcm"]
+    assert procs["bench_pid"] == os.getpid()
+    assert server != os.getpid() and len(set(clients)) == 2 and not {server, os.getpid()} & set(clients)
+    assert procs["server_exit_codes"] == {"tls+aesgcm": 0}, "SIGTERM shuts the server down with 0"
+    assert not _alive(server) and not any(_alive(pid) for pid in clients), "no process is left running"
+    assert any("listening on" in m for m in messages), "progress lines while it runs"
+
+
+@pytest.mark.heavy
+def test_deploy_figures_are_finite_positive_and_tokens_match(
+    deploy_run: tuple[dict[str, Any], Path, list[str]],
+) -> None:
+    results, _, _ = deploy_run
+    decode = results["decode"]
+    assert set(decode["by_variant"]) == {"tls+aesgcm/stream", "tls+aesgcm/http"}
+    assert decode["generate"]["decode_tokens_per_s"]["median"] > 0
+    for entry in decode["by_variant"].values():
+        ratio = entry["ratio_vs_generate"]
+        assert ratio["n"] == 2 and 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert math.isfinite(entry["added_ms_per_token"]["median"])
+        assert entry["ttft_ms"]["median"] > 0 and entry["decode_tokens_per_s"]["median"] > 0
+        assert 0 <= entry["tokens_equal_generate"] <= 2
+    wire = results["wire"]
+    for entry in wire["by_variant"].values():
+        for enc in ("fp16", "int8"):
+            assert entry[enc]["sent"] > wire["payload_bytes_per_direction"][enc]
+            assert entry[enc]["received"] > wire["payload_bytes_per_direction"][enc]
+        assert 0 < entry["int8_over_fp16"] < 1
+    stream, http = (wire["by_variant"][f"tls+aesgcm/{k}"]["fp16"]["total"] for k in ("stream", "http"))
+    assert stream < http, "the stream carries no HTTP request per token"
+    for variant in ("tls+aesgcm/stream", "tls+aesgcm/http"):
+        table = results["concurrency"]["by_variant"][variant]["by_clients"]
+        assert set(table) == {"1", "2"}
+        for entry in table.values():
+            assert entry["tokens_unchanged"] is True, "batched clients decode the solo run's greedy tokens"
+            assert entry["aggregate_tokens_per_s"]["median"] > 0
+            assert entry["aggregate_decode_tokens_per_s"]["median"] > 0
+            assert 0 < entry["token_latency_ms"]["p50"] <= entry["token_latency_ms"]["p99"]
+        server = results["concurrency"]["by_variant"][variant]["server_batching"]
+        assert server["decode_batches"] > 0 and server["mean_rows_per_decode_batch"] >= 1, "read off /metrics"
+        assert server["prefills"] >= 3 and server["mean_queue_wait_ms"] >= 0
+    goals = results["goals"]["tls+aesgcm/stream"]
+    assert set(goals) == {"decode", "int8_bytes"}, "no 8-client run in this plan, so no scaling goal"
+    assert all(isinstance(g["met"], bool) for g in goals.values())
+
+
+@pytest.mark.heavy
+def test_deploy_outputs_are_written(deploy_run: tuple[dict[str, Any], Path, list[str]]) -> None:
+    results, out, _ = deploy_run
+    assert json.loads((out / "results.json").read_text()) == results
+    text = (out / "results.md").read_text()
+    assert text.startswith("# Λ-Split deployment benchmark") and "tls+aesgcm/stream" in text
+    for name in ("tokens_per_s_by_mode", "bytes_per_token_by_encoding", "concurrency_scaling"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_options_choose_the_plan() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--modes", "tls,plain", "--clients", "8,1,2", "--transports", "http", "--reps", "3"]
+    )
+    plan = deploy_plan(TINY, quick=False, options=vars(args))
+    assert plan.modes == ("tls", "plain") and plan.clients == (1, 2, 8) and plan.transports == ("http",)
+    assert plan.reps == 3 and plan.tokens == DeployPlan().tokens
+    quick = deploy_plan(TINY, quick=True, options=vars(parser.parse_args(["--tokens", "5"])))
+    assert quick.tokens == 5 and quick.reps < DeployPlan().reps
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--modes", "tls,bogus"], ["--clients", "0"], ["--clients", "x"], ["--clients", "100"], ["--wire", "fp8"],
+     ["--transports", ""], ["--reps", "0"], ["--split", "0:5"], ["--split", "2-4"]],
+)  # fmt: skip
+def test_bad_options_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, list[str]]:
     out = tmp_path_factory.mktemp("bench")
     messages: list[str] = []
-    capture = pytest.MonkeyPatch()
-    printed: list[str] = []
-    capture.setattr("builtins.print", lambda *args, **_kw: printed.append(" ".join(map(str, args))))
-    try:
-        code = run_bench(
-            out=str(out), as_json=True, quick=True, model=TINY, progress=messages.append, plan=TINY_PLAN
-        )
-    finally:
-        capture.undo()
+    code, printed = _run(TINY_PLAN, out, messages)
     assert code == 0, messages
     assert len(printed) == 1, "--json prints exactly one JSON object"
     return json.loads(printed[0]), out, messages

@@ -160,3 +160,70 @@ def test_request_threads_queue_behind_the_runner_and_one_of_them_takes_over() ->
         thread.join()
     assert batches == [["first"], ["second", "third"]]
     assert results == {"first": "FIRST", "second": "SECOND", "third": "THIRD"}
+
+
+def test_queue_waits_are_counted_by_bound_for_the_metrics() -> None:
+    sched, _, clock = scheduler()
+    sched.enqueue("a", 1, 1, "early")
+    clock.now = 0.02  # "early" has waited 20 ms when the batch is taken
+    sched.enqueue("b", 1, 1, "late")
+    sched.drain()
+    snap = sched.stats.snapshot()
+    assert snap["taken"] == 2 and snap["queue_wait_s_max"] == pytest.approx(0.02)
+    assert snap["queue_wait_le"][0.001] == 1 and snap["queue_wait_le"][0.01] == 1
+    assert snap["queue_wait_le"][0.025] == 2 and snap["queue_wait_le"][5.0] == 2
+    assert snap["queue_wait_s_total"] == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize(("rows", "deadline"), [(0, 1.0), (1, 0.0), (1, float("nan")), (1, float("inf"))])
+def test_bad_scheduler_settings_are_refused(rows: int, deadline: float) -> None:
+    with pytest.raises(ValueError, match=r"max_rows|deadline_s"):
+        SchedulerConfig(rows, deadline)
+
+
+class _SpyCondition(threading.Condition):
+    """Notes when the runner waits with a timeout (it is gathering)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gathering = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            self.gathering.set()
+        return super().wait(timeout)
+
+
+def _gathering_scheduler(max_gather_s: float) -> tuple[StepScheduler, Recorder, _SpyCondition]:
+    recorder = Recorder()
+    sched = StepScheduler(recorder, SchedulerConfig(8, 30.0, gather_fraction=1.0, max_gather_s=max_gather_s))
+    spy = _SpyCondition()
+    sched._cond = spy
+    sched.enqueue("a", 1, 1, "a0")
+    sched.enqueue("b", 1, 1, "b0")
+    sched.drain()  # a decode batch of two rows: both are expected back
+    sched._last_forward_s = 3600.0  # as if that forward took long: the budget is max_gather_s
+    return sched, recorder, spy
+
+
+def test_a_runner_waits_for_the_rows_of_the_last_decode_batch() -> None:
+    sched, runs, spy = _gathering_scheduler(max_gather_s=600.0)
+    first = sched.enqueue("a", 1, 1, "a1")
+    runner = threading.Thread(target=sched.wait, args=(first,))
+    runner.start()
+    assert spy.gathering.wait(10), "the runner waits for the second row instead of running alone"
+    second = sched.enqueue("b", 1, 1, "b1")  # arrives while the runner gathers
+    runner.join(60)
+    sched.wait(second)
+    assert runs.batches == [["a0", "b0"], ["a1", "b1"]]
+    assert sched.stats.gather_timeouts == 0
+
+
+def test_a_gather_is_bounded_and_a_prefill_never_waits() -> None:
+    sched, runs, spy = _gathering_scheduler(max_gather_s=0.01)
+    assert sched.submit("a", 1, 1, "a1") == "a1"  # nobody else comes back: runs alone after the budget
+    assert runs.batches[-1] == ["a1"] and sched.stats.gather_timeouts == 1
+    spy.gathering.clear()
+    sched._expected_rows = 2  # a row is missing, but a prefill is queued: no wait
+    assert sched.submit("a", 1, 5, "prefill") == "prefill"
+    assert not spy.gathering.is_set()

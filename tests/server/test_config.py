@@ -32,6 +32,11 @@ def test_file_then_environment_then_arguments(tmp_path: Path) -> None:
         {"security": "plain", "receive_timeout_s": 0},
         {"security": "plain", "max_diffusion_steps": 0},
         {"security": "plain", "port": 70000},
+        {"security": "plain", "max_batch_rows": 0},
+        {"security": "plain", "step_deadline_s": 0},
+        {"security": "plain", "step_deadline_s": float("nan")},
+        {"security": "plain", "step_deadline_s": float("inf")},
+        {"security": "plain", "receive_timeout_s": float("nan")},
     ],
 )
 def test_unsafe_or_invalid_settings_fail_closed(settings: dict[str, object]) -> None:
@@ -93,3 +98,31 @@ def test_the_diffusion_step_limit_comes_from_the_config_file(tmp_path: Path) -> 
     service, info = load_service(load_config(file, {}).validate(), lambda _message: None)
     assert info["limits"]["max_steps_per_session"] == 7
     assert service.executor.limits.max_steps_per_session == 7  # type: ignore[attr-defined]
+
+
+def test_batching_limits_come_from_the_limits_section(tmp_path: Path) -> None:
+    file = tmp_path / "server.toml"
+    file.write_text('[server]\nsecurity = "plain"\n[limits]\nmax_batch_rows = 12\nstep_deadline_s = 2.5\n')
+    scheduling = load_config(file, {}).validate().scheduler_config()
+    assert (scheduling.max_rows, scheduling.deadline_s) == (12, 2.5)
+    env = {"LAMBDA_SPLIT_MAX_BATCH_ROWS": "4", "LAMBDA_SPLIT_STEP_DEADLINE_S": "9"}
+    assert load_config(file, env).validate().scheduler_config().max_rows == 4
+    defaults = load_config(None, {}, security="plain").validate().scheduler_config()
+    assert (defaults.max_rows, defaults.deadline_s) == (32, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("max_batch_rows = 0", "max_batch_rows must be at least 1"),
+        ("max_batch_rows = 'many'", "max_batch_rows must be a int"),
+        ("step_deadline_s = -1", "step_deadline_s must be positive"),
+        ("step_deadline_s = nan", "step_deadline_s must be positive"),
+        ("step_deadline_s = inf", "step_deadline_s must be a finite number"),
+    ],
+)
+def test_bad_batching_limits_are_refused_naming_the_key(tmp_path: Path, line: str, message: str) -> None:
+    file = tmp_path / "server.toml"
+    file.write_text(f'[server]\nsecurity = "plain"\n[limits]\n{line}\n')
+    with pytest.raises(ConfigError, match=message):
+        load_config(file, {}).validate()

@@ -183,3 +183,33 @@ def test_a_tls_client_is_logged_by_its_certificate_identity(
     assert wait_for(
         lambda: any(line["client"].startswith("sha256:") and line["route"] == "/v1/info" for line in logged)
     )
+
+
+def test_batching_figures_are_exported_as_metrics() -> None:
+    from prometheus_client import generate_latest
+
+    from lambda_split._scheduler import SchedulerStats
+    from server.observability import Metrics
+
+    stats = SchedulerStats()
+    stats.batch_rows.update({1: 2, 4: 3})
+    for wait in (0.0005, 0.02, 7.0):
+        stats.record_wait(wait)
+
+    class Service:
+        open_sessions, cache_bytes, expired, evicted = 3, 4096, 0, 0
+
+        def __init__(self) -> None:
+            self.batching = {**stats.snapshot(), "queued": 1, "slots_used": 10, "slots_total": 64,
+                             "slot_bytes_used": 1000, "slot_bytes_total": 6400}  # fmt: skip
+
+    metrics = Metrics()
+    metrics.watch(Service())
+    text = generate_latest(metrics.registry).decode()
+    assert 'lambda_split_batch_rows_bucket{le="4"} 5.0' in text and "lambda_split_batch_rows_sum 14.0" in text
+    assert 'lambda_split_step_queue_wait_seconds_bucket{le="0.001"} 1.0' in text
+    assert 'lambda_split_step_queue_wait_seconds_bucket{le="5.0"} 2.0' in text
+    assert 'lambda_split_step_queue_wait_seconds_bucket{le="+Inf"} 3.0' in text
+    assert "lambda_split_step_queue_seconds_max 7.0" in text and "lambda_split_batches_total 5.0" in text
+    assert "lambda_split_kv_slot_bytes_used 1000.0" in text and "lambda_split_kv_slots_used 10.0" in text
+    assert "lambda_split_steps_queued 1.0" in text

@@ -1,16 +1,13 @@
-"""``lambda-split bench``: what each security mode, split and wire encoding costs, measured side by side.
+"""``lambda-split bench``: what the split costs, measured like a deployment.
 
-Every timing figure is a ratio or a summary (median, interquartile range, min/max) of
-repeated, interleaved runs in one process on one machine. Sections:
+The trunk server runs as ``lambda-split serve`` in a process of its own (one per security mode),
+and concurrent clients run in processes of their own (see :mod:`._deploy`). Per mode and
+transport (``stream``, ``http``): decode speed paired against transformers' ``generate()``,
+added milliseconds per token, time to first token, wire bytes per decode token by wire encoding,
+and aggregate tokens/s with p50/p99 per-token latency at 1, 2, 4, 8 and 16 clients.
+``--in-process`` runs the older single-process suite (:mod:`._inprocess`) instead.
 
-1. decode tokens/s, split in each security mode vs monolithic
-2. time to first token by prompt length
-3. trunk KV cache vs the reference method (recompute the whole sequence every step)
-4. wire bytes per token by encoding and mode, and accuracy vs fp32
-5. concurrent clients against one server
-6. cost of the security machinery (handshakes, AEAD, record overhead)
-7. phone-to-cloud links and Llama-2 sizes, modelled on paper from the measurements
-8. diffusion: time and bytes per denoising step
+Every timing figure is a median and range of interleaved repetitions or a paired ratio.
 """
 
 from __future__ import annotations
@@ -20,202 +17,198 @@ import dataclasses
 import json
 import sys
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from lambda_split._names import SMOLLM2, TINY_LLAMA
+from lambda_split.cli.bench._deploy import DeployPlan
+from lambda_split.cli.bench._inprocess import Plan, full_plan, quick_plan
 
 ProgressFn = Callable[[str], None]
+MODES = ("plain", "tls", "aesgcm", "tls+aesgcm")
+TRANSPORTS = ("stream", "http")
+WIRES = ("fp32", "fp16", "bf16", "int8")
 
-
-@dataclass(frozen=True)
-class Plan:
-    """Which model each section runs on, and how many tokens and repetitions."""
-
-    model: str = SMOLLM2
-    split: str = "2:-2"
-    decode_model: str = SMOLLM2
-    decode_tokens: int = 16
-    decode_reps: int = 12
-    hf_generate: bool = True
-    ttft_model: str = SMOLLM2
-    ttft_lengths: tuple[int, ...] = (16, 128, 512)
-    ttft_reps: int = 5
-    cache_runs: tuple[tuple[str, tuple[int, ...]], ...] = ((TINY_LLAMA, (64, 256, 512)), (SMOLLM2, (64,)))
-    cache_reps: int = 3
-    wire_model: str = SMOLLM2
-    wire_tokens: int = 32
-    concurrency_model: str = SMOLLM2
-    concurrency_clients: tuple[int, ...] = (1, 2, 4, 8)
-    concurrency_tokens: int = 16
-    concurrency_reps: int = 3
-    security_reps: int = 10
-    part_steps: int = 16
-    diffusion_model: str | None = "tiny-random-sd"
-    diffusion_steps: int = 4
-    diffusion_reps: int = 3
-    notes: tuple[str, ...] = ()
-
-
-def full_plan(model: str = SMOLLM2) -> Plan:
-    return Plan(model=model, decode_model=model, ttft_model=model, wire_model=model, concurrency_model=model,
-                cache_runs=((TINY_LLAMA, (64, 256, 512)), (model, (64,))),
-                notes=("KV cache vs recompute: the recompute baseline is quadratic in length, so the 256- and "
-                       f"512-token points run on {TINY_LLAMA}; {model} is measured at 64 tokens",))  # fmt: skip
-
-
-def quick_plan(model: str = SMOLLM2) -> Plan:
-    return Plan(model=model, decode_model=model, decode_tokens=8, decode_reps=3, hf_generate=False,
-                ttft_model=TINY_LLAMA, ttft_lengths=(16, 128, 512), ttft_reps=7,
-                cache_runs=((TINY_LLAMA, (32, 64, 128)),), cache_reps=3,
-                wire_model=model, wire_tokens=6, concurrency_model=TINY_LLAMA, concurrency_tokens=8,
-                concurrency_reps=2, security_reps=5, part_steps=6, diffusion_steps=2, diffusion_reps=1,
-                notes=(f"--quick: decode, wire bytes and the network model use {model}; time to first token, "
-                       f"KV cache vs recompute and concurrency use {TINY_LLAMA} (too slow on {model} for a "
-                       "3-minute run); fewer tokens and repetitions, so wider spreads",))  # fmt: skip
+__all__ = ["MODES", "TINY_LLAMA", "DeployPlan", "Plan", "add_arguments", "deploy_plan", "run_bench"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``lambda-split bench``."""
-    parser.add_argument("--out", metavar="DIR", help="write results.json, results.md and PNG plots to DIR")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and the tiny model where "
-                        "smollm2 is too slow; under 3 minutes on 2 cores")  # fmt: skip
-    parser.add_argument("--model", default=SMOLLM2, help="model for the main sections (default smollm2-135m)")
-    parser.add_argument("--threads", type=_positive, help="torch intra-op threads (default: torch's choice)")
+    add = parser.add_argument
+    add("--out", metavar="DIR", help="write results.json, results.md and PNG plots to DIR")
+    add("--json", action="store_true", help="print exactly one JSON object on stdout")
+    add("--quick", action="store_true", help="fewer modes, tokens and repetitions (a few minutes); "
+        "options given explicitly still win")  # fmt: skip
+    add("--model", default=SMOLLM2, help="model (default smollm2-135m)")
+    add("--split", default="2:-2", type=_split, help="split A:B (default 2:-2)")
+    add(
+        "--threads",
+        type=_positive,
+        help="torch intra-op threads of every process (default: the environment's)",
+    )
+    add(
+        "--modes",
+        type=_choices(MODES),
+        metavar="M,..",
+        help=f"security modes (default all: {','.join(MODES)})",
+    )
+    add("--transports", type=_choices(TRANSPORTS), metavar="T,..",
+        help="session transports, before (http) and after (stream) in one run (default stream,http)")  # fmt: skip
+    add("--wire", choices=WIRES, help="wire encoding of the decode and concurrency runs (default fp16)")
+    add("--wires", type=_choices(WIRES), metavar="W,..", help="wire encodings whose bytes are counted "
+        f"(default {','.join(WIRES)})")  # fmt: skip
+    add("--tokens", type=_positive, help="new tokens per decode run (default 48)")
+    add("--reps", type=_positive, help="interleaved repetitions of the decode section (default 6)")
+    add("--clients", type=_counts, metavar="N,..", help="concurrent client processes (default 1,2,4,8,16)")
+    add("--concurrency-modes", type=_choices(MODES), metavar="M,..",
+        help="security modes of the concurrency section (default tls+aesgcm)")  # fmt: skip
+    add("--concurrency-tokens", type=_positive, help="new tokens per client in the concurrency section (16)")
+    add("--concurrency-reps", type=_positive, help="repetitions of the concurrency section (default 2)")
+    add("--in-process", action="store_true", help="run the older single-process suite instead (KV cache "
+        "vs recompute, security machinery, modelled links, diffusion)")  # fmt: skip
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
 
 
-def run_bench(*, out: str | None, as_json: bool, quick: bool, model: str, progress: ProgressFn,
-              threads: int | None = None, plan: Plan | None = None) -> int:  # fmt: skip
-    """Run the benchmark; print JSON (``as_json``) or a markdown table on stdout; write ``out`` if given.
+def _split(text: str) -> str:
+    from lambda_split._parts import SplitSpec
 
+    try:  # the syntax and 1 <= A <= B; B against the real depth once the model is open
+        SplitSpec.parse(text, num_layers=2**31)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace(f" <= {2**31}", "")) from None
+    return text
+
+
+def _choices(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
+        bad = [item for item in items if item not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{','.join(bad) or 'nothing'} is not one of {','.join(allowed)}"
+            )
+        return items
+
+    return parse
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    values = tuple(sorted(set(map(_positive, filter(None, (x.strip() for x in text.split(",")))))))
+    if not values:
+        raise argparse.ArgumentTypeError("give client counts like 1,2,4,8,16")
+    if max(values) > 64:
+        raise argparse.ArgumentTypeError("at most 64 client processes")
+    return values
+
+
+_OPTION_FIELDS = {"split": "split", "threads": "threads", "modes": "modes", "transports": "transports",
+                  "wire": "wire", "wires": "wires", "tokens": "tokens", "reps": "reps", "clients": "clients",
+                  "concurrency_modes": "concurrency_modes", "concurrency_tokens": "concurrency_tokens",
+                  "concurrency_reps": "concurrency_reps"}  # fmt: skip
+
+
+def deploy_plan(model: str, *, quick: bool, options: dict[str, Any] | None = None) -> DeployPlan:
+    """The plan for ``model``: the full or ``--quick`` defaults, with the options given (not None) on top."""
+    base = DeployPlan(model=model)
+    if quick:
+        base = dataclasses.replace(base, modes=("plain", "tls+aesgcm"), tokens=16, reps=3, byte_tokens=4,
+                                   clients=(1, 2, 4, 8), concurrency_tokens=8, concurrency_reps=1)  # fmt: skip
+    given = {
+        _OPTION_FIELDS[k]: v for k, v in (options or {}).items() if k in _OPTION_FIELDS and v is not None
+    }
+    return dataclasses.replace(base, **given)
+
+
+def _argv_options() -> dict[str, Any]:
+    """The bench options of this command line, when the caller passed only the original six."""
+    argv = sys.argv[1:]
+    if "bench" not in argv:
+        return {}
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    known, _ = parser.parse_known_args(argv[argv.index("bench") + 1 :])
+    return vars(known)
+
+
+def run_bench(*, out: str | None, as_json: bool, quick: bool, model: str, progress: ProgressFn,
+              threads: int | None = None, plan: Plan | DeployPlan | None = None,
+              options: dict[str, Any] | None = None) -> int:  # fmt: skip
+    """Run the benchmark; print JSON (``as_json``) or markdown on stdout; write ``out`` if given.
+
+    ``options`` are the parsed command-line options (read from ``sys.argv`` when not given).
     Returns 0, or 1 if any section failed (its error is recorded in the results).
     """
     import torch
 
+    options = _argv_options() if options is None and plan is None else dict(options or {})
+    _stop_cleanly_on_sigterm()
     if threads is not None:
-        if threads < 1:
-            raise ValueError("--threads must be at least 1")
         torch.set_num_threads(threads)
-    plan = plan or (quick_plan(model) if quick else full_plan(model))
-    results = collect(plan, progress, quick=quick)
-    if out:
-        from lambda_split.cli.bench._report import write_outputs
+        options["threads"] = threads
+    if plan is None:
+        if options.get("in_process"):
+            plan = quick_plan(model) if quick else full_plan(model)
+        else:
+            plan = deploy_plan(model, quick=quick, options=options)
+    if isinstance(plan, Plan):
+        from lambda_split.cli.bench import _inprocess, _report
 
-        for path in write_outputs(results, out):
+        results = _inprocess.collect(plan, progress, quick=quick)
+        render, write = _report.markdown, _report.write_outputs
+    else:
+        from lambda_split.cli.bench import _deploy_report
+
+        results = collect(plan, progress, quick=quick)
+        render, write = _deploy_report.markdown, _deploy_report.write_outputs
+    if out:
+        for path in write(results, out):
             progress(f"wrote {path}")
     if as_json:
         print(json.dumps(results))
     else:
-        from lambda_split.cli.bench._report import markdown
-
-        print(markdown(results))
+        print(render(results))
     return 1 if results["failed_sections"] else 0
 
 
-def collect(plan: Plan, progress: ProgressFn, *, quick: bool = False) -> dict[str, Any]:
-    """Run every section of ``plan`` and return one JSON-ready dict."""
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the servers and client processes are stopped on the way out."""
+    import signal
+    import threading
+
+    def stop(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
+def collect(plan: DeployPlan, progress: ProgressFn, *, quick: bool = False) -> dict[str, Any]:
+    """Run the deployment benchmark and return one JSON-ready dict."""
+    import os
+
     import torch
     import transformers
 
-    from lambda_split.cli.bench import _compute, _diffusion, _load, _wire
-    from lambda_split.cli.bench._harness import Bench
+    from lambda_split.cli.bench import _deploy
+    from lambda_split.cli.bench._inprocess import machine
 
     transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     started = time.perf_counter()
-    results: dict[str, Any] = {"meta": machine(quick, plan), "failed_sections": []}
-
-    def section(name: str, work: Callable[[], dict[str, Any]]) -> None:
-        progress(f"--- {name} ---")
-        try:
-            results[name] = work()
-        except Exception as exc:  # recorded; the other sections still run
-            progress(f"{name} failed: {type(exc).__name__}: {exc}")
-            results[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                             "traceback": traceback.format_exc(limit=4)}  # fmt: skip
-            results["failed_sections"].append(name)
-
-    with Bench(plan.split, progress) as bench:
-        section("decode", lambda: _compute.decode_throughput(
-            bench, plan.decode_model, tokens=plan.decode_tokens, reps=plan.decode_reps,
-            hf_generate=plan.hf_generate, progress=progress))  # fmt: skip
-        section("time_to_first_token", lambda: _compute.time_to_first_token(
-            bench, plan.ttft_model, lengths=plan.ttft_lengths, reps=plan.ttft_reps, progress=progress))  # fmt: skip
-        section("kv_cache_vs_recompute", lambda: {"runs": [_compute.cache_vs_recompute(
-            bench, name, lengths=lengths, reps=plan.cache_reps, progress=progress)
-            for name, lengths in plan.cache_runs]})  # fmt: skip
-        section("wire", lambda: _wire.wire_costs(bench, plan.wire_model, tokens=plan.wire_tokens,
-                                                 progress=progress))  # fmt: skip
-        section("concurrency", lambda: _load.concurrency(
-            bench, plan.concurrency_model, clients=plan.concurrency_clients, tokens=plan.concurrency_tokens,
-            reps=plan.concurrency_reps, progress=progress))  # fmt: skip
-        section("security", lambda: _wire.security_costs(bench, plan.wire_model, reps=plan.security_reps,
-                                                         prefill_tokens=128, progress=progress))  # fmt: skip
-        if "wire" not in results["failed_sections"]:
-            results["security"]["wire_overhead_bytes"] = _wire.overhead_breakdown(results["wire"])
-        section("part_times", lambda: _compute.part_times(bench.env(plan.wire_model), plan.part_steps))
-        section("network_model", lambda: _network(bench, plan, results))
-        section("diffusion", lambda: _diffusion.diffusion(
-            bench, plan.diffusion_model, steps=plan.diffusion_steps, reps=plan.diffusion_reps, progress=progress)
-            if plan.diffusion_model else _diffusion.gap("skipped by the plan"))  # fmt: skip
-    results["meta"]["elapsed_s"] = round(time.perf_counter() - started, 1)
-    results["meta"]["torch_threads"] = torch.get_num_threads()
+    meta = machine(quick, plan)
+    meta["kind"] = "deployment"
+    results: dict[str, Any] = {"meta": meta, "failed_sections": []}
+    _deploy.collect(plan, progress, results)
+    meta["elapsed_s"] = round(time.perf_counter() - started, 1)
+    meta["load_average_end"] = list(os.getloadavg())
+    meta["torch_threads"] = torch.get_num_threads()
     return results
-
-
-def _network(bench: Any, plan: Plan, results: dict[str, Any]) -> dict[str, Any]:
-    from lambda_split.cli.bench._paper import Shape, network_model
-
-    for needed in ("wire", "security", "part_times"):
-        if needed in results["failed_sections"]:
-            raise RuntimeError(f"needs the {needed} section, which failed")
-    env = bench.env(plan.wire_model)
-    return network_model(shape=Shape.of(plan.wire_model, env.config), split=(env.spec.start, env.spec.stop),
-                         parts=results["part_times"], wire=results["wire"],
-                         aead=results["security"]["aead_us_per_frame"])  # fmt: skip
-
-
-def machine(quick: bool, plan: Plan) -> dict[str, Any]:
-    """Cores, RAM, CPU model, library versions and the command line."""
-    import os
-    import platform
-
-    import torch
-    import transformers
-
-    def first(path: str, key: str) -> str:
-        try:
-            with open(path) as handle:
-                return next(
-                    (line.split(":", 1)[1].strip() for line in handle if line.startswith(key)), "unknown"
-                )
-        except OSError:
-            return "unknown"
-
-    mem = first("/proc/meminfo", "MemTotal")
-    return {
-        "command": "lambda-split bench "
-        + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
-        "quick": quick,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "cpu_model": first("/proc/cpuinfo", "model name"),
-        "cores": os.cpu_count(),
-        "ram_gib": round(int(mem.split()[0]) / 1024**2, 1) if mem.split()[0].isdigit() else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "plan": dataclasses.asdict(plan),
-    }

@@ -14,7 +14,7 @@ def main() -> int:
     add_arguments(parser)
     args = parser.parse_args()
     return run_bench(out=args.out, as_json=args.json, quick=args.quick, model=args.model, progress=progress,
-                     threads=args.threads)  # fmt: skip
+                     threads=args.threads, options=vars(args))  # fmt: skip
 
 
 if __name__ == "__main__":

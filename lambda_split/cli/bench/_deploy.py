@@ -1,0 +1,379 @@
+"""The deployment benchmark: the trunk server in its own process, clients in their own processes.
+
+Per security mode, one ``lambda-split serve`` child. Sections:
+
+- ``decode``: this process is one device. Per repetition, in rotated order: transformers'
+  ``generate()`` of the whole model (the monolithic reference) and one split generation per
+  (mode, transport). Ratios pair the runs of one repetition; time to first token comes from the same runs.
+- ``wire``: socket bytes per decode step (both directions) per mode, transport and wire encoding,
+  from the transport's byte counters.
+- ``concurrency``: 1, 2, 4, ... client processes start one generation each at the same instant;
+  aggregate tokens/s, per-token latency, and every client's tokens against a solo run (greedy).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lambda_split.cli.bench._clients import (
+    ClientModel,
+    Connections,
+    Reference,
+    Target,
+    export_device_model,
+    summary,
+)
+from lambda_split.cli.bench._procs import ClientPool, ServerProcess
+from lambda_split.cli.bench._stats import quantile, ratios, rotated, summarize
+from secure_channel import generate_credentials
+
+ProgressFn = Callable[[str], None]
+GOAL_MODE = "tls+aesgcm"
+GOALS = {"decode_ratio": 0.95, "added_ms": 1.5, "scaling_at": 8, "scaling": 3.0, "int8_over_fp16": 0.55}
+
+
+@dataclass(frozen=True)
+class DeployPlan:
+    """What the deployment benchmark runs (``--modes``, ``--transports``, ``--clients``, ...)."""
+
+    model: str = "smollm2-135m"
+    split: str = "2:-2"
+    modes: tuple[str, ...] = ("plain", "tls", "aesgcm", "tls+aesgcm")
+    transports: tuple[str, ...] = ("stream", "http")
+    wire: str = "fp16"  # the wire of the decode and concurrency sections
+    wires: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")  # the wires whose bytes are counted
+    tokens: int = 48
+    reps: int = 6
+    byte_tokens: int = 4  # bytes per step are the same at every decode step; 3 of them give the median
+    clients: tuple[int, ...] = (1, 2, 4, 8, 16)
+    concurrency_modes: tuple[str, ...] = ("tls+aesgcm",)
+    concurrency_tokens: int = 16
+    concurrency_reps: int = 2
+    threads: int | None = None  # torch threads of every process (None: the environment's choice)
+
+
+def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> None:
+    """Run every section of ``plan`` into ``record`` (a section that fails is recorded, the rest run)."""
+    with tempfile.TemporaryDirectory(prefix="lambda-split-bench-") as workdir:
+        keys = f"{workdir}/keys"
+        generate_credentials(keys, days=1)
+        servers: dict[str, ServerProcess] = {}
+        try:
+            for mode in dict.fromkeys((*plan.modes, *plan.concurrency_modes)):
+                progress(
+                    f"starting lambda-split serve --model {plan.model} --split {plan.split} --security {mode}"
+                )
+                servers[mode] = ServerProcess(
+                    plan.model, plan.split, mode, keys, workdir=workdir, threads=plan.threads
+                )
+            progress(f"loading {plan.model} here (head and tail, and the whole model for generate()) while "
+                     "the servers load")  # fmt: skip
+            client = ClientModel(plan.model, plan.split)
+            for mode, server in servers.items():
+                progress(f"{mode} server (pid {server.pid}) listening on {server.ready()}")
+            targets = {m: Target(s.url, m, keys if m != "plain" else None) for m, s in servers.items()}
+            record["processes"] = {"bench_pid": _pid(), "servers": {m: s.pid for m, s in servers.items()}}
+            _section(record, "decode", progress, lambda: decode(plan, client, targets, progress))
+            _section(record, "wire", progress, lambda: wire_bytes(plan, client, targets, progress))
+            _section(record, "concurrency", progress,
+                     lambda: concurrency(plan, targets, progress, record, client, workdir))  # fmt: skip
+        finally:
+            codes = {mode: server.stop() for mode, server in servers.items()}
+            record.setdefault("processes", {})["server_exit_codes"] = codes
+    record["goals"] = goals(record)
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _section(record: dict[str, Any], name: str, progress: ProgressFn, work: Callable[[], Any]) -> None:
+    progress(f"--- {name} ---")
+    try:
+        record[name] = work()
+    except Exception as exc:  # recorded; the other sections still run
+        progress(f"{name} failed: {type(exc).__name__}: {exc}")
+        record[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        record["failed_sections"].append(name)
+
+
+def _variants(plan: DeployPlan) -> list[str]:
+    return [f"{mode}/{kind}" for mode in plan.modes for kind in plan.transports]
+
+
+def decode(
+    plan: DeployPlan, client: ClientModel, targets: dict[str, Target], progress: ProgressFn
+) -> dict[str, Any]:
+    """Paired, interleaved decode speed and time to first token: split per (mode, transport) vs generate()."""
+    reference = Reference(client)
+    conns = {mode: Connections(targets[mode]) for mode in plan.modes}
+    try:
+
+        def split_run(variant: str, tokens: int) -> dict[str, Any]:
+            mode, kind = variant.split("/")
+            transport, link = conns[mode].get(kind)  # type: ignore[arg-type]
+            return summary(client.run(link, transport, plan.wire, tokens))
+
+        variants = ["generate", *_variants(plan)]
+        progress(f"decode: warming up {len(variants)} variants (connections, streams, first calls)")
+        for variant in variants:
+            reference.run(4) if variant == "generate" else split_run(variant, 4)
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+        for rep in range(plan.reps):
+            for variant in rotated(variants, rep):
+                runs[variant].append(
+                    reference.run(plan.tokens) if variant == "generate" else split_run(variant, plan.tokens)
+                )
+            progress(f"decode: repetition {rep + 1}/{plan.reps}: " + ", ".join(
+                f"{v} {r[-1]['decode_tokens_per_s']:.1f}" for v, r in runs.items()) + " tokens/s")  # fmt: skip
+    finally:
+        for c in conns.values():
+            c.close()
+    speed = {v: [r["decode_tokens_per_s"] for r in rs] for v, rs in runs.items()}
+    gen = speed["generate"]
+    table: dict[str, Any] = {}
+    for variant in variants[1:]:
+        table[variant] = {
+            "decode_tokens_per_s": summarize(speed[variant], 3),
+            "ratio_vs_generate": summarize(ratios(speed[variant], gen), 4),
+            "added_ms_per_token": summarize([1000 / a - 1000 / b for a, b in zip(speed[variant], gen, strict=True)], 3),
+            "ttft_ms": summarize([1000 * r["ttft_s"] for r in runs[variant]], 2),
+            "tokens_equal_generate": sum(r["token_ids"] == runs["generate"][0]["token_ids"] for r in runs[variant]),
+            "samples_tokens_per_s": [round(v, 3) for v in speed[variant]],
+        }  # fmt: skip
+    return {
+        "model": plan.model,
+        "split": [client.spec.start, client.spec.stop],
+        "wire": plan.wire,
+        "prompt_tokens": int(reference.prompt[0].shape[1]),
+        "new_tokens": plan.tokens,
+        "reps": plan.reps,
+        "generate": {
+            "decode_tokens_per_s": summarize(gen, 3),
+            "ttft_ms": summarize([1000 * r["ttft_s"] for r in runs["generate"]], 2),
+            "samples_tokens_per_s": [round(v, 3) for v in gen],
+        },
+        "by_variant": table,
+        "notes": [
+            "variant = security mode / transport; every run is greedy with a forced number of new tokens",
+            "ratio_vs_generate pairs each split run with the generate() run of the same repetition; the order "
+            "of the variants rotates from one repetition to the next",
+            "added_ms_per_token = 1000/split tokens/s - 1000/generate() tokens/s, paired per repetition",
+            "tokens_equal_generate: runs (of reps) whose tokens equal generate()'s; the fp16 wire may flip a "
+            "close greedy choice",
+        ],
+    }
+
+
+def _median_int(values: list[int]) -> int:
+    return int(statistics.median(values)) if values else 0
+
+
+def wire_bytes(
+    plan: DeployPlan, client: ClientModel, targets: dict[str, Target], progress: ProgressFn
+) -> dict[str, Any]:
+    """Median socket bytes of one decode step, both directions, by mode, transport and wire."""
+    table: dict[str, Any] = {}
+    for mode in plan.modes:
+        conns = Connections(targets[mode])
+        try:
+            for kind in plan.transports:
+                entry: dict[str, Any] = {}
+                for wire in plan.wires:
+                    transport, link = conns.get(kind)  # type: ignore[arg-type]
+                    run = client.run(link, transport, wire, plan.byte_tokens)
+                    sent = _median_int([s for s, _ in run.step_bytes[1:]])
+                    received = _median_int([r for _, r in run.step_bytes[1:]])
+                    entry[wire] = {"sent": sent, "received": received, "total": sent + received,
+                                   "prefill": {"sent": run.step_bytes[0][0], "received": run.step_bytes[0][1]},
+                                   "session_per_token": round(sum(run.session_bytes) / run.result.new_tokens, 1)}  # fmt: skip
+                if "fp16" in entry and "int8" in entry:
+                    entry["int8_over_fp16"] = round(entry["int8"]["total"] / entry["fp16"]["total"], 4)
+                table[f"{mode}/{kind}"] = entry
+                progress(f"wire bytes per decode token, {mode}/{kind}: "
+                         + ", ".join(f"{w} {entry[w]['total']}" for w in plan.wires))  # fmt: skip
+        finally:
+            conns.close()
+    hidden = int(client.config.hidden_size)
+    return {
+        "model": plan.model,
+        "hidden_size": hidden,
+        "new_tokens": plan.byte_tokens,
+        "payload_bytes_per_direction": {w: _payload(hidden, w) for w in plan.wires},
+        "by_variant": table,
+        "notes": [
+            "sent/received/total: median socket bytes of one decode step (one token), from the transport's "
+            "counters: TLS records, HTTP or WebSocket framing and AES-GCM records included",
+            "session_per_token: the whole trunk session (open, prefill, decode, close) over the new tokens",
+        ],
+    }
+
+
+def _payload(hidden: int, wire: str) -> int:
+    import torch
+
+    from lambda_split._codec import Encoding, encode_tensor
+
+    return len(encode_tensor(torch.zeros(hidden), Encoding.parse(wire)))
+
+
+def concurrency(
+    plan: DeployPlan,
+    targets: dict[str, Target],
+    progress: ProgressFn,
+    record: dict[str, Any],
+    client: ClientModel,
+    workdir: str,
+) -> dict[str, Any]:
+    """Aggregate tokens/s and per-token latency of 1, 2, 4, ... concurrent client processes."""
+    from pathlib import Path
+
+    device = Path(workdir) / "device"
+    device.mkdir(exist_ok=True)
+    progress("concurrency: writing the head's and tail's weights for the client processes")
+    export_device_model(client, str(device))
+    out: dict[str, Any] = {"model": plan.model, "wire": plan.wire, "new_tokens_per_client": plan.concurrency_tokens,
+                           "reps": plan.concurrency_reps, "clients": list(plan.clients), "by_variant": {}}  # fmt: skip
+    for mode in plan.concurrency_modes:
+        progress(f"concurrency: starting {max(plan.clients)} client processes ({mode})")
+        pool = ClientPool(max(plan.clients), str(device), plan.split, targets[mode], threads=plan.threads)
+        record.setdefault("processes", {}).setdefault("clients", {})[mode] = pool.pids
+        try:
+            for kind in plan.transports:
+                solo = _solo_tokens(plan, client, targets[mode], kind)
+                before = scrape(targets[mode])
+                entry = _scaling(plan, pool, kind, f"{mode}/{kind}", solo, progress)
+                entry["server_batching"] = batching_delta(before, scrape(targets[mode]))
+                out["by_variant"][f"{mode}/{kind}"] = entry
+        finally:
+            pool.close()
+    out["notes"] = [
+        "each client is a process of its own (multiprocessing spawn) with its own connection and trunk "
+        "session; all start one generation at the same instant; server and clients share this machine's cores",
+        "aggregate tokens/s = all clients' new tokens / (last client's end - first client's start), prefills "
+        "included; aggregate decode tokens/s = the tokens after each client's first / (last end - first "
+        "decode step of any client), so the prefills of the others still fall inside it",
+        "tokens_unchanged: every client's greedy tokens equal those of a single client alone (a run of the "
+        "benchmark process on the same variant and wire)",
+    ]
+    return out
+
+
+_SCRAPED = ("lambda_split_batch_rows_bucket", "lambda_split_batch_rows_sum", "lambda_split_batch_rows_count",
+            "lambda_split_step_queue_wait_seconds_sum", "lambda_split_step_queue_wait_seconds_count",
+            "lambda_split_prefills_total")  # fmt: skip
+
+
+def scrape(target: Target) -> dict[str, float]:
+    """The server's batching counters from ``/metrics`` (over this mode's own authenticated channel)."""
+    from lambda_split.protocol import METRICS_PATH
+    from secure_channel import Request
+
+    conns = Connections(target)
+    try:
+        transport, _ = conns.get("http")
+        text = transport.exchange(Request("GET", METRICS_PATH)).content.decode()
+    finally:
+        conns.close()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(_SCRAPED):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def batching_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the server's scheduler did between two scrapes: decode batches by rows, queue waits."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    batches = delta.get("lambda_split_batch_rows_count", 0.0)
+    waits = delta.get("lambda_split_step_queue_wait_seconds_count", 0.0)
+    buckets = {k.split('le="')[1].rstrip('"}'): int(v) for k, v in delta.items() if "batch_rows_bucket" in k}
+    return {
+        "decode_batches": int(batches),
+        "mean_rows_per_decode_batch": round(delta.get("lambda_split_batch_rows_sum", 0.0) / batches, 2)
+        if batches else None,
+        "decode_batches_with_rows_at_most": buckets,
+        "prefills": int(delta.get("lambda_split_prefills_total", 0.0)),
+        "mean_queue_wait_ms": round(1000 * delta.get("lambda_split_step_queue_wait_seconds_sum", 0.0) / waits, 3)
+        if waits else None,
+    }  # fmt: skip
+
+
+def _solo_tokens(plan: DeployPlan, client: ClientModel, target: Target, kind: str) -> list[int]:
+    """The greedy tokens of one client alone (this process), which every concurrent client must match."""
+    conns = Connections(target)
+    try:
+        transport, link = conns.get(kind)  # type: ignore[arg-type]
+        return list(client.run(link, transport, plan.wire, plan.concurrency_tokens).result.token_ids[0])
+    finally:
+        conns.close()
+
+
+def _scaling(
+    plan: DeployPlan, pool: ClientPool, kind: str, variant: str, solo: list[int], progress: ProgressFn
+) -> dict[str, Any]:
+    pool.run(max(plan.clients), kind, plan.wire, 2)  # warm-up: every client connects and runs once
+    aggregate: dict[int, list[float]] = {n: [] for n in plan.clients}
+    latencies: dict[int, list[float]] = {n: [] for n in plan.clients}
+    decoding: dict[int, list[float]] = {n: [] for n in plan.clients}
+    unchanged: dict[int, bool] = dict.fromkeys(plan.clients, True)
+    for rep in range(plan.concurrency_reps):
+        for n in map(int, rotated([str(n) for n in plan.clients], rep)):
+            runs = pool.run(n, kind, plan.wire, plan.concurrency_tokens)
+            wall = max(r["ended"] for r in runs) - min(r["start"] for r in runs)
+            aggregate[n].append(sum(r["new_tokens"] for r in runs) / wall)
+            window = max(r["ended"] for r in runs) - min(r["first_decode"] for r in runs)
+            decoding[n].append(sum(r["new_tokens"] - 1 for r in runs) / max(window, 1e-9))
+            latencies[n].extend(lat for r in runs for lat in r["latencies_s"])
+            unchanged[n] = unchanged[n] and all(r["token_ids"] == solo for r in runs)
+            progress(f"concurrency {variant}: {n} client(s): {aggregate[n][-1]:.1f} tokens/s in aggregate")
+    base = aggregate[plan.clients[0]]
+    table: dict[str, Any] = {}
+    for n in plan.clients:
+        ms = [1000 * v for v in latencies[n]]
+        table[str(n)] = {
+            "aggregate_tokens_per_s": summarize(aggregate[n], 3),
+            "scaling_vs_first": summarize(ratios(aggregate[n], base), 3),
+            "aggregate_decode_tokens_per_s": summarize(decoding[n], 3),
+            "decode_scaling_vs_first": summarize(ratios(decoding[n], decoding[plan.clients[0]]), 3),
+            "token_latency_ms": {"p50": round(quantile(ms, 0.5), 2), "p99": round(quantile(ms, 0.99), 2), "n": len(ms)},
+            "tokens_unchanged": unchanged[n],
+        }  # fmt: skip
+    return {"by_clients": table}
+
+
+def goals(record: dict[str, Any]) -> dict[str, Any]:
+    """The issue's three goals, read off this run's figures (None where the run did not measure them)."""
+    out: dict[str, Any] = {}
+    decode_table = record.get("decode", {}).get("by_variant", {})
+    wire_table = record.get("wire", {}).get("by_variant", {})
+    conc = record.get("concurrency", {}).get("by_variant", {})
+    for kind in ("stream", "http"):
+        variant = f"{GOAL_MODE}/{kind}"
+        entry: dict[str, Any] = {}
+        if variant in decode_table:
+            ratio = decode_table[variant]["ratio_vs_generate"]["median"]
+            added = decode_table[variant]["added_ms_per_token"]["median"]
+            entry["decode"] = {"ratio": ratio, "added_ms": added, "target_ratio": GOALS["decode_ratio"],
+                               "target_added_ms": GOALS["added_ms"],
+                               "met": bool(ratio >= GOALS["decode_ratio"] and added <= GOALS["added_ms"])}  # fmt: skip
+        at = str(GOALS["scaling_at"])
+        if variant in conc and at in conc[variant]["by_clients"]:
+            scaling = conc[variant]["by_clients"][at]["scaling_vs_first"]["median"]
+            entry["scaling"] = {"clients": int(at), "x_one_client": scaling, "target": GOALS["scaling"],
+                                "tokens_unchanged": conc[variant]["by_clients"][at]["tokens_unchanged"],
+                                "met": bool(scaling >= GOALS["scaling"] and conc[variant]["by_clients"][at]["tokens_unchanged"])}  # fmt: skip
+        if variant in wire_table and "int8_over_fp16" in wire_table[variant]:
+            value = wire_table[variant]["int8_over_fp16"]
+            entry["int8_bytes"] = {"int8_over_fp16": value, "target": GOALS["int8_over_fp16"],
+                                   "met": bool(value <= GOALS["int8_over_fp16"])}  # fmt: skip
+        if entry:
+            out[variant] = entry
+    return out

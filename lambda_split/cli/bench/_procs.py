@@ -1,0 +1,182 @@
+"""Processes of the deployment benchmark: ``lambda-split serve`` as a child, and a pool of client workers."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from lambda_split.cli.bench._clients import Target, worker_main
+
+#: The benchmark measures compute and the wire, not throttling: request and handshake rates are lifted,
+#: and there is room for every client's session.
+SERVER_CONFIG = """\
+[limits]
+rate_limit_per_s = 1000000.0
+rate_limit_burst = 1000000
+handshake_rate_per_s = 1000000.0
+handshake_burst = 1000000
+max_sessions = 256
+max_sessions_per_identity = 256
+max_concurrency = 256
+"""
+
+
+class BenchError(RuntimeError):
+    """A process of the benchmark failed to start or to answer."""
+
+
+class ServerProcess:
+    """``lambda-split serve`` in a child process, started at once; :meth:`ready` waits for its
+    ``listening on URL`` line, so several servers load side by side."""
+
+    def __init__(self, model: str, split: str, mode: str, keys: str, *, workdir: str,
+                 threads: int | None, startup_s: float = 600.0) -> None:  # fmt: skip
+        config = Path(workdir) / "server.toml"
+        config.write_text(SERVER_CONFIG)
+        command = [sys.executable, "-m", "lambda_split", "serve", "--model", model, "--split", split,
+                   "--security", mode, "--port", "0", "--config", str(config)]  # fmt: skip
+        if mode != "plain":
+            command += ["--keys", keys]
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        self.mode = mode
+        self._log = open(Path(workdir) / f"server-{mode.replace('+', '-')}.log", "w")  # noqa: SIM115
+        # a session of its own: a Ctrl-C meant for the benchmark does not stop the server under it
+        self.child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
+                                      start_new_session=True)  # fmt: skip
+        self.pid = self.child.pid
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._startup_s = startup_s
+        self.url = ""
+        threading.Thread(target=self._pump, args=(self._lines,), daemon=True).start()
+
+    def ready(self) -> str:
+        """Wait for ``listening on URL`` and return the URL (the server keeps loading meanwhile)."""
+        if not self.url:
+            self.url = self._wait_ready(self._lines, self._startup_s)
+        return self.url
+
+    def _pump(self, lines: queue.Queue[str]) -> None:
+        assert self.child.stdout is not None
+        for line in self.child.stdout:
+            lines.put(line)
+        lines.put("")
+
+    def _wait_ready(self, lines: queue.Queue[str], startup_s: float) -> str:
+        deadline = time.monotonic() + startup_s
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise BenchError(
+                    f"the {self.mode} server did not report ready within {startup_s:g} s"
+                ) from None
+            if line.startswith("listening on "):
+                return line.split()[-1]
+            if line == "" or time.monotonic() > deadline:
+                code = self.child.poll()
+                raise BenchError(f"the {self.mode} server exited before it was ready (exit code {code}): "
+                                 f"{self._last_log_line()}")  # fmt: skip
+
+    def _last_log_line(self) -> str:
+        self._log.flush()
+        try:
+            lines = [line for line in Path(self._log.name).read_text().splitlines() if line.strip()]
+        except OSError:
+            return "no log"
+        return lines[-1] if lines else "no output"
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.child.poll()
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait, and kill if it does not exit; return its exit code."""
+        if self.child.poll() is None:
+            self.child.terminate()
+            try:
+                self.child.wait(30)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait(10)
+        self._log.close()
+        return self.child.returncode
+
+
+class ClientPool:
+    """``count`` client processes (spawned) with the head and tail loaded, each connected to ``target``."""
+
+    def __init__(self, count: int, model: str, split: str, target: Target, *, threads: int | None,
+                 startup_s: float = 900.0) -> None:  # fmt: skip
+        context = multiprocessing.get_context("spawn")
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        try:
+            for _ in range(count):
+                mine, theirs = context.Pipe()
+                proc = context.Process(target=worker_main, args=(model, split, target, threads, theirs),
+                                       daemon=True)  # fmt: skip
+                proc.start()
+                theirs.close()
+                self._conns.append(mine)
+                self._procs.append(proc)
+            self.pids = [int(self._receive(conn, startup_s)) for conn in self._conns]
+        except BaseException:
+            self.close()
+            raise
+
+    def _receive(self, conn: Connection, timeout_s: float) -> Any:
+        if not conn.poll(timeout_s):
+            raise BenchError(f"a client process did not answer within {timeout_s:g} s")
+        try:
+            status, value = conn.recv()
+        except EOFError:
+            raise BenchError("a client process exited unexpectedly") from None
+        if status == "error":
+            raise BenchError(f"a client process failed: {value}")
+        return value
+
+    def run(
+        self, n: int, kind: str, wire: str, tokens: int, *, timeout_s: float = 900.0
+    ) -> list[dict[str, Any]]:
+        """One generation on each of the first ``n`` clients, all starting at the same instant."""
+        go_at = time.perf_counter() + 0.05
+        for conn in self._conns[:n]:
+            conn.send(("run", kind, wire, tokens, go_at))
+        replies: list[Any] = []
+        for conn in self._conns[:n]:  # every reply is read, so that a failure leaves no stale one behind
+            try:
+                replies.append(self._receive(conn, timeout_s))
+            except BenchError as exc:
+                replies.append(exc)
+        for reply in replies:
+            if isinstance(reply, BenchError):
+                raise reply
+        return replies
+
+    def close(self) -> None:
+        """Ask every worker to stop, give them 20 s in all, then kill what is left."""
+        for conn in self._conns:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(("stop",))
+        deadline = time.monotonic() + 20
+        for proc in self._procs:
+            proc.join(max(0.1, deadline - time.monotonic()))
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
+        for conn in self._conns:
+            conn.close()
+        self._conns.clear()
+        self._procs.clear()
