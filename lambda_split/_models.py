@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from lambda_split._errors import ModelNotFoundError
-from lambda_split._names import BUILTIN_MODELS, SMOLLM2, TINY_LLAMA
+from lambda_split._names import BUILTIN_MODELS, SMOLLM2, TINY_FAMILY_MODELS, TINY_LLAMA
 
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -51,7 +51,24 @@ def meta_model(config: PretrainedConfig) -> torch.nn.Module:
 
 
 def resolve(model: str) -> Checkpoint:
-    """Open ``model``: a built-in name, a Hugging Face model directory, or a ``.gguf`` file."""
+    """Open ``model``: a built-in name, a Hugging Face model directory, or a ``.gguf`` file.
+
+    Raises :class:`~lambda_split._families.UnsupportedArchitecture` for an architecture the
+    split cannot run correctly, before any weight is read.
+    """
+    from lambda_split._families import family_of
+
+    checkpoint = _open(model)
+    family_of(checkpoint.config)
+    return checkpoint
+
+
+def _open(model: str) -> Checkpoint:
+    if model in TINY_FAMILY_MODELS:
+        from lambda_split._families_tiny import tiny_family_parts
+
+        config, read_tensors, raw_tensor_bytes = tiny_family_parts(model)
+        return Checkpoint(model, config, byte_tokenizer, read_tensors, raw_tensor_bytes)
     if model == SMOLLM2:
         return _gguf_checkpoint(_smollm2_path(), name=SMOLLM2)
     if model == TINY_LLAMA:
@@ -205,7 +222,24 @@ def config_fingerprint_json(config: PretrainedConfig) -> str:
         "mlp_bias",
     )
     data: dict[str, Any] = {key: getattr(config, key, None) for key in fields}
+    # Fields of other families, only when set, so that a Llama's fingerprint stays what it was.
+    for key in _FAMILY_FIELDS:
+        value = getattr(config, key, None)
+        if value is not None and not (key == "layer_types" and set(value) == {"full_attention"}):
+            data[key] = value
     return json.dumps(data, sort_keys=True, default=str)
+
+
+_FAMILY_FIELDS = (
+    "layer_types",
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
+    "query_pre_attn_scalar",
+    "hidden_activation",
+    "layer_norm_epsilon",
+    "activation_function",
+    "clip_qkv",
+)
 
 
 def fingerprint(checkpoint: Checkpoint, layer_range: tuple[int, int]) -> str:
@@ -215,23 +249,19 @@ def fingerprint(checkpoint: Checkpoint, layer_range: tuple[int, int]) -> str:
     digest.update(b"lambda-split fingerprint v1\0")
     digest.update(config_fingerprint_json(checkpoint.config).encode())
     digest.update(f"\0layers {start}:{stop}\0".encode())
+    from lambda_split._families import family_of
+
+    family = family_of(checkpoint.config)
     names = sorted(
         name
         for name in meta_model(checkpoint.config).state_dict()
-        if _layer_index(name) in range(start, stop)
+        if family.layer_index(name) in range(start, stop)
     )
     for name in names:
         raw = checkpoint.raw_tensor_bytes(name)
         digest.update(f"{name}\0{len(raw)}\0".encode())
         digest.update(raw)
     return "sha256:" + digest.hexdigest()
-
-
-def _layer_index(name: str) -> int | None:
-    parts = name.split(".")
-    if parts[:2] == ["model", "layers"] and parts[2].isdigit():
-        return int(parts[2])
-    return None
 
 
 # --- tiny-random-llama --------------------------------------------------------------------------
