@@ -26,6 +26,7 @@ from lambda_split._families import UnsupportedArchitecture, family_of
 from lambda_split._families_tiny import WINDOW
 from lambda_split._kvslots import PoolBatch, SlotPool, SlotState
 from lambda_split._names import BUILTIN_MODELS, TINY_FAMILY_MODELS
+from lambda_split._parts import positions_from_mask
 from tests.conftest import monolithic
 from tests.helpers import local_client, reference_tokens
 
@@ -57,6 +58,19 @@ def test_split_matches_generate_for_a_left_padded_batch(
     assert (mask == 0).any(), "the batch must be left-padded"
     got = client.generate_ids(ids, mask, GenerationConfig(max_new_tokens=NEW_TOKENS)).token_ids
     assert got == expected_tokens(checkpoint, model, PROMPTS)
+
+
+def test_split_logits_equal_the_models_logits(family_model: tuple[Checkpoint, torch.nn.Module]) -> None:
+    """Logits, not just their argmax: Gemma-2's soft-cap is monotonic, greedy tokens cannot see it."""
+    checkpoint, model = family_model
+    parts = load_parts(checkpoint, SplitSpec.parse("3:5", 8), ("head", "trunk", "tail"))
+    assert parts.head is not None and parts.trunk is not None and parts.tail is not None
+    ids, mask = encode_prompts(checkpoint.tokenizer, PROMPTS, chat=False)
+    with torch.inference_mode():
+        split_logits = parts.tail(parts.trunk(parts.head(ids, mask), mask), mask)  # (B, T, V)
+        whole = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    real = mask.bool()
+    torch.testing.assert_close(split_logits[real], whole[real], rtol=1e-4, atol=1e-4)
 
 
 def test_the_tiny_models_are_not_degenerate(family_model: tuple[Checkpoint, torch.nn.Module]) -> None:
