@@ -24,6 +24,7 @@ _EXPORTS = {
         "SplitError",
     ),
     "lambda_split._generate": ("GenerationConfig", "GenerationResult", "encode_prompts", "generate_tokens"),
+    "lambda_split._families": ("Family", "UnsupportedArchitecture", "family_of"),
     "lambda_split._local": ("LocalTransport",),
     "lambda_split._names": ("BUILTIN_MODELS",),
     "lambda_split._models": ("Checkpoint", "fingerprint", "preload", "resolve"),
@@ -106,6 +107,15 @@ if TYPE_CHECKING:
     )
     from lambda_split._errors import (
         SplitError as SplitError,
+    )
+    from lambda_split._families import (
+        Family as Family,
+    )
+    from lambda_split._families import (
+        UnsupportedArchitecture as UnsupportedArchitecture,
+    )
+    from lambda_split._families import (
+        family_of as family_of,
     )
     from lambda_split._generate import (
         GenerationConfig as GenerationConfig,

@@ -129,7 +129,7 @@ def family_of(config: PretrainedConfig) -> Family:
     return family
 
 
-def materialise_buffers(modules: Iterable[nn.Module], device: str | torch.device) -> None:
+def _materialise_buffers(modules: Iterable[nn.Module], device: str | torch.device) -> None:
     """Rebuild the non-persistent buffers a checkpoint does not store (Gemma's embedding scale).
 
     Modules are built on the meta device and their weights assigned from the checkpoint; a

@@ -74,11 +74,7 @@ LAYER_GAIN = 2.0
 SEEDS = {family: index + 1 for index, family in enumerate(_CONFIGS)}
 
 
-def tiny_family_name(family: str) -> str:
-    return f"tiny-random-{family}"
-
-
-def tiny_config(family: str) -> PretrainedConfig:
+def _tiny_config(family: str) -> PretrainedConfig:
     model_type, extra = _CONFIGS[family]
     base = {} if model_type == "gpt2" else _COMMON
     config = AutoConfig.for_model(model_type, **{**base, **extra})
@@ -90,7 +86,7 @@ def tiny_config(family: str) -> PretrainedConfig:
 def _tiny_state(family: str) -> dict[str, torch.Tensor]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEEDS[family])
-        model: Any = AutoModelForCausalLM.from_config(tiny_config(family))  # type: ignore[no-untyped-call]
+        model: Any = AutoModelForCausalLM.from_config(_tiny_config(family))  # type: ignore[no-untyped-call]
         # Random init gives near-uniform logits; wider embeddings and head make greedy decoding
         # decisive, so that split and monolithic agree on every argmax for a reason.
         embed, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -108,7 +104,7 @@ def _tiny_state(family: str) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
-def tiny_family_parts(
+def _tiny_family_parts(
     name: str,
 ) -> tuple[PretrainedConfig, Callable[[Iterable[str]], dict[str, torch.Tensor]], Callable[[str], bytes]]:
     """The config, tensor reader and raw-bytes reader of built-in model ``name``."""
@@ -121,4 +117,4 @@ def tiny_family_parts(
     def raw_tensor_bytes(key: str) -> bytes:
         return bytes(_tiny_state(family)[key].numpy().tobytes())
 
-    return tiny_config(family), read_tensors, raw_tensor_bytes
+    return _tiny_config(family), read_tensors, raw_tensor_bytes

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from lambda_split._families import SLIDING, Family, family_of, materialise_buffers
+from lambda_split._families import SLIDING, Family, _materialise_buffers, family_of
 from lambda_split._models import Checkpoint, meta_model
 
 PART_NAMES = ("head", "trunk", "tail")
@@ -321,7 +321,7 @@ def load_parts(
         }
         module.load_state_dict(local, strict=True, assign=True)
     del tensors
-    materialise_buffers(wanted.values(), device)
+    _materialise_buffers(wanted.values(), device)
     _return_freed_memory()
 
     rotary: nn.Module | None = None
