@@ -34,7 +34,10 @@ _COMMON: dict[str, Any] = dict(
 )
 
 _CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "qwen2": ("qwen2", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=3)),
+    "qwen2": (  # tied, as Qwen2.5's small models are
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=3, tie_word_embeddings=True),
+    ),
     "qwen3": (
         "qwen3",
         dict(head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=5),

@@ -34,7 +34,12 @@ FAMILY_MODELS = sorted(TINY_FAMILY_MODELS)
 PROMPTS = ["What is the capital of France?", "Hi", "Tell me a long story about a dragon and a brave knight."]
 NEW_TOKENS = 24
 # Two-way (the trunk runs to the end, or nothing) and three-way cuts, including a one-layer head.
-SPLITS = ["1:8", "4:4", "3:5", "2:-1"]
+SPLITS = [
+    "1:8",
+    "3:5",
+    pytest.param("4:4", marks=pytest.mark.heavy),
+    pytest.param("2:-1", marks=pytest.mark.heavy),
+]
 
 
 @pytest.fixture(scope="module", params=FAMILY_MODELS)
