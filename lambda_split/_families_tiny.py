@@ -70,11 +70,23 @@ _CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             tie_word_embeddings=True,
         ),
     ),
+    "olmo2": ("olmo2", dict(tie_word_embeddings=False)),
 }
 
 EMBED_STD = 0.3
 LAYER_GAIN = 2.0
-SEEDS = {family: index + 1 for index, family in enumerate(_CONFIGS)}
+# Fixed per family; a seed whose greedy output repeats one token (olmo2's 9) is skipped.
+SEEDS = {
+    "qwen2": 1,
+    "qwen3": 2,
+    "mistral": 3,
+    "phi3": 4,
+    "gemma": 5,
+    "gemma2": 6,
+    "olmo": 7,
+    "gpt2": 8,
+    "olmo2": 10,
+}
 
 
 def _tiny_config(family: str) -> PretrainedConfig:

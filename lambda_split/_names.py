@@ -7,7 +7,7 @@ TINY_LLAMA = "tiny-random-llama"
 #: tiny random checkpoints of the other supported families (lambda_split._families_tiny): name -> family
 TINY_FAMILY_MODELS = {
     f"tiny-random-{family}": family
-    for family in ("qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "olmo", "gpt2")
+    for family in ("qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "olmo", "olmo2", "gpt2")
 }
 BUILTIN_MODELS = (SMOLLM2, TINY_LLAMA, *TINY_FAMILY_MODELS)
 TINY_SD = "tiny-random-sd"

@@ -83,7 +83,7 @@ def test_the_tiny_models_are_not_degenerate(family_model: tuple[Checkpoint, torc
     checkpoint, model = family_model
     rows = expected_tokens(checkpoint, model, PROMPTS)
     assert len({tuple(row) for row in rows}) == len(rows)
-    assert all(len(set(row)) >= 4 for row in rows)
+    assert all(len(set(row)) >= 4 for row in rows), rows
     ids, _ = encode_prompts(checkpoint.tokenizer, PROMPTS, chat=False)
     assert ids.shape[1] > 3 * WINDOW  # every prompt of the batch runs past the sliding windows
 
