@@ -32,6 +32,7 @@ _EXPORTS = {
         "failover_worthy",
     ),
     "lambda_split._generate": ("GenerationConfig", "GenerationResult", "encode_prompts", "generate_tokens"),
+    "lambda_split._families": ("Family", "UnsupportedArchitecture", "family_of"),
     "lambda_split._local": ("LocalTransport",),
     "lambda_split._names": ("BUILTIN_MODELS",),
     "lambda_split._models": ("Checkpoint", "fingerprint", "preload", "resolve"),
@@ -132,6 +133,14 @@ if TYPE_CHECKING:
     )
     from lambda_split._failover import (
         failover_worthy as failover_worthy,
+    from lambda_split._families import (
+        Family as Family,
+    )
+    from lambda_split._families import (
+        UnsupportedArchitecture as UnsupportedArchitecture,
+    )
+    from lambda_split._families import (
+        family_of as family_of,
     )
     from lambda_split._generate import (
         GenerationConfig as GenerationConfig,

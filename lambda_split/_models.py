@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from lambda_split._errors import ModelNotFoundError
-from lambda_split._names import BUILTIN_MODELS, SMOLLM2, TINY_LLAMA
+from lambda_split._names import BUILTIN_MODELS, SMOLLM2, TINY_FAMILY_MODELS, TINY_LLAMA
 
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -51,7 +51,24 @@ def meta_model(config: PretrainedConfig) -> torch.nn.Module:
 
 
 def resolve(model: str) -> Checkpoint:
-    """Open ``model``: a built-in name, a Hugging Face model directory, or a ``.gguf`` file."""
+    """Open ``model``: a built-in name, a Hugging Face model directory, or a ``.gguf`` file.
+
+    Raises :class:`~lambda_split._families.UnsupportedArchitecture` for an architecture the
+    split cannot run correctly, before any weight is read.
+    """
+    from lambda_split._families import family_of
+
+    checkpoint = _open(model)
+    family_of(checkpoint.config)
+    return checkpoint
+
+
+def _open(model: str) -> Checkpoint:
+    if model in TINY_FAMILY_MODELS:
+        from lambda_split._families_tiny import _tiny_family_parts
+
+        config, read_tensors, raw_tensor_bytes = _tiny_family_parts(model)
+        return Checkpoint(model, config, byte_tokenizer, read_tensors, raw_tensor_bytes)
     if model == SMOLLM2:
         return _gguf_checkpoint(_smollm2_path(), name=SMOLLM2)
     if model == TINY_LLAMA:
@@ -82,60 +99,53 @@ def _smollm2_path() -> Path:
 
 
 def _gguf_checkpoint(path: Path, *, name: str) -> Checkpoint:
-    from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from lambda_split._gguf import _GGUFTensors
 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     config.dtype = torch.float32
-
-    def read_tensors(names: Iterable[str]) -> dict[str, torch.Tensor]:
-        wanted = set(names)
-        # GGUF tensors are quantised blocks; transformers dequantises the whole file at once.
-        # We keep only the part's tensors, so the rest is freed as soon as this returns.
-        parsed = load_gguf_checkpoint(  # type: ignore[no-untyped-call]
-            str(path), return_tensors=True, model_to_load=meta_model(config)
-        )
-        tensors: dict[str, torch.Tensor] = parsed["tensors"]
-        if "lm_head.weight" in wanted and "lm_head.weight" not in tensors:
-            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-        return {key: value.to(torch.float32) for key, value in tensors.items() if key in wanted}
-
-    @functools.cache
-    def stored() -> dict[str, Any]:
-        return {tensor.name: tensor for tensor in GGUFReader(str(path)).tensors}
-
-    def raw_tensor_bytes(hf_name: str) -> bytes:
-        return bytes(stored()[_gguf_name(hf_name)].data.tobytes())
+    stored = _GGUFTensors(path, config, meta_model(config).state_dict())
 
     def load_tokenizer() -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
-    return Checkpoint(name, config, load_tokenizer, read_tensors, raw_tensor_bytes)
+    checkpoint = Checkpoint(name, config, load_tokenizer, stored.read, stored.raw_bytes)
+    # A part dequantises only its own tensors; other architectures' tensors are rewritten by
+    # transformers in ways _gguf does not reproduce, so they take its whole-file path.
+    return checkpoint if stored.supports() else _whole_file_gguf(checkpoint, path)
 
 
-_GGUF_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
+def _whole_file_gguf(checkpoint: Checkpoint, path: Path | None = None) -> Checkpoint:
+    """``checkpoint`` (a GGUF file) read by transformers, which dequantises the whole file per read.
+
+    The fallback for architectures :mod:`lambda_split._gguf` does not map, and the reference
+    that per-part loading is tested and measured against.
+    """
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    source = path if path is not None else _gguf_path_of(checkpoint)
+    config = checkpoint.config
+
+    def read_tensors(names: Iterable[str]) -> dict[str, torch.Tensor]:
+        wanted = set(names)
+        parsed = load_gguf_checkpoint(  # type: ignore[no-untyped-call]
+            str(source), return_tensors=True, model_to_load=meta_model(config)
+        )
+        tensors: dict[str, torch.Tensor] = parsed["tensors"]
+        if "lm_head.weight" in wanted and "lm_head.weight" not in tensors:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        return {key: value.to(torch.float32) for key, value in tensors.items() if key in wanted}
+
+    return dataclasses.replace(checkpoint, read_tensors=read_tensors)
 
 
-def _gguf_name(hf_name: str) -> str:
-    """Map a Llama-family parameter name to its standard GGUF tensor name (fingerprints only)."""
-    parts = hf_name.split(".")
-    if parts[:2] == ["model", "layers"]:
-        module = ".".join(parts[3:-1])
-        if module in _GGUF_LAYER_NAMES:
-            return f"blk.{parts[2]}.{_GGUF_LAYER_NAMES[module]}.{parts[-1]}"
-    raise KeyError(hf_name)
+def _gguf_path_of(checkpoint: Checkpoint) -> Path:
+    stored = getattr(checkpoint.raw_tensor_bytes, "__self__", None)
+    path = getattr(stored, "path", None)
+    if not isinstance(path, Path):
+        raise ValueError(f"{checkpoint.name} is not a GGUF checkpoint")
+    return path
 
 
 def _directory_checkpoint(path: Path) -> Checkpoint:
@@ -205,7 +215,24 @@ def config_fingerprint_json(config: PretrainedConfig) -> str:
         "mlp_bias",
     )
     data: dict[str, Any] = {key: getattr(config, key, None) for key in fields}
+    # Fields of other families, only when set, so that a Llama's fingerprint stays what it was.
+    for key in _FAMILY_FIELDS:
+        value = getattr(config, key, None)
+        if value is not None and not (key == "layer_types" and set(value) == {"full_attention"}):
+            data[key] = value
     return json.dumps(data, sort_keys=True, default=str)
+
+
+_FAMILY_FIELDS = (
+    "layer_types",
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
+    "query_pre_attn_scalar",
+    "hidden_activation",
+    "layer_norm_epsilon",
+    "activation_function",
+    "clip_qkv",
+)
 
 
 def fingerprint(checkpoint: Checkpoint, layer_range: tuple[int, int]) -> str:
@@ -215,23 +242,19 @@ def fingerprint(checkpoint: Checkpoint, layer_range: tuple[int, int]) -> str:
     digest.update(b"lambda-split fingerprint v1\0")
     digest.update(config_fingerprint_json(checkpoint.config).encode())
     digest.update(f"\0layers {start}:{stop}\0".encode())
+    from lambda_split._families import family_of
+
+    family = family_of(checkpoint.config)
     names = sorted(
         name
         for name in meta_model(checkpoint.config).state_dict()
-        if _layer_index(name) in range(start, stop)
+        if family.layer_index(name) in range(start, stop)
     )
     for name in names:
         raw = checkpoint.raw_tensor_bytes(name)
         digest.update(f"{name}\0{len(raw)}\0".encode())
         digest.update(raw)
     return "sha256:" + digest.hexdigest()
-
-
-def _layer_index(name: str) -> int | None:
-    parts = name.split(".")
-    if parts[:2] == ["model", "layers"] and parts[2].isdigit():
-        return int(parts[2])
-    return None
 
 
 # --- tiny-random-llama --------------------------------------------------------------------------

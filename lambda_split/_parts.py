@@ -21,6 +21,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from lambda_split._families import SLIDING, Family, _materialise_buffers, family_of
 from lambda_split._models import Checkpoint, meta_model
 
 PART_NAMES = ("head", "trunk", "tail")
@@ -88,16 +89,23 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 class _LayerStack(nn.Module):
-    """A contiguous run of decoder layers with the model's rotary embedding."""
+    """A contiguous run of decoder layers with the model's rotary embedding (if it has one)."""
 
     def __init__(
-        self, config: PretrainedConfig, layers: list[nn.Module], first: int, rotary: nn.Module
+        self,
+        config: PretrainedConfig,
+        family: Family,
+        layers: list[nn.Module],
+        first: int,
+        rotary: nn.Module | None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.family = family
         self.layers = nn.ModuleList(layers)
         self.first = first
         self.rotary_emb = rotary
+        self.kinds = family.layer_kinds(config)[first : first + len(layers)]
 
     def new_state(self) -> PartState:
         return PartState(cache=DynamicCache(config=self.config))
@@ -114,25 +122,30 @@ class _LayerStack(nn.Module):
         self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: Any
     ) -> torch.Tensor:
         """The layers on ``hidden`` (B, T, C); ``mask`` (B, S) covers the cache's keys, ``position_ids`` is (B, T)."""
-        mask_args: dict[str, Any] = dict(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=mask,
-            position_ids=position_ids,
-            layer_idx=self.first,
-        )
-        mask_args[_MASK_CACHE_KWARG] = cache
-        masks = {"full_attention": create_causal_mask(**mask_args)}
-        if any(getattr(layer, "attention_type", "") == "sliding_attention" for layer in self.layers):
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
-        rotary = self.rotary_emb(hidden, position_ids=position_ids)
-        for layer in self.layers:
+        masks: dict[str, Any] = {}
+        for kind in dict.fromkeys(self.kinds):
+            # Sized against this part's first layer of that kind: a sliding layer's cache keeps
+            # only the window, a full layer's keeps everything.
+            mask_args: dict[str, Any] = dict(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                layer_idx=self.first + self.kinds.index(kind),
+            )
+            mask_args[_MASK_CACHE_KWARG] = cache
+            build = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
+            masks[kind] = build(**mask_args)
+        extra: dict[str, Any] = {}
+        if self.rotary_emb is not None:
+            extra["position_embeddings"] = self.rotary_emb(hidden, position_ids=position_ids)
+        for layer, kind in zip(self.layers, self.kinds, strict=True):
             hidden = layer(
                 hidden,
-                attention_mask=masks[getattr(layer, "attention_type", "full_attention")],
-                position_embeddings=rotary,
+                attention_mask=masks[kind],
                 position_ids=position_ids,
                 use_cache=True,
+                **extra,
                 **{_cache_kwarg(type(layer)): cache},  # type: ignore[arg-type]
             )
         return hidden
@@ -161,10 +174,17 @@ class Head(_LayerStack):
     """Embeddings and layers ``[0, A)``: token ids in, hidden states out. Runs on the device."""
 
     def __init__(
-        self, config: PretrainedConfig, embed: nn.Module, layers: list[nn.Module], rotary: nn.Module
+        self,
+        config: PretrainedConfig,
+        family: Family,
+        embed: nn.Module,
+        layers: list[nn.Module],
+        rotary: nn.Module | None,
+        positions: nn.Module | None = None,
     ):
-        super().__init__(config, layers, 0, rotary)
+        super().__init__(config, family, layers, 0, rotary)
         self.embed_tokens = embed
+        self.embed_positions = positions
 
     def forward(
         self,
@@ -174,8 +194,11 @@ class Head(_LayerStack):
     ) -> torch.Tensor:
         state = state if state is not None else self.new_state()
         new_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        mask = _advance(state, new_mask)  # (B, S)
         hidden = self.embed_tokens(input_ids)  # (B, T, C)
-        return self.run(hidden, _advance(state, new_mask), state)
+        if self.embed_positions is not None:  # learned absolute positions (GPT-2)
+            hidden = hidden + self.embed_positions(positions_from_mask(mask)[:, -input_ids.shape[1] :])
+        return self.run(hidden, mask, state)
 
 
 class Trunk(_LayerStack):
@@ -202,13 +225,14 @@ class Tail(_LayerStack):
     def __init__(
         self,
         config: PretrainedConfig,
+        family: Family,
         layers: list[nn.Module],
         first: int,
-        rotary: nn.Module,
+        rotary: nn.Module | None,
         norm: nn.Module,
         lm_head: nn.Module,
     ):
-        super().__init__(config, layers, first, rotary)
+        super().__init__(config, family, layers, first, rotary)
         self.norm = norm
         self.lm_head = lm_head
 
@@ -219,7 +243,7 @@ class Tail(_LayerStack):
         new_mask = attention_mask if attention_mask is not None else _ones(hidden)
         hidden = self.run(hidden, _advance(state, new_mask), state)
         logits: torch.Tensor = self.lm_head(self.norm(hidden))  # (B, T, V)
-        return logits
+        return self.family.softcap(self.config, logits)
 
 
 def _return_freed_memory() -> None:
@@ -270,20 +294,23 @@ def load_parts(
         raise ValueError(
             f"split is for {spec.num_layers} layers but the model has {config.num_hidden_layers}"
         )
+    family = family_of(config)
     skeleton: Any = meta_model(config)
-    inner: Any = skeleton.model
-    if not isinstance(getattr(inner, "layers", None), nn.ModuleList):
-        raise ValueError(f"{type(skeleton).__name__} has no model.layers; only decoder-only LMs can be split")
+    stack = skeleton.get_submodule(family.layers)
+    if not isinstance(stack, nn.ModuleList):  # pragma: no cover - the family table says where
+        raise ValueError(f"{type(skeleton).__name__} has no {family.layers}; it cannot be split")
 
     wanted: dict[str, nn.Module] = {}
     for part in parts:
         for index in spec.layers(part):
-            wanted[f"model.layers.{index}"] = inner.layers[index]
+            wanted[f"{family.layers}.{index}"] = stack[index]
     if "head" in parts:
-        wanted["model.embed_tokens"] = inner.embed_tokens
+        wanted[family.embed] = skeleton.get_submodule(family.embed)
+        if family.positions is not None:
+            wanted[family.positions] = skeleton.get_submodule(family.positions)
     if "tail" in parts:
-        wanted["model.norm"] = inner.norm
-        wanted["lm_head"] = skeleton.lm_head
+        wanted[family.norm] = skeleton.get_submodule(family.norm)
+        wanted[family.lm_head] = skeleton.get_submodule(family.lm_head)
     names = [f"{prefix}.{name}" for prefix, module in wanted.items() for name in module.state_dict()]
     tensors = checkpoint.read_tensors(names)
     for prefix, module in wanted.items():
@@ -294,16 +321,22 @@ def load_parts(
         }
         module.load_state_dict(local, strict=True, assign=True)
     del tensors
+    _materialise_buffers(wanted.values(), device)
     _return_freed_memory()
 
-    with torch.device(device):
-        rotary = type(inner.rotary_emb)(config=config)
+    rotary: nn.Module | None = None
+    if family.rotary is not None:
+        with torch.device(device):
+            rotary = type(skeleton.get_submodule(family.rotary))(config=config)
     model = SplitModel(checkpoint, spec)
-    layers = [inner.layers[i] for i in range(spec.num_layers)]
+    layers = [stack[i] for i in range(spec.num_layers)]
     if "head" in parts:
-        model.head = Head(config, inner.embed_tokens, layers[: spec.start], rotary).eval()
+        positions = skeleton.get_submodule(family.positions) if family.positions else None
+        embed = skeleton.get_submodule(family.embed)
+        model.head = Head(config, family, embed, layers[: spec.start], rotary, positions).eval()
     if "trunk" in parts:
-        model.trunk = Trunk(config, layers[spec.start : spec.stop], spec.start, rotary).eval()
+        model.trunk = Trunk(config, family, layers[spec.start : spec.stop], spec.start, rotary).eval()
     if "tail" in parts:
-        model.tail = Tail(config, layers[spec.stop :], spec.stop, rotary, inner.norm, skeleton.lm_head).eval()
+        norm, lm_head = skeleton.get_submodule(family.norm), skeleton.get_submodule(family.lm_head)
+        model.tail = Tail(config, family, layers[spec.stop :], spec.stop, rotary, norm, lm_head).eval()
     return model
