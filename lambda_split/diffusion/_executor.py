@@ -198,6 +198,7 @@ class DiffusionExecutor:
         self._context(state, frame, limits)
         noise = frame.tensor("noise", rank=4)
         self._check_latent_size(noise.shape[2], noise.shape[3])
+        self._check_step_budget(state, int(min(float(frame.tensor("params", rank=1)[0]), 2**31)))
         loop = start_loop(
             frame,
             sdxl=self.text_time,
