@@ -22,7 +22,7 @@ from lambda_split._codec import Encoding, FrameKind
 from lambda_split._errors import ProtocolMismatch
 from lambda_split._session import RemoteSession
 from lambda_split._stream import Link
-from lambda_split.diffusion._loop import SCHEDULERS, input_digest, step_accepts
+from lambda_split.diffusion._loop import SCHEDULERS, bytes_tensor, input_digest, step_accepts
 from lambda_split.diffusion._trunk import EXACT_NAMES, Context
 from secure_channel import Transport
 
@@ -85,7 +85,7 @@ class ServerLatentsTrunk(RemoteSession):
         self._begin = {
             "noise": (noise.float(), Encoding.FP32),
             "params": (torch.tensor([float(steps), float(guidance), float(eta)]), Encoding.FP32),
-            "scheduler": (_as_bytes(scheduler.to_json_string().encode()), Encoding.U8),
+            "scheduler": (bytes_tensor(scheduler.to_json_string().encode()), Encoding.FP32),
         }
         self._generator = generator if step_accepts(scheduler, "generator") else None
         self._sent: dict[str, torch.Tensor] | None = None
@@ -100,7 +100,8 @@ class ServerLatentsTrunk(RemoteSession):
                 for name, value in context.items()
             }
             if self._generator is not None:  # its state now, after the pipeline drew the initial noise
-                tensors["generator"] = (self._generator.get_state(), Encoding.U8)
+                state = bytes(self._generator.get_state().numpy().tobytes())
+                tensors["generator"] = (bytes_tensor(state), Encoding.FP32)
             reply = self.exchange(FrameKind.DIFFUSION_BEGIN, tensors, FrameKind.DIFFUSION_RESULT)
             self._sent = dict(context)
         else:
@@ -122,10 +123,6 @@ class ServerLatentsTrunk(RemoteSession):
         self.calls += 1
         both = torch.cat([noise_pred] * 2) if sample.shape[0] == 2 * rows else noise_pred
         return both.to(sample.dtype)
-
-
-def _as_bytes(raw: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
 def _same(sent: Mapping[str, torch.Tensor], context: Context) -> bool:
