@@ -47,6 +47,8 @@ class DiffusionServerInfo:
     max_steps: int | None = None
     #: The server can hold the latents and scheduler for a session (DIFFUSION_BEGIN/ADVANCE frames).
     latents_on_server: bool = False
+    #: U-Net calls one such frame may ask for.
+    max_calls_per_frame: int = 1
 
     @classmethod
     def parse(cls, data: Any) -> DiffusionServerInfo:
@@ -68,6 +70,7 @@ class DiffusionServerInfo:
                 int(data["protocol_version"]),
                 _positive(data.get("limits"), "max_steps_per_session"),
                 data.get("latents_on_server") is True,
+                _positive(data.get("limits"), "max_calls_per_frame") or 1,
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ProtocolMismatch(f"malformed /v1/info reply: {exc}") from None
@@ -245,6 +248,7 @@ class DiffusionClient:
                     guidance=guidance_scale,
                     eta=float(pipeline_kwargs.get("eta", 0.0)),
                     generator=generator,
+                    calls_per_frame=self.info.max_calls_per_frame,
                 )
                 pipeline_kwargs = pipeline_kwargs | {"latents": noise}
             else:

@@ -94,13 +94,16 @@ def captured_frame_steps(pairs: Iterable[tuple[Frame, Frame]]) -> list[CapturedS
                 loop.advance()
             else:
                 continue
-            sample, t = loop.model_input()
+            rows = loop.latents.shape[0]
+            for call, guided in enumerate(torch.split(noise, rows)):
+                if call:
+                    loop.advance()
+                sample, t = loop.model_input()
+                loop.received = guided  # what the device stepped with, as the server keeps it
+                steps.append(CapturedStep(sample[:rows], float(t), guided))
         except (FrameError, KeyError, IndexError):
             loop = None
             continue
-        loop.received = noise  # what the device stepped with, as the server keeps it
-        rows = noise.shape[0]
-        steps.append(CapturedStep(sample[:rows], float(t), noise))
     return steps
 
 

@@ -34,10 +34,14 @@ class DiffusionLimits:
 
     max_steps_per_session: int = 256
     max_side_factor: float = 2.0
+    #: U-Net calls one latents-on-server frame may ask for (each holds the compute lock in turn)
+    max_calls_per_frame: int = 8
 
     def __post_init__(self) -> None:
         if self.max_steps_per_session < 1:
             raise ValueError("max_steps_per_session must be at least 1")
+        if self.max_calls_per_frame < 1:
+            raise ValueError("max_calls_per_frame must be at least 1")
         if self.max_side_factor <= 0:
             raise ValueError("max_side_factor must be positive")
 
@@ -106,7 +110,7 @@ class DiffusionExecutor:
         if frame.kind is FrameKind.DIFFUSION_BEGIN:
             return self._begin(state, frame, limits)
         if frame.kind is FrameKind.DIFFUSION_ADVANCE:
-            return self._advance(state, frame)
+            return self._advance(state, frame, limits)
         return self._step(state, frame, limits)
 
     @property
@@ -204,15 +208,16 @@ class DiffusionExecutor:
             max_steps=self.limits.max_steps_per_session,
         )
         self._check_step_budget(state, loop.calls)
+        calls = self._calls_asked(frame.tensors["params"][3:], loop, limits)
         state.loop = loop
-        return self._loop_call(state, loop)
+        return self._loop_calls(state, loop, calls)
 
-    def _advance(self, state: DiffusionState, frame: Frame) -> dict[str, torch.Tensor]:
+    def _advance(self, state: DiffusionState, frame: Frame, limits: ServiceLimits) -> dict[str, torch.Tensor]:
         loop = state.loop
         if loop is None:
             raise ServiceError(409, "missing_begin", "send a begin frame before advancing")
-        if set(frame.tensors) != {"step"} or frame.tensor("step", rank=1).shape[0] != 1:
-            raise FrameError("an advance frame carries exactly step (1,)")
+        if set(frame.tensors) != {"step"} or frame.tensor("step", rank=1).shape[0] not in (1, 2):
+            raise FrameError("an advance frame carries exactly step: (index,) or (index, calls)")
         index = float(frame.tensors["step"][0])
         if index != loop.index + 1:
             raise ServiceError(
@@ -220,15 +225,42 @@ class DiffusionExecutor:
             )
         if index >= loop.calls:
             raise ServiceError(422, "denoising_finished", f"this image took all its {loop.calls} U-Net calls")
-        self._check_step_budget(state, 1)
+        calls = self._calls_asked(frame.tensors["step"][1:], loop, limits, start=int(index))
+        self._check_step_budget(state, calls)
         loop.advance()
-        return self._loop_call(state, loop)
+        return self._loop_calls(state, loop, calls)
 
-    def _loop_call(self, state: DiffusionState, loop: ServerLoop) -> dict[str, torch.Tensor]:
-        sample, t = loop.model_input()
-        guided = loop.guide(self._unet(state, sample, t))
-        loop.record(guided)
-        return {"noise_pred": guided, "input_digest": input_digest(sample, t)}
+    def _calls_asked(
+        self, asked: torch.Tensor, loop: ServerLoop, limits: ServiceLimits, start: int = 0
+    ) -> int:
+        """How many U-Net calls a frame asks for (one if it does not say), within the limits."""
+        calls = float(asked[0]) if asked.numel() else 1.0
+        most = self.limits.max_calls_per_frame
+        if calls != int(calls) or not 1 <= calls <= most:
+            raise ServiceError(
+                413, "step_too_large", f"a frame asks for 1..{most} U-Net calls (limits.max_calls_per_frame)"
+            )
+        if start + calls > loop.calls:
+            raise ServiceError(
+                422,
+                "denoising_finished",
+                f"this image has {loop.calls - start} U-Net calls left, not {calls:g}",
+            )
+        if calls * loop.latents.numel() > limits.frame.max_elements // 2:
+            raise ServiceError(413, "step_too_large", "the noise of that many calls exceeds the frame limits")
+        return int(calls)
+
+    def _loop_calls(self, state: DiffusionState, loop: ServerLoop, calls: int) -> dict[str, torch.Tensor]:
+        noise, digests = [], []
+        for call in range(calls):
+            if call:
+                loop.advance()
+            sample, t = loop.model_input()
+            guided = loop.guide(self._unet(state, sample, t))
+            loop.record(guided)
+            noise.append(guided)
+            digests.append(input_digest(sample, t))
+        return {"noise_pred": torch.cat(noise), "input_digest": torch.stack(digests)}
 
     def _check_latent_size(self, height: int, width: int) -> None:
         max_h, max_w = (int(side * self.limits.max_side_factor) for side in self.sample_size)
@@ -296,6 +328,7 @@ def load_diffusion_service(
         "limits": {
             "max_batch": service.limits.max_batch,
             "max_steps_per_session": executor.limits.max_steps_per_session,
+            "max_calls_per_frame": executor.limits.max_calls_per_frame,
             "max_latent_size": [int(side * executor.limits.max_side_factor) for side in executor.sample_size],
             "max_frame_bytes": service.limits.frame.max_bytes,
         },

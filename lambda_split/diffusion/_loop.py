@@ -3,25 +3,28 @@
 The device still runs the unmodified diffusers pipeline, scheduler included; the server
 runs the same scheduler over the same numbers, so the device never uploads latents::
 
-    up                                                  down (DIFFUSION_RESULT)
-    DIFFUSION_BEGIN    encoder_hidden_states (R, L, D)   noise_pred   (B, C, H, W), wire encoding
-                       [text_embeds (R, P), time_ids      input_digest (33,)
+    up                                                  down (DIFFUSION_RESULT), n calls
+    DIFFUSION_BEGIN    encoder_hidden_states (R, L, D)   noise_pred   (n*B, C, H, W), wire encoding
+                       [text_embeds (R, P), time_ids      input_digest (n, 64)
                         (R, K) FP32: SDXL]
                        noise     (B, C, H, W) FP32: the pipeline's initial draw, before init_noise_sigma
-                       params    (3,) FP32: num_inference_steps, guidance_scale, eta
+                       params    (3,) or (4,) FP32: num_inference_steps, guidance_scale, eta[, n]
                        scheduler (n,) FP32 bytes: the scheduler's diffusers JSON (``to_json_string``)
                        [generator (m,) FP32 bytes: torch CPU generator state, if the scheduler's
                         step draws noise]
-    DIFFUSION_ADVANCE  step (1,) FP32: the index of the U-Net call asked for, 1, 2, ...
+    DIFFUSION_ADVANCE  step (1,) or (2,) FP32: the index of the next U-Net call (1, 2, ...)[, n]
 
 ``R`` is ``2B`` with classifier-free guidance (the unconditional rows first), else ``B``.
+``n`` (default 1, at most ``limits.max_calls_per_frame`` in /v1/info) is how many U-Net
+calls the frame asks for; their noise comes back in call order.
 The server sets the timesteps, scales the noise, and for each U-Net call builds the model
 input exactly as the pipeline does, applies the guidance, and returns the guided noise
 (half the rows). Before the next call it steps its scheduler with that noise *as the
 device decoded it* (after the wire encoding), so both sides stay in lock-step even on a
-quantised wire. ``input_digest`` is the first 16 bytes of SHA-256 over the model input
-and timestep (fp32, little-endian), as nibbles after a marker of 127, which every wire
-encoding carries exactly; the device checks it against its own U-Net input at every call.
+quantised wire. ``input_digest`` holds, per call, the first 31 bytes of SHA-256 over the
+model input and timestep (fp32, little-endian) as 62 nibbles between two markers of 127:
+64 small integers, one int8 block, which every wire encoding carries exactly. The device
+checks it against its own U-Net input at every call.
 The wire encoding of the loop is that of ``encoder_hidden_states`` in the begin frame.
 Byte strings cross as FP32 values 0..255, one per byte (U8 is the codec's mask encoding,
 which no wire-level tool expects in a diffusion frame); they are a few kilobytes, once.
@@ -38,7 +41,7 @@ from typing import Any
 import diffusers
 import torch
 
-from lambda_split._codec import Encoding, Frame, FrameError, wire_roundtrip
+from lambda_split._codec import INT8_BLOCK, Encoding, Frame, FrameError, wire_roundtrip
 
 #: Scheduler classes the server builds: diffusers' own list of schedulers for these U-Nets.
 SCHEDULERS = frozenset(
@@ -62,7 +65,9 @@ MAX_SCHEDULER_BYTES = 64 * 1024
 MAX_GENERATOR_BYTES = 16 * 1024
 MAX_TRAIN_TIMESTEPS = 10_000
 MAX_GUIDANCE = 1e3
+#: Each digest row is one int8 block (64 values) that holds 127, so its scale is exactly 1.
 DIGEST_MARK = 127.0
+DIGEST_WIDTH = INT8_BLOCK
 BEGIN_NAMES = frozenset({"noise", "params", "scheduler", "generator"})
 
 
@@ -72,12 +77,12 @@ def bytes_tensor(raw: bytes) -> torch.Tensor:
 
 
 def input_digest(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """A (33,) tensor naming a U-Net input and timestep, exact in every wire encoding."""
+    """A (64,) tensor naming a U-Net input and timestep, exact in every wire encoding."""
     digest = hashlib.sha256()
     digest.update(sample.detach().float().contiguous().numpy().astype("<f4").tobytes())
     digest.update(torch.as_tensor(timestep).detach().float().reshape(-1).numpy().astype("<f4").tobytes())
-    nibbles = [value for byte in digest.digest()[:16] for value in (byte >> 4, byte & 15)]
-    return torch.tensor([DIGEST_MARK, *nibbles], dtype=torch.float32)
+    nibbles = [value for byte in digest.digest()[:31] for value in (byte >> 4, byte & 15)]
+    return torch.tensor([DIGEST_MARK, *nibbles, DIGEST_MARK], dtype=torch.float32)
 
 
 def step_accepts(scheduler: Any, name: str) -> bool:
@@ -166,9 +171,9 @@ def start_loop(frame: Frame, *, sdxl: bool, in_channels: int, max_steps: int) ->
         raise FrameError(f"noise has {noise.shape[1]} channels, the U-Net takes {in_channels}")
     if context_rows not in (rows, 2 * rows):
         raise FrameError("the context has one row per noise row, or two with classifier-free guidance")
-    if params.shape[0] != 3:
-        raise FrameError("params carries num_inference_steps, guidance_scale and eta")
-    steps, guidance, eta = (float(value) for value in params)
+    if params.shape[0] not in (3, 4):
+        raise FrameError("params carries num_inference_steps, guidance_scale, eta and optionally calls")
+    steps, guidance, eta = (float(value) for value in params[:3])
     if steps != int(steps) or not 1 <= steps <= max_steps:
         raise FrameError(f"num_inference_steps must be an integer in 1..{max_steps}")
     if not (abs(guidance) <= MAX_GUIDANCE and abs(eta) <= MAX_GUIDANCE):

@@ -78,26 +78,52 @@ class ServerLatentsTrunk(RemoteSession):
         guidance: float,
         eta: float,
         generator: torch.Generator,
+        calls_per_frame: int = 1,
     ) -> None:
+        """``calls_per_frame``: U-Net calls asked for per round trip (the server's
+        ``limits.max_calls_per_frame``); their noise waits here until the pipeline reaches them."""
         super().__init__(link, wire)
         self.calls = 0
         self.noise = noise
+        self.scheduler = scheduler
+        self.calls_per_frame = max(1, calls_per_frame)
         self._begin = {
             "noise": (noise.float(), Encoding.FP32),
-            "params": (torch.tensor([float(steps), float(guidance), float(eta)]), Encoding.FP32),
             "scheduler": (bytes_tensor(scheduler.to_json_string().encode()), Encoding.FP32),
         }
+        self._params = [float(steps), float(guidance), float(eta)]
         self._generator = generator if step_accepts(scheduler, "generator") else None
         self._sent: dict[str, torch.Tensor] | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (noise (B, C, H, W), digest (64,))
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: Context) -> torch.Tensor:
         rows = self.noise.shape[0]
         if sample.shape[0] not in (rows, 2 * rows) or sample.shape[1:] != self.noise.shape[1:]:
             raise ProtocolMismatch(f"U-Net input {tuple(sample.shape)} does not match the initial noise")
+        if self._sent is not None and not _same(self._sent, context):
+            raise ProtocolMismatch("the prompt context changed within one image")
+        if not self._pending:
+            self._fetch(context)
+        noise_pred, digest = self._pending.pop(0)
+        if not torch.equal(digest, input_digest(sample, timestep)):
+            raise ProtocolMismatch(
+                f"the server's latents are out of lock-step with the device's at U-Net call {self.calls + 1}"
+            )
+        self.calls += 1
+        both = torch.cat([noise_pred] * 2) if sample.shape[0] == 2 * rows else noise_pred
+        return both.to(sample.dtype)
+
+    def _fetch(self, context: Context) -> None:
+        """Ask the server for the next U-Net calls: a begin frame first, then advance frames."""
+        left = len(self.scheduler.timesteps) - self.calls  # the pipeline set the timesteps before calling
+        calls = max(1, min(self.calls_per_frame, left))
         if self._sent is None:
             tensors = dict(self._begin) | {
-                name: (value.detach().float(), Encoding.FP32 if name in EXACT_NAMES else self.wire)
-                for name, value in context.items()
+                "params": (torch.tensor([*self._params, float(calls)]), Encoding.FP32),
+                **{
+                    name: (value.detach().float(), Encoding.FP32 if name in EXACT_NAMES else self.wire)
+                    for name, value in context.items()
+                },
             }
             if self._generator is not None:  # its state now, after the pipeline drew the initial noise
                 state = bytes(self._generator.get_state().numpy().tobytes())
@@ -105,24 +131,18 @@ class ServerLatentsTrunk(RemoteSession):
             reply = self.exchange(FrameKind.DIFFUSION_BEGIN, tensors, FrameKind.DIFFUSION_RESULT)
             self._sent = dict(context)
         else:
-            if not _same(self._sent, context):
-                raise ProtocolMismatch("the prompt context changed within one image")
-            step = torch.tensor([float(self.calls)])
+            step = torch.tensor([float(self.calls), float(calls)])
             reply = self.exchange(
                 FrameKind.DIFFUSION_ADVANCE, {"step": (step, Encoding.FP32)}, FrameKind.DIFFUSION_RESULT
             )
-        if not torch.equal(reply.tensor("input_digest", rank=1), input_digest(sample, timestep)):
+        noise = reply.tensor("noise_pred", rank=4)
+        digests = reply.tensor("input_digest", rank=2)
+        rows = self.noise.shape[0]
+        if noise.shape != (calls * rows, *self.noise.shape[1:]) or digests.shape[0] != calls:
             raise ProtocolMismatch(
-                f"the server's latents are out of lock-step with the device's at U-Net call {self.calls + 1}"
+                f"server returned {tuple(noise.shape)} noise for {calls} calls of {tuple(self.noise.shape)}"
             )
-        noise_pred = reply.tensor("noise_pred", rank=4)
-        if noise_pred.shape != self.noise.shape:
-            raise ProtocolMismatch(
-                f"server returned shape {tuple(noise_pred.shape)} for {tuple(self.noise.shape)}"
-            )
-        self.calls += 1
-        both = torch.cat([noise_pred] * 2) if sample.shape[0] == 2 * rows else noise_pred
-        return both.to(sample.dtype)
+        self._pending = list(zip(torch.split(noise, rows), digests, strict=True))
 
 
 def _same(sent: Mapping[str, torch.Tensor], context: Context) -> bool:

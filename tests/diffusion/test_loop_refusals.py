@@ -53,8 +53,33 @@ def test_a_good_loop_answers_guided_noise_and_a_digest_then_stops(session: Sessi
     replies += [decode_frame(advance(session, index)) for index in (1, 2)]
     for reply in replies:
         assert tuple(reply.tensors["noise_pred"].shape) == (1, 4, 32, 32)
-        assert reply.tensors["input_digest"][0] == 127.0 and reply.tensors["input_digest"].shape == (33,)
+        digest = reply.tensors["input_digest"]
+        assert digest.shape == (1, 64) and digest[0, 0] == 127.0
     refused(lambda: advance(session, 3), 422, "denoising_finished")
+
+
+def test_calls_per_frame_are_bounded(session: Session) -> None:
+    tensors = begin_tensors(steps=10)
+    tensors["params"] = (torch.tensor([10.0, 5.0, 0.0, 9.0]), F32)
+    refused(lambda: session.send(FrameKind.DIFFUSION_BEGIN, tensors), 413, "step_too_large")
+    tensors["params"] = (torch.tensor([10.0, 5.0, 0.0, 8.0]), F32)
+    first = decode_frame(session.send(FrameKind.DIFFUSION_BEGIN, tensors))
+    assert first.tensors["noise_pred"].shape == (8, 4, 32, 32) and first.tensors["input_digest"].shape == (
+        8,
+        64,
+    )
+    refused(
+        lambda: session.send(FrameKind.DIFFUSION_ADVANCE, {"step": (torch.tensor([8.0, 3.0]), F32)}),
+        422,
+        "denoising_finished",
+    )
+    refused(
+        lambda: session.send(FrameKind.DIFFUSION_ADVANCE, {"step": (torch.tensor([8.0, 0.5]), F32)}),
+        413,
+        "step_too_large",
+    )
+    last = decode_frame(session.send(FrameKind.DIFFUSION_ADVANCE, {"step": (torch.tensor([8.0, 2.0]), F32)}))
+    assert last.tensors["noise_pred"].shape == (2, 4, 32, 32)
 
 
 def test_advance_before_begin_or_out_of_order_is_refused(session: Session) -> None:

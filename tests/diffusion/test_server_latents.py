@@ -30,15 +30,18 @@ def test_only_the_first_frame_carries_latents(
 ) -> None:
     tap = RecordingTransport(local(name))
     client = DiffusionClient.from_transport(tap, sources[name])
-    result = client.generate(PROMPT, steps=4, seed=1)
-    assert result.latents_on_server and result.trunk_calls == 4
-    assert kinds(tap) == [FrameKind.DIFFUSION_BEGIN] + [FrameKind.DIFFUSION_ADVANCE] * 3
+    assert client.info.max_calls_per_frame == 8
+    result = client.generate(PROMPT, steps=10, seed=1)
+    assert result.latents_on_server and result.trunk_calls == 10
+    assert kinds(tap) == [FrameKind.DIFFUSION_BEGIN, FrameKind.DIFFUSION_ADVANCE]  # calls 1-8, then 9-10
     frames = [decode_frame(req.content) for req, _ in tap.records if req.path.endswith("/step")]
     assert set(frames[0].tensors) >= {"encoder_hidden_states", "noise", "params", "scheduler"}
     assert tuple(frames[0].tensors["noise"].shape) == (1, 4, 32, 32)  # one row, not both guidance halves
-    assert all(set(frame.tensors) == {"step"} for frame in frames[1:])
+    assert frames[0].tensors["params"].tolist() == [10.0, 5.0, 0.0, 8.0]
+    assert set(frames[1].tensors) == {"step"} and frames[1].tensors["step"].tolist() == [8.0, 2.0]
     replies = [decode_frame(response.content) for req, response in tap.records if req.path.endswith("/step")]
-    assert all(tuple(reply.tensors["noise_pred"].shape) == (1, 4, 32, 32) for reply in replies)
+    assert [tuple(reply.tensors["noise_pred"].shape) for reply in replies] == [(8, 4, 32, 32), (2, 4, 32, 32)]
+    assert [tuple(reply.tensors["input_digest"].shape) for reply in replies] == [(8, 64), (2, 64)]
     assert PROMPT.encode() not in b"".join(request.content for request, _ in tap.records)
 
 
@@ -66,12 +69,28 @@ def replayed_loop(tap: RecordingTransport) -> ServerLoop:
         (decode_frame(q.content), decode_frame(r.content)) for q, r in tap.records if q.path.endswith("/step")
     ]
     loop = _replay(pairs[0][0])
-    for index, (_, reply) in enumerate(pairs):
+    rows = loop.latents.shape[0]
+    for index, noise in enumerate(torch.cat([reply.tensors["noise_pred"] for _, reply in pairs]).split(rows)):
         if index:
             loop.advance()
         loop.model_input()
-        loop.received = reply.tensors["noise_pred"]
+        loop.received = noise
     return loop
+
+
+def test_a_server_that_runs_one_call_per_frame(sources: dict[str, DiffusionSource]) -> None:
+    from lambda_split.diffusion import DiffusionLimits, load_diffusion_service
+
+    service, info = load_diffusion_service(
+        "tiny-random-sd", security="plain", diffusion_limits=DiffusionLimits(max_calls_per_frame=1)
+    )
+    tap = RecordingTransport(LocalTransport(service, info))
+    client = DiffusionClient.from_transport(tap, sources["tiny-random-sd"])
+    result = client.generate(PROMPT, steps=3, seed=7, guidance_scale=5.0, output_type="np")
+    assert result.latents_on_server and service.open_sessions == 0
+    assert kinds(tap) == [FrameKind.DIFFUSION_BEGIN] + [FrameKind.DIFFUSION_ADVANCE] * 2
+    expected = monolithic_image(sources["tiny-random-sd"], "EulerDiscreteScheduler", 5.0)
+    np.testing.assert_array_equal(result.images[0], expected[0])
 
 
 def test_a_server_out_of_lock_step_is_an_error_not_a_wrong_image(
