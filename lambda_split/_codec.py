@@ -86,6 +86,10 @@ class FrameKind(enum.IntEnum):
     DIFFUSION_CONTEXT = 3
     DIFFUSION_STEP = 4
     DIFFUSION_RESULT = 5
+    #: Latents on the server (lambda_split.diffusion._loop): the first step carries the prompt
+    #: context, the initial noise and the scheduler; each later step only its index.
+    DIFFUSION_BEGIN = 6
+    DIFFUSION_ADVANCE = 7
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,12 @@ def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> bytes:
     if encoding is Encoding.BF16:
         return flat.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
     return _quantize_int8(flat)
+
+
+def wire_roundtrip(tensor: torch.Tensor, encoding: Encoding) -> torch.Tensor:
+    """``tensor`` as the other side decodes it after it crossed in ``encoding`` (fp32, same shape)."""
+    shape = tuple(tensor.shape)
+    return _decode_tensor(memoryview(encode_tensor(tensor, encoding)), encoding, shape)
 
 
 def _decode_tensor(payload: memoryview, encoding: Encoding, shape: tuple[int, ...]) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 :class:`DiffusionClient` assembles the unmodified diffusers pipeline around a
 :class:`TrunkUNet` whose trunk is a :class:`RemoteUNetTrunk` session, so prompt text
-and pixels stay on the device and only prompt embeddings, latents and noise
-predictions cross the transport.
+and pixels stay on the device and only prompt embeddings and noise predictions cross the transport: with a
+current server the latents stay there for the session (one initial draw goes up once,
+see :mod:`lambda_split.diffusion._mirror`); with an older one they go up every step.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lambda_split._codec import Encoding
 from lambda_split._errors import FingerprintMismatch, LimitExceeded, ModeMismatch, ProtocolMismatch
 from lambda_split._session import check_reply, connect_verified
 from lambda_split._stream import StreamLink, TransportKind, make_link
+from lambda_split.diffusion._mirror import ServerLatentsTrunk, initial_noise, loop_unsupported
 from lambda_split.diffusion._sources import DiffusionSource, resolve_diffusion
 from lambda_split.diffusion._trunk import RemoteUNetTrunk, TrunkUNet
 from lambda_split.protocol import INFO_PATH, PROTOCOL_VERSION
@@ -43,6 +45,10 @@ class DiffusionServerInfo:
     protocol_version: int
     #: U-Net steps a session may run (None: the server does not say).
     max_steps: int | None = None
+    #: The server can hold the latents and scheduler for a session (DIFFUSION_BEGIN/ADVANCE frames).
+    latents_on_server: bool = False
+    #: U-Net calls one such frame may ask for.
+    max_calls_per_frame: int = 1
 
     @classmethod
     def parse(cls, data: Any) -> DiffusionServerInfo:
@@ -63,6 +69,8 @@ class DiffusionServerInfo:
                 str(data["security"]),
                 int(data["protocol_version"]),
                 _positive(data.get("limits"), "max_steps_per_session"),
+                data.get("latents_on_server") is True,
+                _positive(data.get("limits"), "max_calls_per_frame") or 1,
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ProtocolMismatch(f"malformed /v1/info reply: {exc}") from None
@@ -90,6 +98,8 @@ class DiffusionResult:
     seconds: float
     bytes_sent: int
     bytes_received: int
+    #: The latents stayed on the server (False: they went up every step).
+    latents_on_server: bool = False
 
 
 class DiffusionClient:
@@ -193,6 +203,7 @@ class DiffusionClient:
         scheduler: str | Any | None = None,
         on_step: StepCallback | None = None,
         output_type: str = "pil",
+        latents_on_server: bool | None = None,
         **pipeline_kwargs: Any,
     ) -> DiffusionResult:
         """Run the pipeline; the U-Net session lives for this call only.
@@ -200,6 +211,10 @@ class DiffusionClient:
         ``scheduler`` is a scheduler object or the class name of one in diffusers
         (``"DDIMScheduler"``), built from the pipeline's scheduler config. ``on_step``
         receives (steps done, steps in total). Extra keyword arguments go to the pipeline.
+        ``latents_on_server``: None (the default) keeps the latents on the server when the
+        server offers it and the call allows it (no extra keyword arguments but
+        ``num_images_per_prompt`` and ``eta``, a scheduler the server runs); False sends them
+        every step; True insists, raising ValueError if the call or server cannot.
         """
         if steps < 1:
             raise ValueError("steps must be at least 1")
@@ -213,9 +228,32 @@ class DiffusionClient:
             pipe.scheduler = make_scheduler(scheduler, original.config)
         start = time.perf_counter()
         sent, received = self.transport.stats.bytes_sent, self.transport.stats.bytes_received
-        trunk = RemoteUNetTrunk(self.link, self.wire)
-        self.unet.trunk = trunk
+        generator = torch.Generator().manual_seed(seed)
+        trunk: RemoteUNetTrunk | ServerLatentsTrunk | None = None
         try:
+            reason = loop_unsupported(pipe, pipeline_kwargs) if self.info.latents_on_server else (
+                "the server does not keep latents (it predates DIFFUSION_BEGIN)"
+            )  # fmt: skip
+            if latents_on_server and reason is not None:
+                raise ValueError(f"cannot keep the latents on the server: {reason}")
+            if reason is None and latents_on_server is not False:
+                images = int(pipeline_kwargs.get("num_images_per_prompt") or 1)
+                noise = initial_noise(pipe, prompt, height, width, images, generator)
+                trunk = ServerLatentsTrunk(
+                    self.link,
+                    self.wire,
+                    noise=noise,
+                    scheduler=pipe.scheduler,
+                    steps=steps,
+                    guidance=guidance_scale,
+                    eta=float(pipeline_kwargs.get("eta", 0.0)),
+                    generator=generator,
+                    calls_per_frame=self.info.max_calls_per_frame,
+                )
+                pipeline_kwargs = pipeline_kwargs | {"latents": noise}
+            else:
+                trunk = RemoteUNetTrunk(self.link, self.wire)
+            self.unet.trunk = trunk
             output = pipe(
                 prompt,
                 num_inference_steps=steps,
@@ -223,7 +261,7 @@ class DiffusionClient:
                 negative_prompt=negative_prompt,
                 height=height,
                 width=width,
-                generator=torch.Generator().manual_seed(seed),
+                generator=generator,
                 output_type=output_type,
                 callback_on_step_end=_step_callback(on_step, steps),
                 **pipeline_kwargs,
@@ -231,7 +269,8 @@ class DiffusionClient:
         finally:
             self.unet.trunk = None
             pipe.scheduler = original
-            trunk.close()
+            if trunk is not None:
+                trunk.close()
         return DiffusionResult(
             list(output.images),
             steps,
@@ -239,6 +278,7 @@ class DiffusionClient:
             time.perf_counter() - start,
             self.transport.stats.bytes_sent - sent,
             self.transport.stats.bytes_received - received,
+            isinstance(trunk, ServerLatentsTrunk),
         )
 
     def close(self) -> None:

@@ -1,7 +1,11 @@
 """What a passive eavesdropper on a plain-mode diffusion session can rebuild.
 
-The attacker sees every DIFFUSION_STEP frame (scaled latents and timestep) and every
-DIFFUSION_RESULT frame (noise prediction), and holds the public model: its VAE and
+Per-step sessions show every DIFFUSION_STEP frame (scaled latents and timestep) and every
+DIFFUSION_RESULT frame (noise prediction). Latents-on-server sessions show no latents
+after the first frame, but the DIFFUSION_BEGIN frame carries the initial noise, the
+scheduler config and the generator state, and each result the guided noise the device
+stepped with: the attacker replays the scheduler exactly as the server does and gets the
+same latents at every step. The attacker also holds the public model: its VAE and
 scheduler config. For variance-preserving training schedules every scheduler's U-Net
 input is ``x_in = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` (sigma schedulers reach this
 through ``scale_model_input``), so at each step the attacker can decode
@@ -15,14 +19,15 @@ and compare each with the image the victim finally saw.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from lambda_split._codec import FrameError, FrameKind, decode_frame
+from lambda_split._codec import Frame, FrameError, FrameKind, decode_frame
+from lambda_split.diffusion._loop import ServerLoop, start_loop
 from lambda_split.diffusion._metrics import psnr, ssim
 from secure_channel import Request, Response, Transport, WireStats
 
@@ -57,17 +62,57 @@ class CapturedStep:
 
 
 def captured_steps(bodies: Sequence[tuple[bytes, bytes]]) -> list[CapturedStep]:
-    """Pair each captured DIFFUSION_STEP frame with its result; anything else is skipped."""
-    steps = []
+    """The U-Net calls of captured request and response bodies; anything not a frame is skipped."""
+    pairs = []
     for sent, received in bodies:
         try:
-            request, reply = decode_frame(sent), decode_frame(received)
+            pairs.append((decode_frame(sent), decode_frame(received)))
         except FrameError:
             continue
-        if request.kind is FrameKind.DIFFUSION_STEP and reply.kind is FrameKind.DIFFUSION_RESULT:
+    return captured_frame_steps(pairs)
+
+
+def captured_frame_steps(pairs: Iterable[tuple[Frame, Frame]]) -> list[CapturedStep]:
+    """Each U-Net call of decoded (request, reply) frame pairs, in order: per-step calls as sent,
+    latents-on-server calls by replaying the server's scheduler from the begin frame."""
+    steps = []
+    loop: ServerLoop | None = None
+    for request, reply in pairs:
+        if reply.kind is not FrameKind.DIFFUSION_RESULT or "noise_pred" not in reply.tensors:
+            continue
+        noise = reply.tensors["noise_pred"]
+        if request.kind is FrameKind.DIFFUSION_STEP:
             timestep = float(request.tensors["timestep"].reshape(-1)[0])
-            steps.append(CapturedStep(request.tensors["latents"], timestep, reply.tensors["noise_pred"]))
+            steps.append(CapturedStep(request.tensors["latents"], timestep, noise))
+            continue
+        try:
+            if request.kind is FrameKind.DIFFUSION_BEGIN:
+                loop = _replay(request)
+            elif (
+                request.kind is FrameKind.DIFFUSION_ADVANCE and loop is not None and loop.received is not None
+            ):
+                loop.advance()
+            else:
+                continue
+            rows = loop.latents.shape[0]
+            for call, guided in enumerate(torch.split(noise, rows)):
+                if call:
+                    loop.advance()
+                sample, t = loop.model_input()
+                loop.received = guided  # what the device stepped with, as the server keeps it
+                steps.append(CapturedStep(sample[:rows], float(t), guided))
+        except (FrameError, KeyError, IndexError):
+            loop = None
+            continue
     return steps
+
+
+def _replay(begin: Frame) -> ServerLoop:
+    """The server's loop, rebuilt from a captured begin frame."""
+    noise = begin.tensors["noise"]
+    return start_loop(
+        begin, sdxl="text_embeds" in begin.tensors, in_channels=int(noise.shape[1]), max_steps=2**20
+    )
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,27 @@ def monolithic_image(source: DiffusionSource, scheduler: str, guidance: float, s
 @pytest.mark.parametrize("name", ["tiny-random-sd", "tiny-random-sdxl"])
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DDIMScheduler"])
 @pytest.mark.parametrize("guidance", [5.0, 1.0])
+@pytest.mark.parametrize("on_server", [True, False], ids=["latents-on-server", "per-step"])
 def test_fp32_split_is_pixel_identical(
-    sources: dict[str, DiffusionSource], local: Any, name: str, scheduler: str, guidance: float
+    sources: dict[str, DiffusionSource],
+    local: Any,
+    name: str,
+    scheduler: str,
+    guidance: float,
+    on_server: bool,
 ) -> None:
     expected = monolithic_image(sources[name], scheduler, guidance)
     client = DiffusionClient.from_transport(local(name), sources[name], wire="fp32")
     result = client.generate(
-        PROMPT, steps=3, seed=7, guidance_scale=guidance, scheduler=scheduler, output_type="np"
+        PROMPT,
+        steps=3,
+        seed=7,
+        guidance_scale=guidance,
+        scheduler=scheduler,
+        output_type="np",
+        latents_on_server=on_server,
     )
-    assert result.trunk_calls == 3
+    assert result.trunk_calls == 3 and result.latents_on_server is on_server
     np.testing.assert_array_equal(result.images[0], expected[0])
 
 
@@ -50,16 +62,17 @@ def test_second_order_scheduler_calls_the_trunk_per_model_evaluation(
         PROMPT, steps=3, seed=7, guidance_scale=4.0, scheduler="HeunDiscreteScheduler", output_type="np"
     )
     assert result.trunk_calls == 5  # Heun: two U-Net calls per step but the last
+    assert result.latents_on_server
     np.testing.assert_array_equal(result.images[0], expected[0])
 
 
-def test_context_crosses_once_per_session(sources: dict[str, DiffusionSource], local: Any) -> None:
+def test_per_step_context_crosses_once_per_session(sources: dict[str, DiffusionSource], local: Any) -> None:
     from lambda_split.diffusion import RecordingTransport, captured_steps
     from lambda_split.protocol import FrameKind, decode_frame
 
     tap = RecordingTransport(local("tiny-random-sdxl"))
     client = DiffusionClient.from_transport(tap, sources["tiny-random-sdxl"])
-    client.generate(PROMPT, steps=4, seed=1)
+    client.generate(PROMPT, steps=4, seed=1, latents_on_server=False)
     kinds = [
         decode_frame(request.content).kind for request, _ in tap.records if request.path.endswith("/step")
     ]

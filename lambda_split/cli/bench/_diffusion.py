@@ -85,6 +85,7 @@ def diffusion(bench: Bench, model: str, *, steps: int, reps: int, progress: Prog
             "bytes_per_step": (long_bytes - short_bytes) // steps,
             "psnr_vs_fp32_db": None if wire == "fp32" else round(float(psnr(image, reference)), 2),
         }
+    per_image = _per_image(transport, source, info, 2 * steps)
     transport.close()
     ms = {name: [1000 * v for v in values] for name, values in per_step.items()}
     progress(f"diffusion: {ms['split'][-1]:.1f} ms/step split, {ms['monolithic'][-1]:.1f} ms/step monolithic")
@@ -98,8 +99,33 @@ def diffusion(bench: Bench, model: str, *, steps: int, reps: int, progress: Prog
         "ms_per_step": {name: summarize(values, 3) for name, values in ms.items()},
         "slowdown_split_vs_monolithic": summarize(ratios(ms["split"], ms["monolithic"])),
         "by_encoding": encodings,
+        "per_image": per_image,
         "notes": [
             "marginal per-step figures: (2S-step run - S-step run) / S, guidance 5.0 (two U-Net rows per "
             "call), one U-Net call per step; PSNR of the 2S-step image vs the fp32-wire image"
         ],
     }
+
+
+# --- bytes and round trips per image: latents per step vs latents on the server (helper `diffusion`) ---
+
+
+def _per_image(transport: Any, source: Any, info: Any, steps: int) -> dict[str, Any]:
+    """Whole-image bytes and HTTP round trips per wire, both loops: what latents going up every step cost."""
+    from lambda_split.diffusion import DiffusionClient, RecordingTransport
+
+    tap = RecordingTransport(transport)  # counts every request of the HTTP link
+    figures: dict[str, Any] = {"steps": steps, "link": "http"}
+    for wire in WIRE_ENCODINGS:
+        client = DiffusionClient(tap, source, info, wire=wire)
+        row: dict[str, Any] = {}
+        for name, on_server in (("latents_per_step", False), ("latents_on_server", True)):
+            tap.records.clear()
+            result = client.generate(
+                PROMPT, steps=steps, seed=3, output_type="np", latents_on_server=on_server
+            )
+            row[name] = {"bytes": result.bytes_sent + result.bytes_received, "round_trips": len(tap.records)}
+        row["bytes_ratio"] = round(row["latents_on_server"]["bytes"] / row["latents_per_step"]["bytes"], 3)
+        figures[wire] = row
+    tap.records.clear()
+    return figures
