@@ -133,6 +133,7 @@ if TYPE_CHECKING:
     )
     from lambda_split._failover import (
         failover_worthy as failover_worthy,
+    )
     from lambda_split._families import (
         Family as Family,
     )
