@@ -403,9 +403,11 @@ def load_llm_service(
     *,
     security: str,
     limits: ServiceLimits | None = None,
+    scheduling: SchedulerConfig | None = None,
     progress: Any = None,
 ) -> tuple[TrunkService, dict[str, Any]]:
-    """Load only the trunk of ``model`` and wrap it in a service; also return the /v1/info body."""
+    """Load only the trunk of ``model`` and wrap it in a service; also return the /v1/info body.
+    ``scheduling`` sets how steps of different sessions are batched (None: the defaults)."""
     from lambda_split._models import fingerprint, resolve
     from lambda_split._parts import SplitSpec, load_parts
     from lambda_split.protocol import PROTOCOL_VERSION, WIRE_ENCODINGS
@@ -417,7 +419,7 @@ def load_llm_service(
     trunk = load_parts(checkpoint, spec, ("trunk",)).trunk
     if trunk is None:  # pragma: no cover - load_parts always builds what it is asked for
         raise RuntimeError("trunk was not built")
-    service = TrunkService(LLMExecutor(trunk), limits=limits)
+    service = TrunkService(LLMExecutor(trunk, scheduling), limits=limits)
     info = {
         "model": checkpoint.name,
         "fingerprint": fingerprint(checkpoint, (spec.start, spec.stop)),

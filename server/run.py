@@ -134,7 +134,12 @@ def load_service(
     except ValueError as exc:
         raise ConfigError(f"{exc} ({checkpoint.name})") from None
     return load_llm_service(
-        checkpoint, config.split, security=config.security, limits=limits, progress=progress
+        checkpoint,
+        config.split,
+        security=config.security,
+        limits=limits,
+        scheduling=config.scheduler_config(),
+        progress=progress,
     )
 
 

@@ -311,20 +311,16 @@ def evaluate_llm(
 
 
 def _diffusion_steps(frames: Sequence[CapturedFrame]) -> list[Any]:
-    from lambda_split.diffusion import CapturedStep
+    """The U-Net calls an eavesdropper rebuilds from decoded frames: per-step calls as sent, and
+    latents-on-server calls by replaying the server's scheduler from the session's first frame."""
+    from lambda_split.diffusion import captured_frame_steps
     from lambda_split.protocol import FrameKind
 
-    requests = {(f.stream, f.frame.seq): f.frame for f in frames if f.frame.kind is FrameKind.DIFFUSION_STEP}
     replies = {(f.stream, f.frame.seq): f.frame for f in frames if f.frame.kind is FrameKind.DIFFUSION_RESULT}
-    steps = []
-    for key in sorted(requests):
-        if key in replies and "noise_pred" in replies[key].tensors:
-            request = requests[key]
-            timestep = float(request.tensors["timestep"].reshape(-1)[0])
-            steps.append(
-                CapturedStep(request.tensors["latents"], timestep, replies[key].tensors["noise_pred"])
-            )
-    return steps
+    requests = {
+        (f.stream, f.frame.seq): f.frame for f in frames if f.frame.kind is not FrameKind.DIFFUSION_RESULT
+    }
+    return list(captured_frame_steps((requests[k], replies[k]) for k in sorted(requests) if k in replies))
 
 
 def _recorded_tensors(bodies: Sequence[tuple[bytes, bytes]]) -> tuple[list[bytes], list[torch.Tensor]]:

@@ -243,6 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model=args.model,
         progress=progress,
         threads=args.threads,
+        options=vars(args),
     )
 
 

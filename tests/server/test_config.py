@@ -111,6 +111,19 @@ def test_batching_limits_come_from_the_limits_section(tmp_path: Path) -> None:
     assert (defaults.max_rows, defaults.deadline_s) == (32, 30.0)
 
 
+def test_serve_hands_the_batching_limits_to_the_scheduler(tmp_path: Path) -> None:
+    file = tmp_path / "server.toml"
+    file.write_text(
+        '[server]\nsecurity = "plain"\nmodel = "tiny-random-llama"\nsplit = "2:-2"\n'
+        "[limits]\nmax_batch_rows = 5\nstep_deadline_s = 3.5\n"
+    )
+    from server.run import load_service
+
+    service, _info = load_service(load_config(file, {}).validate(), lambda _message: None)
+    used = service.executor.scheduler.config  # type: ignore[attr-defined]
+    assert (used.max_rows, used.deadline_s) == (5, 3.5)
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -128,28 +127,17 @@ def deploy_plan(model: str, *, quick: bool, options: dict[str, Any] | None = Non
     return dataclasses.replace(base, **given)
 
 
-def _argv_options() -> dict[str, Any]:
-    """The bench options of this command line, when the caller passed only the original six."""
-    argv = sys.argv[1:]
-    if "bench" not in argv:
-        return {}
-    parser = argparse.ArgumentParser(add_help=False)
-    add_arguments(parser)
-    known, _ = parser.parse_known_args(argv[argv.index("bench") + 1 :])
-    return vars(known)
-
-
 def run_bench(*, out: str | None, as_json: bool, quick: bool, model: str, progress: ProgressFn,
               threads: int | None = None, plan: Plan | DeployPlan | None = None,
               options: dict[str, Any] | None = None) -> int:  # fmt: skip
     """Run the benchmark; print JSON (``as_json``) or markdown on stdout; write ``out`` if given.
 
-    ``options`` are the parsed command-line options (read from ``sys.argv`` when not given).
+    ``options`` are the parsed command-line options (``vars(args)``); None means the defaults.
     Returns 0, or 1 if any section failed (its error is recorded in the results).
     """
     import torch
 
-    options = _argv_options() if options is None and plan is None else dict(options or {})
+    options = dict(options or {})
     _stop_cleanly_on_sigterm()
     if threads is not None:
         torch.set_num_threads(threads)
