@@ -80,6 +80,7 @@ class ChatRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False  # an extension (llama.cpp's name): decode to max_tokens even past an end token
 
     def generation_config(self, max_new_tokens: int) -> GenerationConfig:
         return GenerationConfig(
@@ -88,6 +89,7 @@ class ChatRequest:
             top_p=self.top_p or 1.0,
             seed=self.seed,
             stop_strings=self.stop,
+            stop_on_eos=not self.ignore_eos,
         )
 
 
@@ -126,6 +128,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stop=_stop(body.get("stop")),
         stream=stream,
         include_usage=include_usage,
+        ignore_eos=_optional(body, "ignore_eos", bool, False),
     )
 
 

@@ -28,7 +28,7 @@ def test_non_streaming_answer_and_usage_match_generate(make_local: Callable[...,
     prompt_ids = engine.client.tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
-    with openai.OpenAI(base_url=local.url + "/v1", api_key="unused") as oai:
+    with openai.OpenAI(base_url=local.url + "/v1", api_key="unused", max_retries=0) as oai:
         reply = oai.chat.completions.create(
             model="whatever-the-app-has",
             messages=[{"role": "user", "content": PROMPT}],
@@ -51,7 +51,7 @@ def test_streaming_deltas_join_to_the_same_answer(
     """Over both links to the trunk (one request per step, one persistent stream)."""
     local, _ = make_local(split_client, conversations=0)
     reference = greedy(split_client, PROMPT, 12)
-    with openai.OpenAI(base_url=local.url + "/v1", api_key="unused") as oai:
+    with openai.OpenAI(base_url=local.url + "/v1", api_key="unused", max_retries=0) as oai:
         chunks = list(
             oai.chat.completions.create(
                 model="m",
@@ -82,7 +82,7 @@ def test_stop_strings_and_seeded_sampling(make_local: Callable[..., Any]) -> Non
     sampled = engine.client.generate(
         PROMPT, GenerationConfig(max_new_tokens=8, temperature=0.9, top_p=0.8, seed=7)
     )
-    with openai.OpenAI(base_url=local.url + "/v1", api_key="unused") as oai:
+    with openai.OpenAI(base_url=local.url + "/v1", api_key="unused", max_retries=0) as oai:
         cut = oai.chat.completions.create(
             model="m",
             messages=[{"role": "user", "content": PROMPT}],
@@ -105,7 +105,7 @@ def test_stop_strings_and_seeded_sampling(make_local: Callable[..., Any]) -> Non
 
 def test_models_lists_the_local_model(make_local: Callable[..., Any]) -> None:
     local, _ = make_local()
-    with openai.OpenAI(base_url=local.url + "/v1", api_key="unused") as oai:
+    with openai.OpenAI(base_url=local.url + "/v1", api_key="unused", max_retries=0) as oai:
         assert [m.id for m in oai.models.list()] == ["tiny-random-llama"]
         assert oai.models.retrieve("tiny-random-llama").owned_by == "lambda-split"
 
@@ -116,7 +116,7 @@ def test_same_answer_as_the_generate_command(trunk: LiveServer, make_local: Call
     command += ["--keys", str(trunk.keys), "--model", "tiny-random-llama", "--max-new-tokens", "10", "--json"]
     done = subprocess.run(command, input=PROMPT, capture_output=True, text=True, timeout=300, check=True)
     generated = json.loads(done.stdout)
-    with openai.OpenAI(base_url=local.url + "/v1", api_key="unused") as oai:
+    with openai.OpenAI(base_url=local.url + "/v1", api_key="unused", max_retries=0) as oai:
         reply = oai.chat.completions.create(
             model="m", messages=[{"role": "user", "content": PROMPT}], max_tokens=10, temperature=0
         )
@@ -137,7 +137,7 @@ def test_system_turns_go_through_the_chat_template(
     import torch
 
     reference = engine.client.generate_ids(ids, torch.ones_like(ids), GenerationConfig(max_new_tokens=6))
-    with openai.OpenAI(base_url=local.url + "/v1", api_key="unused") as oai:
+    with openai.OpenAI(base_url=local.url + "/v1", api_key="unused", max_retries=0) as oai:
         reply = oai.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0)  # type: ignore[arg-type]
     assert reply.choices[0].message.content == reference.texts[0]
     assert reply.usage is not None and reply.usage.prompt_tokens == ids.shape[1]

@@ -16,19 +16,23 @@ TURNS = ["Hello!", "Tell me more.", "Why?", "And then?", "Thanks, bye."]
 
 
 def converse(
-    url: str, max_tokens: int, turns: list[str] = TURNS, messages: list[dict[str, str]] | None = None
+    url: str,
+    max_tokens: int | list[int],
+    turns: list[str] = TURNS,
+    messages: list[dict[str, str]] | None = None,
 ) -> list[tuple[str, int, int]]:
     """Five turns, each answer sent back as the assistant message: (answer, prompt, cached tokens).
-    ``messages`` (the conversation so far) is extended in place."""
+    ``max_tokens`` is for every turn or per turn; ``messages`` (the conversation so far) is extended in place."""
     messages = [{"role": "system", "content": "You are terse."}] if messages is None else messages
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(turns)
     out = []
-    with openai.OpenAI(base_url=url + "/v1", api_key="unused") as oai:
-        for turn in turns:
+    with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as oai:  # no hidden retries
+        for turn, limit in zip(turns, limits, strict=True):
             messages.append({"role": "user", "content": turn})
             reply = oai.chat.completions.create(
                 model="m",
                 messages=messages,
-                max_tokens=max_tokens,
+                max_tokens=limit,
                 temperature=0,  # type: ignore[arg-type]
             )
             answer = reply.choices[0].message.content or ""
@@ -42,20 +46,29 @@ def converse(
 def test_five_turns_reuse_one_session_and_answer_as_without_reuse(
     trunk: LiveServer, make_local: Callable[..., Any]
 ) -> None:
-    # Two tokens a turn: the random model's first token re-tokenises to itself, so each turn's
-    # prompt begins with every token the session has fed (its answer's first token included).
+    # Two tokens for each of the first four answers: the random model's first token re-tokenises to
+    # itself, so each turn's prompt begins with every token the session has fed (the answer's first
+    # token included). The fifth answer is longer: this model's answers differ from the fourth token on.
     reusing, engine = make_local(conversations=4)
     fresh, _ = make_local(conversations=0)
-    with_reuse = converse(reusing.url, 2)
+    with_reuse = converse(reusing.url, [2, 2, 2, 2, 16])
     assert len(engine.cache) == 1 and trunk.service.open_sessions == 1  # one session for all five turns
-    without = converse(fresh.url, 2)
+    without = converse(fresh.url, [2, 2, 2, 2, 16])
     assert [answer for answer, _, _ in with_reuse] == [answer for answer, _, _ in without]
+    assert len(with_reuse[4][0]) > 6
     assert [prompt for _, prompt, _ in with_reuse] == [prompt for _, prompt, _ in without]
     assert [cached for _, _, cached in without] == [0] * 5
     cached = [cached for _, _, cached in with_reuse]
     assert cached[0] == 0
     for turn in range(1, 5):  # the previous prompt and the answer's first token were kept
         assert cached[turn] == with_reuse[turn - 1][1] + 1
+    # Head, trunk session and tail hold exactly the conversation: the fifth prompt and the fifth
+    # answer's tokens but its last (chosen, never fed); nothing skipped, nothing fed twice.
+    (kept,) = engine.cache._kept
+    fed = with_reuse[4][1] + 16 - 1
+    assert len(kept.fed) == kept.head_state.seen == kept.tail_state.seen == fed
+    (session,) = trunk.service._sessions.values()
+    assert trunk.service.executor.state_tokens(session.state) == fed
 
 
 def test_a_conversation_that_does_not_extend_the_kept_one_starts_afresh(

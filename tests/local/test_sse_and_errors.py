@@ -107,7 +107,7 @@ def test_refusals_are_400_in_openai_shape(
 def test_openai_client_raises_its_own_bad_request_error(make_local: Callable[..., Any]) -> None:
     local, _ = make_local()
     with (
-        openai.OpenAI(base_url=local.url + "/v1", api_key="unused") as oai,
+        openai.OpenAI(base_url=local.url + "/v1", api_key="unused", max_retries=0) as oai,
         pytest.raises(openai.BadRequestError) as caught,
     ):
         oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], n=2)
