@@ -43,9 +43,15 @@ def make_local(http_client: SplitClient) -> Iterator[Callable[..., tuple[Backgro
     started: list[BackgroundLocal] = []
 
     def make(
-        client: SplitClient | None = None, *, conversations: int = 4, idle_s: float = 300.0, **app: Any
+        client: SplitClient | None = None,
+        *,
+        conversations: int = 4,
+        idle_s: float = 300.0,
+        default_max_tokens: int = 512,
+        **app: Any,
     ) -> tuple[BackgroundLocal, LocalEngine]:
-        engine = LocalEngine(client or http_client, ConversationCache(conversations, idle_s))
+        cache = ConversationCache(conversations, idle_s)
+        engine = LocalEngine(client or http_client, cache, default_max_tokens=default_max_tokens)
         started.append(BackgroundLocal(build_app(engine, **app)))
         return started[-1], engine
 
