@@ -15,12 +15,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from lambda_split._parts import Head, Tail
+from lambda_split._parts import Head, PartState, Tail
 
 #: ``trunk(hidden (B, T, C), mask (B, T)) -> hidden (B, T, C)``, local or remote.
 TrunkFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``on_text(row, new_text)``, called as text becomes final.
 TextCallback = Callable[[int, str], None]
+#: ``on_step()``, called once per decoding step after its tokens are chosen; it may raise to stop.
+StepCallback = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class GenerationResult:
     time_to_first_token_s: float = 0.0
     elapsed_s: float = 0.0
     logits: list[torch.Tensor] = field(default_factory=list)  # per step (B, V), only if requested
+    #: per row: "stop" (end of sequence or a stop string) or "length" (max_new_tokens reached)
+    finish_reasons: list[str] = field(default_factory=list)
 
     @property
     def new_tokens(self) -> int:
@@ -112,6 +116,9 @@ def generate_tokens(
     on_text: TextCallback | None = None,
     keep_logits: bool = False,
     prefill_chunk: int = 0,
+    head_state: PartState | None = None,
+    tail_state: PartState | None = None,
+    on_step: StepCallback | None = None,
 ) -> GenerationResult:
     """Decode up to ``config.max_new_tokens`` for a left-padded batch.
 
@@ -119,13 +126,18 @@ def generate_tokens(
     does, so a batch gives the same tokens as each row would alone. ``prefill_chunk`` (0: off)
     feeds a longer prompt in steps of at most that many tokens; every part keeps a KV cache,
     so the tokens are those of one prefill step.
+
+    ``head_state`` and ``tail_state`` continue a conversation: the parts' KV caches of the tokens
+    fed so far, with ``trunk`` the session that holds the same tokens; ``input_ids`` are then only
+    the new tokens. Both states are advanced in place. ``on_step`` is called after every step.
     """
     batch = input_ids.shape[0]
     eos_ids = _eos_ids(tokenizer) if config.stop_on_eos else set()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
     warpers = config.warpers()
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-    head_state, tail_state = head.new_state(), tail.new_state()
+    head_state = head_state if head_state is not None else head.new_state()
+    tail_state = tail_state if tail_state is not None else tail.new_state()
     streamers = [_Streamer(tokenizer, config.stop_strings) for _ in range(batch)]
     rows: list[list[int]] = [[] for _ in range(batch)]
     texts = [""] * batch
@@ -174,13 +186,16 @@ def generate_tokens(
                 delta = streamers[row].delta(text, final=done[row] or step == config.max_new_tokens - 1)
                 if delta:
                     on_text(row, delta)
+        if on_step is not None:
+            on_step()
         if all(done):
             break
         ids = next_ids[:, None]  # (B, 1)
         mask = torch.ones_like(ids)
     if not track_text:
         texts = [streamer.text(row) for streamer, row in zip(streamers, rows, strict=True)]
-    return GenerationResult(rows, texts, first_token_at, time.perf_counter() - started, kept)
+    reasons = ["stop" if finished else "length" for finished in done]
+    return GenerationResult(rows, texts, first_token_at, time.perf_counter() - started, kept, reasons)
 
 
 def _choose(

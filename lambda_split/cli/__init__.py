@@ -358,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
     imagine.set_defaults(run=cmd_imagine)
 
+    from lambda_split.cli._local import add_local_parser
+
+    add_local_parser(commands)
+
     from lambda_split.cli.bench import add_arguments as add_bench_arguments
 
     bench = commands.add_parser(
