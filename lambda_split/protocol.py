@@ -50,6 +50,7 @@ from lambda_split._codec import (
     decode_frame,
     encode_frame,
     encode_tensor,
+    wire_roundtrip,
 )
 
 PROTOCOL_VERSION = 1
@@ -109,4 +110,5 @@ __all__ = [
     "error_body",
     "session_path",
     "step_path",
+    "wire_roundtrip",
 ]
