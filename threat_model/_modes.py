@@ -326,7 +326,7 @@ def _diffusion_steps(frames: Sequence[CapturedFrame]) -> list[Any]:
 def _recorded_tensors(bodies: Sequence[tuple[bytes, bytes]]) -> tuple[list[bytes], list[torch.Tensor]]:
     """The tensors (embeddings, latents, noise) of every frame the client sent or received:
     as the codec encoded them, and decoded (for the other float formats and text armour)."""
-    from lambda_split.protocol import FrameError, decode_frame
+    from lambda_split.protocol import Encoding, FrameError, decode_frame
 
     encoded, decoded = [], []
     for body in (b for pair in bodies for b in pair):
@@ -335,6 +335,9 @@ def _recorded_tensors(bodies: Sequence[tuple[bytes, bytes]]) -> tuple[list[bytes
         except FrameError:
             continue
         for name, tensor in frame.tensors.items():
+            if frame.encodings[name] is Encoding.U8:  # byte strings (a scheduler's JSON): as sent
+                encoded.append(bytes(tensor.numpy().tobytes()))
+                continue
             encoded.append(encode_wire(tensor, frame.encodings[name].wire_name))
             if tensor.numel() >= 32:
                 decoded.append(tensor)

@@ -22,7 +22,7 @@ from diffusers import UNet2DConditionModel
 
 from lambda_split._codec import Encoding, Frame, FrameError, FrameKind
 from lambda_split._service import ServiceError, ServiceLimits, TrunkService
-from lambda_split.diffusion._loop import BEGIN_NAMES, ServerLoop, input_digest, start_loop
+from lambda_split.diffusion._loop import BEGIN_NAMES, BYTE_NAMES, ServerLoop, input_digest, start_loop
 from lambda_split.diffusion._trunk import CONTEXT_NAMES, EXACT_NAMES
 
 MAX_ABS_TIMESTEP = 1e5
@@ -101,7 +101,10 @@ class DiffusionExecutor:
 
     def step(self, state: DiffusionState, frame: Frame, limits: ServiceLimits) -> dict[str, torch.Tensor]:
         for name, encoding in frame.encodings.items():
-            if encoding is Encoding.U8 or (name in EXACT_NAMES and encoding is not Encoding.FP32):
+            byte_string = frame.kind is FrameKind.DIFFUSION_BEGIN and name in BYTE_NAMES
+            if (encoding is Encoding.U8) is not byte_string or (
+                name in EXACT_NAMES and encoding is not Encoding.FP32
+            ):
                 raise FrameError(f"tensor {name!r} may not use the {encoding.wire_name} encoding")
         if frame.kind is FrameKind.DIFFUSION_CONTEXT:
             if set(frame.tensors) != self._context_names:

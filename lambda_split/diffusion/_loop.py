@@ -9,8 +9,8 @@ runs the same scheduler over the same numbers, so the device never uploads laten
                         (R, K) FP32: SDXL]
                        noise     (B, C, H, W) FP32: the pipeline's initial draw, before init_noise_sigma
                        params    (3,) or (4,) FP32: num_inference_steps, guidance_scale, eta[, n]
-                       scheduler (n,) FP32 bytes: the scheduler's diffusers JSON (``to_json_string``)
-                       [generator (m,) FP32 bytes: torch CPU generator state, if the scheduler's
+                       scheduler (n,) U8: the scheduler's diffusers JSON (``to_json_string``)
+                       [generator (m,) U8: torch CPU generator state, if the scheduler's
                         step draws noise]
     DIFFUSION_ADVANCE  step (1,) or (2,) FP32: the index of the next U-Net call (1, 2, ...)[, n]
 
@@ -26,8 +26,7 @@ model input and timestep (fp32, little-endian) as 62 nibbles between two markers
 64 small integers, one int8 block, which every wire encoding carries exactly. The device
 checks it against its own U-Net input at every call.
 The wire encoding of the loop is that of ``encoder_hidden_states`` in the begin frame.
-Byte strings cross as FP32 values 0..255, one per byte (U8 is the codec's mask encoding,
-which no wire-level tool expects in a diffusion frame); they are a few kilobytes, once.
+Byte strings cross as U8 tensors, one element per byte; they are a few kilobytes, once.
 """
 
 from __future__ import annotations
@@ -69,11 +68,12 @@ MAX_GUIDANCE = 1e3
 DIGEST_MARK = 127.0
 DIGEST_WIDTH = INT8_BLOCK
 BEGIN_NAMES = frozenset({"noise", "params", "scheduler", "generator"})
+BYTE_NAMES = frozenset({"scheduler", "generator"})  # byte strings, U8
 
 
 def bytes_tensor(raw: bytes) -> torch.Tensor:
-    """A byte string as the FP32 tensor of its byte values (how byte strings cross in these frames)."""
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).float()
+    """A byte string as a uint8 tensor (sent in the U8 encoding)."""
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
 def input_digest(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -201,13 +201,11 @@ def start_loop(frame: Frame, *, sdxl: bool, in_channels: int, max_steps: int) ->
 
 def _bytes(frame: Frame, name: str, limit: int) -> bytes:
     value = frame.tensor(name, rank=1)
-    if frame.encodings[name] is not Encoding.FP32:
-        raise FrameError(f"tensor {name!r} must be FP32")
+    if frame.encodings[name] is not Encoding.U8:
+        raise FrameError(f"tensor {name!r} must be U8 (bytes)")
     if value.shape[0] > limit:
         raise FrameError(f"tensor {name!r} is at most {limit} bytes")
-    if not bool(((value >= 0) & (value <= 255) & (value == value.round())).all()):
-        raise FrameError(f"tensor {name!r} must hold byte values 0..255")
-    return bytes(value.to(torch.uint8).numpy().tobytes())
+    return bytes(value.numpy().tobytes())
 
 
 def _generator(frame: Frame) -> torch.Generator:

@@ -89,7 +89,7 @@ class ServerLatentsTrunk(RemoteSession):
         self.calls_per_frame = max(1, calls_per_frame)
         self._begin = {
             "noise": (noise.float(), Encoding.FP32),
-            "scheduler": (bytes_tensor(scheduler.to_json_string().encode()), Encoding.FP32),
+            "scheduler": (bytes_tensor(scheduler.to_json_string().encode()), Encoding.U8),
         }
         self._params = [float(steps), float(guidance), float(eta)]
         self._generator = generator if step_accepts(scheduler, "generator") else None
@@ -127,7 +127,7 @@ class ServerLatentsTrunk(RemoteSession):
             }
             if self._generator is not None:  # its state now, after the pipeline drew the initial noise
                 state = bytes(self._generator.get_state().numpy().tobytes())
-                tensors["generator"] = (bytes_tensor(state), Encoding.FP32)
+                tensors["generator"] = (bytes_tensor(state), Encoding.U8)
             reply = self.exchange(FrameKind.DIFFUSION_BEGIN, tensors, FrameKind.DIFFUSION_RESULT)
             self._sent = dict(context)
         else:

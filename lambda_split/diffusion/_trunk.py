@@ -29,7 +29,7 @@ TrunkFn = Callable[[torch.Tensor, torch.Tensor, Context], torch.Tensor]
 CONTEXT_NAMES = ("encoder_hidden_states", "text_embeds", "time_ids")
 #: Tensors that must cross exactly, whatever the wire encoding (SDXL time ids reach 1024+; the initial
 #: noise, loop parameters, byte strings and step index of the latents-on-server frames).
-EXACT_NAMES = frozenset({"time_ids", "timestep", "noise", "params", "scheduler", "generator", "step"})
+EXACT_NAMES = frozenset({"time_ids", "timestep", "noise", "params", "step"})
 
 
 class TrunkUNet(torch.nn.Module):

@@ -32,8 +32,8 @@ def begin_tensors(
         "encoder_hidden_states": (torch.randn(2, 77, 32), F32),
         "noise": (torch.randn(1, 4, side, side), F32),
         "params": (torch.tensor([float(steps), 5.0, 0.0]), F32),
-        "scheduler": (raw(scheduler), F32),
-        "generator": (raw(torch.Generator().manual_seed(0).get_state().numpy().tobytes()), F32),
+        "scheduler": (raw(scheduler), U8),
+        "generator": (raw(torch.Generator().manual_seed(0).get_state().numpy().tobytes()), U8),
     }
 
 
@@ -104,7 +104,7 @@ def test_more_steps_than_a_session_runs_are_refused_up_front(strict_service: Any
     tensors["params"] = (torch.tensor([3.0, 5.0, 0.0]), F32)
     session.send(FrameKind.DIFFUSION_BEGIN, tensors)
     heun = json.loads(EULER) | {"_class_name": "HeunDiscreteScheduler"}
-    tensors["scheduler"] = (raw(json.dumps(heun)), F32)  # 3 Heun steps are 5 U-Net calls
+    tensors["scheduler"] = (raw(json.dumps(heun)), U8)  # 3 Heun steps are 5 U-Net calls
     tensors.pop("generator")
     refused(lambda: session.send(FrameKind.DIFFUSION_BEGIN, tensors), 422, "session_step_limit")
     strict_service[0].close_session("alice", session.sid)
@@ -120,18 +120,19 @@ def test_oversized_latents_are_refused(session: Session) -> None:
         {
             "scheduler": (
                 raw(json.dumps(json.loads(EULER) | {"_class_name": "FlowMatchEulerDiscreteScheduler"})),
-                F32,
+                U8,
             )
         },
-        {"scheduler": (raw(json.dumps(json.loads(EULER) | {"num_train_timesteps": 10**9})), F32)},
-        {"scheduler": (raw(json.dumps(json.loads(EULER) | {"beta_schedule": "no-such-schedule"})), F32)},
-        {"scheduler": (raw(b"\xff not json"), F32)},
-        {"scheduler": (raw(" " * (64 * 1024 + 1)), F32)},
+        {"scheduler": (raw(json.dumps(json.loads(EULER) | {"num_train_timesteps": 10**9})), U8)},
+        {"scheduler": (raw(json.dumps(json.loads(EULER) | {"beta_schedule": "no-such-schedule"})), U8)},
+        {"scheduler": (raw(b"\xff not json"), U8)},
+        {"scheduler": (raw(" " * (64 * 1024 + 1)), U8)},
         {"scheduler": (torch.ones(8).to(torch.uint8), U8)},
-        {"scheduler": (raw(EULER), Encoding.FP16)},
-        {"scheduler": (raw(EULER) + 0.5, F32)},
-        {"generator": (raw(b"x" * 5056) * 3, F32)},
-        {"generator": (raw(b"short"), F32)},
+        {"scheduler": (raw(EULER).float(), F32)},
+        {"scheduler": (raw(EULER).float(), Encoding.FP16)},
+        {"generator": (raw(b"x" * (16 * 1024 + 1)), U8)},
+        {"generator": (raw(b"short"), U8)},
+        {"generator": (raw(b"x" * 5056).float(), F32)},
         {"generator": None},
         {"noise": (torch.randn(1, 4, 32, 32), I8)},
         {"noise": (torch.randn(1, 3, 32, 32), F32)},
