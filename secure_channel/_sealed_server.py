@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from secure_channel._exceptions import InvalidRecord
 from secure_channel._identity import AESGCM_EXTENSION
+from secure_channel._routing import ROUTE_MISMATCH, ROUTE_MISMATCH_MESSAGE, ROUTE_MISMATCH_STATUS, _same_route
 from secure_channel._sealed_stream import OPEN_ACK, _compact, _expand, _opening
 from secure_channel._wire import ROUTE_HEADER, _error_body
 
@@ -50,6 +51,9 @@ async def _serve_sealed_stream(
         await _deny(send, 401, "unknown_session", "unknown or expired session; handshake again")
         return
     sid, session = found
+    if not _same_route(scope, session.route):
+        await _deny(send, ROUTE_MISMATCH_STATUS, ROUTE_MISMATCH, ROUTE_MISMATCH_MESSAGE)
+        return
     if session.busy:
         await _deny(send, 409, "session_busy", "this channel session is already in use")
         return
