@@ -4,7 +4,13 @@ import threading
 from collections.abc import Mapping
 
 from secure_channel._base import Request, Response, SecurityMode, Stream, Transport
-from secure_channel._exceptions import AuthenticationError, InvalidRecord, SessionLost, TransportError
+from secure_channel._exceptions import (
+    AuthenticationError,
+    InvalidRecord,
+    SessionLost,
+    StreamClosed,
+    TransportError,
+)
 from secure_channel._handshake import MAX_MESSAGE, ClientHandshake, _route_context
 from secure_channel._keys import Credentials
 from secure_channel._records import DEFAULT_REKEY_MESSAGES, DEFAULT_REKEY_SECONDS, OVERHEAD, ClientChannel
@@ -129,7 +135,8 @@ class AESGCMTransport(Transport):
         self._channel = None
         self._channel = self._new_channel(self.route)
 
-    def _new_channel(self, route: str) -> ClientChannel:
+    def _new_channel(self, route: str | None = None) -> ClientChannel:
+        route = self.route if route is None else route
         hs = ClientHandshake(self._creds, self._server_name, route=route)
         msg3 = hs.process_msg2(self._handshake_step(hs.start(), route))
         sid, c2s, s2c = hs.finish(self._handshake_step(msg3, route))
@@ -152,14 +159,14 @@ class AESGCMTransport(Transport):
         with self._lock:
             channel = self._new_channel(route)
         all_headers = {**given, ROUTE_HEADER: route, SESSION_HEADER: channel.session_id.hex()}
-        try:
-            inner = self.inner.open_stream(path, all_headers)
-        except TransportError as exc:
-            if ROUTE_MISMATCH in str(exc):
-                raise _route_error(route) from exc
-            raise
+        inner = self.inner.open_stream(path, all_headers)
         try:
             return SealedStream(inner, channel, path, route)
+        except StreamClosed as exc:
+            inner.close()
+            if exc.reason == ROUTE_MISMATCH:
+                raise _route_error(route) from exc
+            raise
         except BaseException:
             inner.close()
             raise

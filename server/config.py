@@ -56,6 +56,8 @@ class ServerConfig:
     max_sessions_per_identity: int = 32  # one device cannot take every session (not in plain mode)
     # proxies whose X-Forwarded-For/-Proto uvicorn believes: comma-separated IPs or CIDRs; none by default
     trusted_proxies: str = ""
+    # rolling restarts: after SIGTERM, refuse new sessions and wait this long for open ones to end
+    drain_timeout_s: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def service_limits(self) -> ServiceLimits:
