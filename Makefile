@@ -9,8 +9,9 @@ BIN := $(VENV)/bin
 # Extra pip arguments for torch, e.g. TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 TORCH_ARGS ?=
-# Debian packages the tests need (tshark: the packet-capture tests of the threat model).
-SYSTEM_PACKAGES ?= tshark
+# Debian packages the tests need (tshark: the packet-capture tests of the threat model;
+# nginx and its stream module: the reverse-proxy tests in tests/scaleout).
+SYSTEM_PACKAGES ?= tshark nginx libnginx-mod-stream
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages demo test test-fast check clean
