@@ -41,7 +41,12 @@ class Proxy(Transport):
         strip_echo: bool = False,
     ) -> None:
         self.inner, self.rewrite, self.strip_echo = inner, rewrite, strip_echo
-        self.security, self.stats, self.host, self.route = inner.security, inner.stats, inner.host, inner.route
+        self.security, self.stats, self.host, self.route = (
+            inner.security,
+            inner.stats,
+            inner.host,
+            inner.route,
+        )
         self.seen: list[tuple[str, str | None]] = []
 
     def exchange(self, request: Request) -> Response:
