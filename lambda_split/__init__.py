@@ -22,6 +22,14 @@ _EXPORTS = {
         "ProtocolMismatch",
         "ServerError",
         "SplitError",
+        "TrunkUnavailable",
+    ),
+    "lambda_split._failover": (
+        "FailoverEvent",
+        "FailoverPolicy",
+        "Reconnector",
+        "ResilientTrunk",
+        "failover_worthy",
     ),
     "lambda_split._generate": ("GenerationConfig", "GenerationResult", "encode_prompts", "generate_tokens"),
     "lambda_split._local": ("LocalTransport",),
@@ -106,6 +114,24 @@ if TYPE_CHECKING:
     )
     from lambda_split._errors import (
         SplitError as SplitError,
+    )
+    from lambda_split._errors import (
+        TrunkUnavailable as TrunkUnavailable,
+    )
+    from lambda_split._failover import (
+        FailoverEvent as FailoverEvent,
+    )
+    from lambda_split._failover import (
+        FailoverPolicy as FailoverPolicy,
+    )
+    from lambda_split._failover import (
+        Reconnector as Reconnector,
+    )
+    from lambda_split._failover import (
+        ResilientTrunk as ResilientTrunk,
+    )
+    from lambda_split._failover import (
+        failover_worthy as failover_worthy,
     )
     from lambda_split._generate import (
         GenerationConfig as GenerationConfig,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,14 @@ import torch
 
 from lambda_split._codec import Encoding, FrameKind
 from lambda_split._errors import FingerprintMismatch, LimitExceeded, ModeMismatch, ProtocolMismatch
+from lambda_split._failover import (
+    FailoverCallback,
+    FailoverPolicy,
+    Reconnector,
+    ResilientTrunk,
+    _connect_first,
+)
+from lambda_split._failover_client import _FailoverMixin
 from lambda_split._generate import (
     GenerationConfig,
     GenerationResult,
@@ -23,12 +31,12 @@ from lambda_split._generate import (
 from lambda_split._models import Checkpoint, fingerprint, resolve
 from lambda_split._parts import SplitModel, SplitSpec, load_parts
 from lambda_split._session import RemoteSession, check_reply, connect_verified
-from lambda_split._stream import StreamLink, TransportKind, make_link
+from lambda_split._stream import HTTPLink, StreamLink, TransportKind, make_link
 from lambda_split.protocol import (
     INFO_PATH,
     PROTOCOL_VERSION,
 )
-from secure_channel import Request, SecurityMode, Transport
+from secure_channel import Request, SecurityMode, Transport, WireStats
 
 ProgressFn = Callable[[str], None]
 
@@ -101,7 +109,7 @@ class RemoteTrunk(RemoteSession):
         return out.to(hidden.dtype)
 
 
-class SplitClient:
+class SplitClient(_FailoverMixin):
     """Runs a model's head and tail locally and its trunk on a server, through ``transport``.
 
     The transport is required: the security mode is whatever the caller built, and
@@ -116,6 +124,8 @@ class SplitClient:
         info: ServerInfo,
         *,
         wire: str = "fp32",
+        reconnector: Reconnector | None = None,
+        url: str = "",
         prompt_bucket: int = 0,
         transport_kind: TransportKind | None = None,
     ) -> None:
@@ -136,17 +146,29 @@ class SplitClient:
         #: Left-pad prompts to a multiple of this many tokens (0: off). Hides the exact prompt
         #: length from anyone who sees frame sizes, at the cost of computing the padding.
         self.prompt_bucket = prompt_bucket
+        #: Where the trunk is now (it changes on failover), and how to find another (None: failover off).
+        self.url = url
+        self.reconnector = reconnector
+        self.failovers = 0  # sessions rebuilt on another transport, over this client's life
+        self.failover_s = 0.0  # time spent rebuilding them (or failing to)
+        self._transport_kind = transport_kind
+        self._switching = threading.Lock()
+        self._retired: list[tuple[Transport, HTTPLink | StreamLink]] = []  # replaced by failover, still open
+        self._closed_stats = WireStats()  # the byte counts of replaced transports since closed
 
     @classmethod
     def connect(
         cls,
-        url: str,
+        url: str | Sequence[str],
         *,
         security: SecurityMode,
         keys: str | Path | None = None,
         model: str | Checkpoint = "smollm2-135m",
         wire: str = "fp32",
         timeout: float = 60.0,
+        failover: FailoverPolicy | None = FailoverPolicy(),  # noqa: B008 (frozen)
+        on_failover: FailoverCallback | None = None,
+        transport_factory: Callable[[str], Transport] | None = None,
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
         split: str | None = None,
@@ -156,21 +178,45 @@ class SplitClient:
 
         ``split`` (``A:B``), if given, is the split the caller expects; another split on the server is refused.
         Steps go one HTTP request each unless ``transport_kind="stream"`` (one persistent stream).
+
+        ``url`` is one server URL or a list: the first that answers is used, and with ``failover``
+        (on by default) a session whose server is lost mid-generation is rebuilt on the same URL or
+        the others (see :class:`FailoverPolicy`; ``on_failover`` receives each :class:`FailoverEvent`).
+        When none answers: :class:`TrunkUnavailable`. ``transport_factory(url)``, if given, builds
+        each transport instead of ``secure_channel.connect_transport`` in ``security`` mode.
         """
-        return connect_verified(
-            url,
-            security,
-            keys,
-            timeout,
-            lambda transport: cls.from_transport(
-                transport,
-                model,
-                wire=wire,
-                progress=progress,
-                prompt_bucket=prompt_bucket,
-                split=split,
-                transport_kind=transport_kind,
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("no server URL given")
+        from secure_channel import connect_transport
+
+        def factory(target: str) -> Transport:
+            if transport_factory is not None:
+                return transport_factory(target)
+            return connect_transport(target, security, keys_dir=keys, timeout=timeout)
+
+        reconnector = None if failover is None else Reconnector(urls, factory, failover, on_failover)
+        return _connect_first(
+            urls,
+            lambda target: connect_verified(
+                target,
+                security,
+                keys,
+                timeout,
+                lambda transport: cls.from_transport(
+                    transport,
+                    model,
+                    wire=wire,
+                    reconnector=reconnector,
+                    url=target,
+                    progress=progress,
+                    prompt_bucket=prompt_bucket,
+                    split=split,
+                    transport_kind=transport_kind,
+                ),
+                factory,
             ),
+            progress,
         )
 
     @classmethod
@@ -180,11 +226,15 @@ class SplitClient:
         model: str | Checkpoint,
         *,
         wire: str = "fp32",
+        reconnector: Reconnector | None = None,
+        url: str = "",
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
         split: str | None = None,
         transport_kind: TransportKind | None = None,
     ) -> SplitClient:
+        """A client for the server behind ``transport``, verified (see :meth:`connect`). Failover
+        needs a ``reconnector`` (how to reach a server by URL) and the ``url`` of this one."""
         say = progress or (lambda _message: None)
         Encoding.parse(wire)
         make_link(transport, transport_kind)  # an unusable transport kind fails before any model loads
@@ -223,7 +273,14 @@ class SplitClient:
         say(f"loading head and tail of {checkpoint.name}")
         parts = load_parts(checkpoint, spec, ("head", "tail"))
         return cls(
-            transport, parts, info, wire=wire, prompt_bucket=prompt_bucket, transport_kind=transport_kind
+            transport,
+            parts,
+            info,
+            wire=wire,
+            reconnector=reconnector,
+            url=url,
+            prompt_bucket=prompt_bucket,
+            transport_kind=transport_kind,
         )
 
     @property
@@ -255,7 +312,12 @@ class SplitClient:
         keep_logits: bool = False,
     ) -> GenerationResult:
         chunk = self.check_limits(input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
-        trunk = RemoteTrunk(self.link, self.wire)
+        trunk: RemoteTrunk | ResilientTrunk
+        if self.reconnector is None:
+            trunk = RemoteTrunk(self.link, self.wire)
+        else:
+            request = (input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
+            trunk = ResilientTrunk(self, self.reconnector, self.wire, request)
         try:
             return generate_tokens(
                 self.head,
@@ -270,7 +332,12 @@ class SplitClient:
                 prefill_chunk=chunk,
             )
         finally:
-            trunk.close()
+            try:
+                trunk.close()
+            finally:
+                if isinstance(trunk, ResilientTrunk):
+                    self.failovers += trunk.failovers
+                    self.failover_s += trunk.failover_s
 
     def check_limits(self, batch: int, prompt_tokens: int, max_new_tokens: int) -> int:
         """Refuse, before anything is sent, what the server's limits cannot hold; return the prefill
@@ -319,6 +386,7 @@ class SplitClient:
         worker.join()
 
     def close(self) -> None:
+        self.close_retired()
         if isinstance(self.link, StreamLink):
             self.link.shutdown()
         self.transport.close()

@@ -7,17 +7,19 @@ The tree::
     ├── ProtocolMismatch          the server speaks another protocol version, or sent an unexpected reply
     │   └── ModeMismatch          the server runs another security mode (also secure_channel's AuthenticationError)
     ├── FingerprintMismatch       the server's trunk is not the trunk of the local model and split
-    └── LimitExceeded             the request would break a limit the server advertises; nothing was sent
+    ├── LimitExceeded             the request would break a limit the server advertises; nothing was sent
+    └── TrunkUnavailable          no trunk server answered (failover gave up); also a TransportError
 
     ModelNotFoundError            (a FileNotFoundError) the model name or path names no model
 
 Transport failures are secure_channel's: ``TransportError``, ``ChannelTimeout`` and
-``AuthenticationError`` reach the caller unchanged.
+``AuthenticationError`` reach the caller unchanged, except that with failover on (see
+lambda_split._failover) a lost server is retried and, when none takes over, ``TrunkUnavailable``.
 """
 
 from __future__ import annotations
 
-from secure_channel import AuthenticationError
+from secure_channel import AuthenticationError, TransportError
 
 
 class SplitError(Exception):
@@ -55,6 +57,18 @@ class LimitExceeded(SplitError, ValueError):
 
     Found on the client, before any hidden state is sent; the message is in tokens or steps.
     """
+
+
+class TrunkUnavailable(SplitError, TransportError):
+    """No trunk server could be reached, or none took over a lost session within the failover
+    policy's attempts and deadline. ``attempts`` counts the servers tried.
+
+    Also a TransportError, so callers that caught the transport's symptom before keep catching it.
+    """
+
+    def __init__(self, message: str, *, attempts: int = 0) -> None:
+        super().__init__(message)
+        self.attempts = attempts
 
 
 class ModelNotFoundError(FileNotFoundError):

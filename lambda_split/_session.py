@@ -61,13 +61,17 @@ def connect_verified(
     keys: str | Path | None,
     timeout: float,
     verify: Callable[[Transport], T],
+    connect: Callable[[str], Transport] | None = None,
 ) -> T:
-    """Open a transport in ``security`` mode and hand it to ``verify`` (a client's ``from_transport``);
-    the transport is closed again if verification fails."""
+    """Open a transport in ``security`` mode (with ``connect(url)`` if given) and hand it to
+    ``verify`` (a client's ``from_transport``); the transport is closed again if verification fails."""
     from lambda_split._diagnose import explain
     from secure_channel import connect_transport
 
-    transport = connect_transport(url, security, keys_dir=keys, timeout=timeout)
+    if connect is None:
+        transport = connect_transport(url, security, keys_dir=keys, timeout=timeout)
+    else:
+        transport = connect(url)
     try:
         return verify(transport)
     except Exception as exc:

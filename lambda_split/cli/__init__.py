@@ -112,18 +112,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lambda_split._client import SplitClient
+    from lambda_split._failover import FailoverPolicy
     from lambda_split._generate import GenerationConfig
 
     prompt = read_prompt(args.prompt)
     config = _generation_config(args, GenerationConfig)
-    progress(f"connecting to {args.server} ({args.security})")
+    servers = list(args.server)
+    failover = (
+        FailoverPolicy(attempts=args.failover_attempts, deadline_s=args.failover_deadline)
+        if args.failover_attempts
+        else None
+    )
+    progress(f"connecting to {', '.join(servers)} ({args.security})")
     with SplitClient.connect(
-        args.server,
+        servers,
         security=args.security,
         keys=args.keys,
         model=args.model,
         wire=args.wire,
         timeout=args.timeout,
+        failover=failover,
+        on_failover=lambda event: progress(event.describe()),
         progress=progress,
         prompt_bucket=args.pad_prompt,
         split=args.split,
@@ -131,7 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ) as client:
         stream = None if args.json else _Stdout.stream
         result = client.generate(prompt, config, chat=not args.raw, on_text=stream)
-        stats = client.transport.stats
+        stats = client.wire_stats
         if args.json:
             print(json.dumps(_result_json(result, client, stats)))
         else:
@@ -170,6 +179,8 @@ def _result_json(result: Any, client: Any, stats: Any) -> dict[str, Any]:
             "time_to_first_token_s": round(result.time_to_first_token_s, 4),
             "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received,
+            "failovers": client.failovers,
+            "failover_s": round(client.failover_s, 4),
         },
     }
 
@@ -182,6 +193,7 @@ def _summary(result: Any, client: Any, stats: Any) -> str:
         f"{data['time_to_first_token_s']:.2f} s, {per_token:,.0f} wire bytes/token, split "
         f"{client.info.split[0]}:{client.info.split[1]}, security {client.transport.security}, "
         f"wire {client.wire.wire_name}"
+        + (f", {client.failovers} failover(s) in {client.failover_s:.2f} s" if client.failovers else "")
     )
 
 
@@ -293,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
 
     generate = commands.add_parser("generate", help="generate text with the trunk on a server")
-    generate.add_argument("--server", required=True, help="server URL, e.g. https://127.0.0.1:8443")
+    _args.add_generate_servers(generate)
     generate.add_argument("--security", **_security(required=True))
     generate.add_argument("--keys", help="credentials directory from 'keys init'")
     generate.add_argument("--model", required=True, help="model name or path; must match the server's")

@@ -179,10 +179,39 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     return args
 
 
+def add_generate_servers(parser: argparse.ArgumentParser) -> None:
+    """``--server URL`` (repeatable: the first that answers is used, the others take over on failover)
+    and the failover bounds."""
+    parser.add_argument(
+        "--server",
+        required=True,
+        action="append",
+        metavar="URL",
+        help="server URL, e.g. https://127.0.0.1:8443; give it again for replicas that take over when one is lost",
+    )
+    parser.add_argument(
+        "--failover-attempts",
+        type=non_negative_int,
+        default=4,
+        metavar="N",
+        help="passes over the servers to rebuild a lost session (0: no failover; default 4)",
+    )
+    parser.add_argument(
+        "--failover-deadline",
+        type=positive_float,
+        default=30.0,
+        metavar="S",
+        help="give up rebuilding a lost session after S seconds (default 30)",
+    )
+
+
 def _problems(args: argparse.Namespace) -> list[str]:
-    problems = []
+    problems: list[str | None] = []
     if getattr(args, "server", None) and getattr(args, "security", None):
-        problems.append(url_problem(args.server, args.security))
+        servers = args.server if isinstance(args.server, list) else [args.server]
+        problems.extend(url_problem(server, args.security) for server in servers)
+        if len(set(servers)) < len(servers):
+            problems.append("--server: the same URL is given twice")
     if getattr(args, "model", None):
         problems.append(model_problem(args.model))
     if getattr(args, "command", None) == "imagine":
