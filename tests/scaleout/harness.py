@@ -81,20 +81,22 @@ class Replica:
         return f"{parts.hostname}:{parts.port}"
 
     @classmethod
-    def start(cls, mode: str, keys: Path, log: Path, env: Mapping[str, str] | None = None) -> Replica:
-        return cls.start_many(mode, keys, [log], env)[0]
+    def start(
+        cls, mode: str, keys: Path, log: Path, env: Mapping[str, str] | None = None, port: int = 0
+    ) -> Replica:
+        return cls.start_many(mode, keys, [log], env, port)[0]
 
     @classmethod
     def start_many(
-        cls, mode: str, keys: Path, logs: list[Path], env: Mapping[str, str] | None = None
+        cls, mode: str, keys: Path, logs: list[Path], env: Mapping[str, str] | None = None, port: int = 0
     ) -> list[Replica]:
-        """One replica per log file, loading their models side by side."""
+        """One replica per log file, loading their models side by side (on ``port``: one only)."""
         clean = {k: v for k, v in os.environ.items() if not k.startswith("LAMBDA_SPLIT_")}
         argv = [sys.executable, "-m", "lambda_split", "serve", "--model", "tiny-random-llama",
-                "--split", "2:-2", "--security", mode, "--keys", str(keys), "--port", "0"]  # fmt: skip
+                "--split", "2:-2", "--security", mode, "--keys", str(keys), "--port", str(port)]  # fmt: skip
         processes = []
         for log in logs:
-            with log.open("w") as err:
+            with log.open("a") as err:
                 processes.append(
                     subprocess.Popen(
                         argv, stdout=subprocess.PIPE, stderr=err, text=True, env={**clean, **(env or {})}
@@ -215,6 +217,13 @@ class Deployment:
 
     def replica_at(self, address: str) -> Replica:
         return next(r for r in self.replicas if r.address == address)
+
+    def restart(self, replica: Replica) -> Replica:
+        """A new process for ``replica`` (stopped) on its port, in its place in the pool."""
+        port = int(replica.address.rsplit(":", 1)[1])
+        fresh = Replica.start(self.mode, self.keys, replica.log, port=port)
+        self.replicas[self.replicas.index(replica)] = fresh
+        return fresh
 
     def stop(self) -> list[int]:
         self.nginx.stop()
