@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from lambda_split import Checkpoint, GenerationConfig, SplitClient
-from secure_channel import Request
+from secure_channel import AuthenticationError, Request, connect_transport
 from tests.scaleout.conftest import connect, start_deployment
 from tests.scaleout.harness import Deployment, Replica, Tap, wait_exit
 from tests.secure_channel.conftest import PKI
@@ -178,3 +178,21 @@ def test_an_eavesdropper_on_either_leg_sees_only_sealed_records_in_aesgcm(
         proxied = b"".join(s.c2s.data for s in legs["proxy-replica"])
         assert b"POST /v1/secure" in proxied and b"/v1/sessions" not in proxied
         assert b"/v1/secure" not in b"".join(s.c2s.data for s in legs["device-proxy"])
+
+
+@pytest.mark.parametrize("deployment", ["aesgcm"], indirect=True)
+def test_aesgcm_through_the_tls_terminating_proxy_trusts_the_system_store_only(
+    deployment: Deployment, tiny: Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``https://`` URL in ``aesgcm`` mode: TLS to the proxy, checked against the system trust
+    store (SSL_CERT_FILE here, the proxy's CA), the AES-GCM channel inside it to the replica."""
+    direct = generate(deployment, tiny, "http", url=deployment.replicas[0].url)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with pytest.raises(AuthenticationError, match="certificate"):
+        connect_transport(deployment.url, "aesgcm", keys_dir=deployment.keys).exchange(
+            Request("GET", "/v1/info")
+        )
+    monkeypatch.setenv("SSL_CERT_FILE", str(deployment.proxy_ca))
+    transport = connect_transport(deployment.url, "aesgcm", keys_dir=deployment.keys)
+    with SplitClient.from_transport(transport, tiny) as client:
+        assert list(client.generate(PROMPT, GREEDY).token_ids[0]) == direct
