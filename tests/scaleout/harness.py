@@ -29,13 +29,14 @@ from secure_channel import Request, Response, Stream, Transport
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "deploy" / "nginx"
 STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+DEBIAN_NGINX = Path("/usr/sbin/nginx")  # not on a non-root PATH
 INSTALL = "install it with `make system-packages` (apt-get install nginx libnginx-mod-stream)"
 STARTUP_S = 180.0
 
 
 def nginx_binary() -> str:
     """The nginx executable; a clear failure (never a skip) when it is not installed."""
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    found = shutil.which("nginx") or (str(DEBIAN_NGINX) if DEBIAN_NGINX.exists() else None)
     if found is None:
         pytest.fail(f"nginx is not installed: the reverse-proxy tests need it; {INSTALL}")
     return found
