@@ -3,7 +3,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 
-from secure_channel._base import Request, Response, SecurityMode, Stream, Transport
+from secure_channel._base import Request, Response, SecurityMode, Stream, Transport, new_route
 from secure_channel._exceptions import (
     AuthenticationError,
     InvalidRecord,
@@ -89,7 +89,10 @@ class AESGCMTransport(Transport):
             raise ValueError("server_name is required when the inner transport has no host")
         self.security: SecurityMode = _OUTER[inner.security]  # type: ignore[assignment]
         self.stats = inner.stats
-        _route_context(inner.route)  # a bad routing key fails here
+        # The key is this transport's own (the inner one's to start with): every request it sends
+        # names it explicitly, so a wrapper put under it later cannot change it.
+        self._route = getattr(inner, "route", "") or new_route()
+        _route_context(self._route)  # a bad routing key fails here
         self.inner = inner
         self.peer_identity: str | None = None
         self._creds = credentials
@@ -108,12 +111,13 @@ class AESGCMTransport(Transport):
 
     @property
     def route(self) -> str:  # type: ignore[override]
-        return self.inner.route
+        return self._route
 
     def reroute(self) -> str:
         with self._lock:
             self._channel = None
-            return self.inner.reroute()
+            self._route = new_route()
+            return self._route
 
     def _post(
         self,
