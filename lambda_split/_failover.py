@@ -179,8 +179,8 @@ class _History:
 class Reconnector:
     """Finds a server that can take over: the URL list, how to reach one, and the policy.
 
-    ``connect(url)`` returns a verified transport (or raises); which errors are worth another
-    try is :func:`failover_worthy`'s call, everything else is raised at once.
+    ``connect(url)`` returns a new transport (the client then checks the server behind it);
+    which errors are worth another try is :func:`failover_worthy`'s call, the rest are raised.
     """
 
     def __init__(

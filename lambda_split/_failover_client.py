@@ -14,7 +14,8 @@ from lambda_split._codec import Encoding
 from lambda_split._errors import FingerprintMismatch, ModeMismatch
 from lambda_split._failover import Reconnector, failover_worthy
 from lambda_split._stream import HTTPLink, StreamLink, TransportKind, make_link
-from secure_channel import Transport, WireStats
+from lambda_split.protocol import HEALTH_PATH
+from secure_channel import AuthenticationError, Request, Transport, TransportError, WireStats
 
 if TYPE_CHECKING:
     from lambda_split._client import RemoteTrunk, ServerInfo
@@ -62,7 +63,12 @@ class _FailoverMixin:
         try:
             from lambda_split._client import fetch_info  # (the client module imports this one)
 
-            info = fetch_info(transport)
+            try:
+                info = fetch_info(transport)
+            except AuthenticationError as exc:
+                if _unavailable_below(transport):
+                    raise TransportError(f"the trunk server at {url} is unavailable ({exc})") from exc
+                raise
             self._check_same_trunk(info, url, transport.security)
             link = make_link(transport, self._transport_kind)
         except BaseException:
@@ -116,3 +122,20 @@ class _FailoverMixin:
         with self._switching:
             every = [self._closed_stats, self.transport.stats, *(t.stats for t, _ in self._retired)]
         return WireStats(sum(s.bytes_sent for s in every), sum(s.bytes_received for s in every))
+
+
+def _unavailable_below(transport: Transport) -> bool:
+    """After an AES-GCM handshake was refused: is the server behind it merely unavailable? An
+    AESGCMTransport reports any refused handshake as an AuthenticationError, a proxy's 502 and a
+    draining server's 503 included; ``/healthz``, unsealed, on the inner transport (same routing
+    key) tells. Only a 5xx or a broken connection counts: the retry authenticates all over again."""
+    inner = getattr(transport, "inner", None)
+    if not isinstance(inner, Transport):
+        return False
+    try:
+        status = inner.exchange(Request("GET", HEALTH_PATH)).status
+    except TransportError:
+        return True
+    except Exception:
+        return False
+    return status in (502, 503, 504)

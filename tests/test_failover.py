@@ -29,9 +29,11 @@ from lambda_split import (
     GenerationResult,
     ServerError,
     SplitClient,
+    TrunkService,
     TrunkUnavailable,
     encode_prompts,
     failover_worthy,
+    load_llm_service,
 )
 from lambda_split.cli import main
 from lambda_split.protocol import StreamOp
@@ -46,8 +48,10 @@ from secure_channel import (
     StreamUnsupported,
     Transport,
     TransportError,
+    WireStats,
     connect_transport,
 )
+from server import BackgroundServer, ServerConfig
 from tests.secure_channel.conftest import PKI
 from tests.server.conftest import LiveServer, start_server
 
@@ -183,12 +187,29 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return PKI.create(tmp_path_factory.mktemp("failover-pki"))
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny: Checkpoint) -> dict[tuple[str, str], tuple[TrunkService, dict[str, Any]]]:
+    """Trunk services by (mode, split), shared by the replicas of this module: loading is the slow part."""
+    return {}
+
+
 @pytest.fixture
-def servers(tiny: Checkpoint, pki: PKI) -> Iterator[Callable[..., LiveServer]]:
+def servers(
+    tiny: Checkpoint, pki: PKI, loaded: dict[tuple[str, str], tuple[TrunkService, dict[str, Any]]]
+) -> Iterator[Callable[..., LiveServer]]:
+    """Starts servers on free loopback ports. Servers of one mode and split share one loaded trunk
+    (and its sessions), like replicas behind one address; ``limits`` or ``fresh`` get their own."""
     started: list[LiveServer] = []
 
-    def start(mode: str = "plain", split: str = "2:-2", **limits: Any) -> LiveServer:
-        started.append(start_server(tiny, mode, pki.root, split, **limits))
+    def start(mode: str = "plain", split: str = "2:-2", *, fresh: bool = False, **limits: Any) -> LiveServer:
+        if fresh or limits:
+            started.append(start_server(tiny, mode, pki.root, split, **limits))
+            return started[-1]
+        if (mode, split) not in loaded:
+            loaded[mode, split] = load_llm_service(tiny, split, security=mode)
+        config = ServerConfig(model=tiny.name, split=split, security=mode, keys=str(pki.root), port=0)
+        running = BackgroundServer(config, loaded[mode, split])
+        started.append(LiveServer(mode, running.url, pki.root, loaded[mode, split][0], running))
         return started[-1]
 
     yield start
@@ -234,7 +255,7 @@ def test_a_session_the_server_forgot_is_replayed_on_the_same_url(
     servers: Callable[..., LiveServer], tiny: Checkpoint, reference: GenerationResult
 ) -> None:
     """After a restart behind a proxy, or an idle expiry, the server answers 404: replay there."""
-    server = servers(idle_timeout_s=60)
+    server = servers(fresh=True, idle_timeout_s=60)
     now = [0.0]
     server.service._clock = lambda: now[0]
 
@@ -349,10 +370,60 @@ def test_an_authentication_failure_on_reconnect_is_not_retried(
     assert faults.connects == [first.url, second.url]
 
 
+class _Health(Transport):
+    def __init__(self, status: int) -> None:
+        self.status, self.stats, self.security = status, WireStats(), "plain"
+
+    def exchange(self, request: Request) -> Response:
+        assert (request.method, request.path) == ("GET", "/healthz")
+        return Response(self.status, b"{}")
+
+
+class RefusedHandshake(Transport):
+    """What AESGCMTransport raises when the handshake gets any error reply, a draining 503 included."""
+
+    def __init__(self, health: int) -> None:
+        self.inner, self.stats, self.security = _Health(health), WireStats(), "plain"
+
+    def exchange(self, request: Request) -> Response:
+        raise AuthenticationError("server refused the handshake (draining)")
+
+
+@pytest.mark.parametrize(("health", "recovers"), [(503, True), (502, True), (200, False)])
+def test_a_refused_handshake_fails_over_only_if_the_server_is_unavailable(
+    servers: Callable[..., LiveServer],
+    tiny: Checkpoint,
+    reference: GenerationResult,
+    health: int,
+    recovers: bool,
+) -> None:
+    first, second = servers(), servers()
+    faults = Faults(hooks={3: stopping(first)})
+    connect = factory(faults)
+
+    def draining_once(url: str) -> Transport:
+        if url == second.url and faults.connects.count(url) == 0:
+            faults.connects.append(url)
+            return RefusedHandshake(health)
+        return connect(url)
+
+    client = SplitClient.connect(
+        [first.url, second.url], security="plain", model=tiny, failover=FAST, transport_factory=draining_once
+    )
+    with client:
+        if recovers:
+            assert same_answer(tokens(client), reference) and client.failovers == 1
+            assert faults.connects == [first.url, second.url, first.url, second.url]
+        else:
+            with pytest.raises(AuthenticationError):
+                tokens(client)
+            assert faults.connects == [first.url, second.url]
+
+
 def test_a_replacement_with_another_trunk_is_refused_and_sees_nothing(
     servers: Callable[..., LiveServer], tiny: Checkpoint
 ) -> None:
-    first, other = servers(), servers(split="3:-2")
+    first, other = servers(), servers(split="3:-2", fresh=True)
     faults = Faults(hooks={3: stopping(first)})
     with (
         client_for([first.url, other.url], tiny, faults) as client,
