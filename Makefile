@@ -10,8 +10,9 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_ARGS ?=
 # Debian packages the tests need (tshark: the packet-capture tests of the threat model;
-# chromium, chromium-driver: the chat page of `lambda-split local` in a real browser).
-SYSTEM_PACKAGES ?= tshark chromium chromium-driver
+# chromium, chromium-driver: the chat page of `lambda-split local` in a real browser;
+# nginx and its stream module: the reverse-proxy tests in tests/scaleout).
+SYSTEM_PACKAGES ?= tshark chromium chromium-driver nginx libnginx-mod-stream
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages demo test test-fast check clean

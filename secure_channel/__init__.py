@@ -19,6 +19,7 @@ from secure_channel._base import (
     Transport,
     WireStats,
     check_security_mode,
+    new_route,
 )
 from secure_channel._ca import (
     CertificateAuthority,
@@ -42,6 +43,7 @@ from secure_channel._exceptions import (
 )
 from secure_channel._factory import connect_transport
 from secure_channel._handshake import ClientHandshake, ServerHandshake
+from secure_channel._hop_tls import HopTLSTransport
 from secure_channel._identity import peer_identity
 from secure_channel._keys import (
     Credentials,
@@ -75,6 +77,7 @@ __all__ = [
     "CountingBackend",
     "Credentials",
     "CredentialsError",
+    "HopTLSTransport",
     "InvalidRecord",
     "IssuedCertificate",
     "KeysUsageError",
@@ -111,6 +114,7 @@ __all__ = [
     "generate_credentials",
     "list_certificates",
     "load_credentials",
+    "new_route",
     "peer_identity",
     "read_crl",
     "server_ssl_context",

@@ -3,9 +3,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 
-from secure_channel._base import Request, Response, SecurityMode, Stream, Transport
-from secure_channel._exceptions import AuthenticationError, InvalidRecord, SessionLost, TransportError
-from secure_channel._handshake import MAX_MESSAGE, ClientHandshake
+from secure_channel._base import Request, Response, SecurityMode, Stream, Transport, new_route
+from secure_channel._exceptions import (
+    AuthenticationError,
+    InvalidRecord,
+    SessionLost,
+    StreamClosed,
+    TransportError,
+)
+from secure_channel._handshake import MAX_MESSAGE, ClientHandshake, _route_context
 from secure_channel._keys import Credentials
 from secure_channel._records import DEFAULT_REKEY_MESSAGES, DEFAULT_REKEY_SECONDS, OVERHEAD, ClientChannel
 from secure_channel._sealed_stream import SealedStream
@@ -25,6 +31,15 @@ _OUTER = {"plain": "aesgcm", "tls": "tls+aesgcm"}
 #: one the client cannot know whether the request already ran; only these are re-sent.
 _RESPONSE_META = 64 * 1024  # status and headers inside a sealed response
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+ROUTE_MISMATCH = "route_mismatch"
+
+
+def _route_error(sent: str, seen: str | None = None) -> AuthenticationError:
+    said = "" if seen is None else f" (sent {sent!r}, the server saw {seen!r})"
+    return AuthenticationError(
+        f"the routing key {ROUTE_HEADER} was rewritten on the way, or the session was moved to "
+        f"another server{said}: the channel is bound to its key, so this is refused"
+    )
 
 
 def _error_code(response: Response) -> str:
@@ -44,6 +59,11 @@ class AESGCMTransport(Transport):
     session, and when the record counters run out. A reply of ``401 unknown_session`` is
     not authenticated (anyone on the path can forge one), so only idempotent requests are
     re-sent after it; any other raises :class:`SessionLost` and the next exchange handshakes again.
+
+    Every request carries the inner transport's routing key (:attr:`route`) in the clear, and the
+    handshake binds it into the channel keys; the server refuses a sealed request or stream
+    whose key differs from its channel's (``421 route_mismatch``), and this transport then raises
+    :class:`AuthenticationError` naming the routing key.
     """
 
     def __init__(
@@ -69,6 +89,10 @@ class AESGCMTransport(Transport):
             raise ValueError("server_name is required when the inner transport has no host")
         self.security: SecurityMode = _OUTER[inner.security]  # type: ignore[assignment]
         self.stats = inner.stats
+        # The key is this transport's own (the inner one's to start with): every request it sends
+        # names it explicitly, so a wrapper put under it later cannot change it.
+        self._route = getattr(inner, "route", "") or new_route()
+        _route_context(self._route)  # a bad routing key fails here
         self.inner = inner
         self.peer_identity: str | None = None
         self._creds = credentials
@@ -85,10 +109,25 @@ class AESGCMTransport(Transport):
             rekey_after_seconds=rekey_after_seconds,
         )
 
+    @property
+    def route(self) -> str:  # type: ignore[override]
+        return self._route
+
+    def reroute(self) -> str:
+        with self._lock:
+            self._channel = None
+            self._route = new_route()
+            return self._route
+
     def _post(
-        self, path: str, body: bytes, headers: dict[str, str] | None = None, limit: int | None = None
+        self,
+        path: str,
+        body: bytes,
+        route: str,
+        headers: dict[str, str] | None = None,
+        limit: int | None = None,
     ) -> Response:
-        all_headers = {"content-type": CONTENT_TYPE, **(headers or {})}
+        all_headers = {"content-type": CONTENT_TYPE, **(headers or {}), ROUTE_HEADER: route}
         return self.inner.exchange(Request("POST", path, body, all_headers, max_response_bytes=limit))
 
     def handshake(self) -> None:
@@ -98,33 +137,49 @@ class AESGCMTransport(Transport):
 
     def _handshake(self) -> None:
         self._channel = None
-        self._channel = self._new_channel()
+        self._channel = self._new_channel(self.route)
 
-    def _new_channel(self) -> ClientChannel:
-        hs = ClientHandshake(self._creds, self._server_name)
-        msg3 = hs.process_msg2(self._handshake_step(hs.start()))
-        sid, c2s, s2c = hs.finish(self._handshake_step(msg3))
+    def _new_channel(self, route: str | None = None) -> ClientChannel:
+        route = self.route if route is None else route
+        hs = ClientHandshake(self._creds, self._server_name, route=route)
+        msg3 = hs.process_msg2(self._handshake_step(hs.start(), route))
+        sid, c2s, s2c = hs.finish(self._handshake_step(msg3, route))
         self.peer_identity = hs.peer_identity
-        return ClientChannel(
+        channel = ClientChannel(
             sid, c2s, s2c, rekey_after_messages=self._rekey[0], rekey_after_seconds=self._rekey[1]
         )
+        channel.route = route
+        return channel
 
     def open_stream(self, path: str, headers: Mapping[str, str] | None = None) -> Stream:
         """A stream of sealed records (see :mod:`secure_channel._sealed_stream`) over the inner
         transport's stream, on a channel session of its own: a fresh handshake, whose session id
-        the upgrade request names; the first record binds ``path`` and the routing key header."""
+        the upgrade request names. The routing key is the one in ``headers`` if any, else
+        :attr:`route`; the handshake requests and the upgrade carry it and bind it, and the first
+        record binds it again with ``path``."""
+        given = {k.lower(): v for k, v in (headers or {}).items()}
+        route = given.get(ROUTE_HEADER) or self.route
+        _route_context(route)
         with self._lock:
-            channel = self._new_channel()
-        all_headers = {**(headers or {}), SESSION_HEADER: channel.session_id.hex()}
+            channel = self._new_channel(route)
+        all_headers = {**given, ROUTE_HEADER: route, SESSION_HEADER: channel.session_id.hex()}
         inner = self.inner.open_stream(path, all_headers)
         try:
-            return SealedStream(inner, channel, path, all_headers.get(ROUTE_HEADER, ""))
+            return SealedStream(inner, channel, path, route)
+        except StreamClosed as exc:
+            inner.close()
+            if exc.reason == ROUTE_MISMATCH:
+                raise _route_error(route) from exc
+            raise
         except BaseException:
             inner.close()
             raise
 
-    def _handshake_step(self, message: bytes) -> bytes:
-        response = self._post(HANDSHAKE_PATH, message, limit=MAX_MESSAGE)
+    def _handshake_step(self, message: bytes, route: str) -> bytes:
+        response = self._post(HANDSHAKE_PATH, message, route, limit=MAX_MESSAGE)
+        seen = response.headers.get(ROUTE_HEADER)
+        if (seen is not None and seen != route) or _error_code(response) == ROUTE_MISMATCH:
+            raise _route_error(route, seen)
         if response.status != 200:
             raise AuthenticationError(f"server refused the handshake ({_error_code(response)})")
         return response.content
@@ -146,13 +201,18 @@ class AESGCMTransport(Transport):
                 record, sequence = channel.seal_request(plaintext)
                 limit = request.max_response_bytes
                 limit = None if limit is None else limit + OVERHEAD + _RESPONSE_META
-                response = self._post(SECURE_PATH, record, {SESSION_HEADER: channel.session_id.hex()}, limit)
+                response = self._post(
+                    SECURE_PATH, record, channel.route, {SESSION_HEADER: channel.session_id.hex()}, limit
+                )
                 if response.status == 200:
                     try:
                         return _decode_response(channel.open_response(response.content, sequence))
                     except _WireFormatError as exc:
                         raise TransportError("server sent a malformed sealed response") from exc
                 code = _error_code(response)
+                if code == ROUTE_MISMATCH:
+                    self._channel = None
+                    raise _route_error(channel.route)
                 if response.status == 401 and code == "unknown_session":
                     self._channel = None
                     if request.method.upper() not in IDEMPOTENT_METHODS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -77,6 +78,11 @@ class Stream:
         """Close the stream politely. Idempotent."""
 
 
+def new_route() -> str:
+    """A fresh routing key: 32 random hex digits (128 bits from :mod:`secrets`)."""
+    return secrets.token_hex(16)
+
+
 class Transport:
     """Carries requests to the trunk server and returns its responses.
 
@@ -89,6 +95,16 @@ class Transport:
     security: SecurityMode
     #: Socket byte counters; transports that do not touch a socket leave them at zero.
     stats: WireStats
+    #: The routing key: random per transport, sent in the clear as ``x-lambda-route`` on every
+    #: request and stream upgrade, so a reverse proxy hashing on it sends them all to one replica
+    #: (in the ``aesgcm`` modes it is bound into the channel's handshake). "" for transports
+    #: that do not reach a network.
+    route: str = ""
+
+    def reroute(self) -> str:
+        """Pick a new routing key (after a failover: the next requests may land elsewhere) and
+        return it. Sealed channels bound to the old key are dropped."""
+        return self.route
 
     def exchange(self, request: Request) -> Response:
         """Send ``request`` and return the complete response.

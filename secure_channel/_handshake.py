@@ -12,7 +12,12 @@ Frames (``v`` = 0x01, integers big-endian, ``H`` = SHA-256, ``||`` = concatenati
 Key schedule: ``prk = HKDF-Extract(salt = nC || nS, ikm = X25519(e, E'))``, then every
 key is ``HKDF-Expand(prk, label || th, 32)`` with ``th = H(msg1 || msg2 header)`` for the
 handshake keys (``kSh``, ``kCh``, ``kSf``, ``kCf``) and ``th = H(msg1 || msg2 || msg3)`` for
-the traffic keys (``c2s``, ``s2c``). The handshake payloads are encrypted under single-use
+the traffic keys (``c2s``, ``s2c``). When the client names a routing key ``r`` (the clear-text
+``x-lambda-route`` a reverse proxy hashes on), every transcript above starts with
+``"lambda-split v1 route" || 0x00 || u16 len(r) || r`` before ``msg1``: a server that saw another
+key (a proxy rewrote it, or moved the handshake) derives other keys and its msg2 fails to open,
+and the channel's keys belong to that key alone. With no key the transcripts are unchanged.
+The handshake payloads are encrypted under single-use
 keys (all-zero nonce) so certificates, and thus identities, stay hidden from passive observers.
 
     sigS = Sign(skS, "lambda-split v1 server sig" || H(msg1 || msg2 header || certS))
@@ -28,6 +33,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import re
 import struct
 
 from cryptography import x509
@@ -54,6 +60,20 @@ MSG4_SIZE = 2 + SESSION_ID_SIZE + 32
 MAX_MESSAGE = MSG2_HEADER_SIZE + 2 + MAX_CERT + 2 + MAX_SIG + 32 + 16
 _ZERO_NONCE = bytes(12)
 _PUBLIC_RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+MAX_ROUTE = 128
+_ROUTE = re.compile(r"[0-9A-Za-z_-]*")
+
+
+def _route_context(route: str) -> bytes:
+    """The transcript prefix that binds the routing key ``route`` ("" binds nothing).
+
+    Raises ValueError for a key that is not 0-128 characters of ``[0-9A-Za-z_-]``.
+    """
+    if not isinstance(route, str) or len(route) > MAX_ROUTE or not _ROUTE.fullmatch(route):
+        raise ValueError("a routing key is at most 128 characters of [0-9A-Za-z_-]")
+    if not route:
+        return b""
+    return b"lambda-split v1 route\x00" + struct.pack(">H", len(route)) + route.encode("ascii")
 
 
 def _h(*parts: bytes) -> bytes:
@@ -171,11 +191,16 @@ CLIENT_SIG = b"lambda-split v1 client sig"
 
 
 class ClientHandshake:
-    """Client side: ``start() -> msg1``, ``process_msg2(msg2) -> msg3``, ``finish(msg4) -> keys``."""
+    """Client side: ``start() -> msg1``, ``process_msg2(msg2) -> msg3``, ``finish(msg4) -> keys``.
 
-    def __init__(self, credentials: Credentials, server_name: str) -> None:
+    ``route`` is the routing key the requests carry in the clear; it is bound into the transcript.
+    """
+
+    def __init__(self, credentials: Credentials, server_name: str, *, route: str = "") -> None:
         if credentials.role != "client":
             raise ValueError("ClientHandshake needs client credentials")
+        self._context = _route_context(route)
+        self.route = route
         self._creds = credentials
         self._server_name = server_name
         self._eph = x25519.X25519PrivateKey.generate()
@@ -205,18 +230,19 @@ class ClientHandshake:
             raise _fail("malformed msg2")
         header = msg2[:MSG2_HEADER_SIZE]
         sid, e_s, n_s = header[2:18], header[18:50], header[50:82]
-        keys = _Keys(_dh(self._eph, e_s), self._nonce, n_s, _h(self._msg1, header))
+        t1 = self._context + self._msg1
+        keys = _Keys(_dh(self._eph, e_s), self._nonce, n_s, _h(t1, header))
         cert, sig, mac = _unpack_payload(_open(keys.server_hs, msg2[MSG2_HEADER_SIZE:], header))
-        prefix = self._msg1 + header
+        prefix = t1 + header
         _verify_peer(self._creds, cert, sig, SERVER_SIG, prefix, server_name=self._server_name)
         if not hmac.compare_digest(mac, hmac.digest(keys.server_fin, _h(prefix, cert, sig), "sha256")):
             raise _fail("bad server finished MAC")
         header3 = bytes((HS_VERSION, MSG3)) + sid
-        prefix3 = self._msg1 + msg2 + header3
+        prefix3 = t1 + msg2 + header3
         payload = _pack_payload(self._creds, CLIENT_SIG, keys.client_fin, prefix3)
         msg3 = header3 + _seal(keys.client_hs, payload, header3)
         self._keys, self.session_id, self.peer_identity = keys, sid, cert_identity(cert)
-        self._th_final = _h(self._msg1, msg2, msg3)
+        self._th_final = _h(t1, msg2, msg3)
         return msg3
 
     def finish(self, msg4: bytes) -> tuple[bytes, bytes, bytes]:
@@ -233,13 +259,18 @@ class ClientHandshake:
 
 
 class ServerHandshake:
-    """Server side of one handshake: build it from msg1, send ``.msg2``, then ``finish(msg3)``."""
+    """Server side of one handshake: build it from msg1, send ``.msg2``, then ``finish(msg3)``.
 
-    def __init__(self, credentials: Credentials, msg1: bytes) -> None:
+    ``route`` is the routing key msg1 arrived with; it is bound into the transcript.
+    """
+
+    def __init__(self, credentials: Credentials, msg1: bytes, *, route: str = "") -> None:
         if credentials.role != "server":
             raise ValueError("ServerHandshake needs server credentials")
         if len(msg1) != MSG1_SIZE or msg1[:2] != bytes((HS_VERSION, MSG1)):
             raise _fail("malformed msg1")
+        t1 = _route_context(route) + msg1
+        self.route = route
         eph = x25519.X25519PrivateKey.generate()
         self.session_id = os.urandom(SESSION_ID_SIZE)
         n_s = os.urandom(32)
@@ -247,10 +278,10 @@ class ServerHandshake:
             bytes((HS_VERSION, MSG2)) + self.session_id + eph.public_key().public_bytes(*_PUBLIC_RAW) + n_s
         )
         self._creds = credentials
-        self._keys = _Keys(_dh(eph, msg1[2:34]), msg1[34:66], n_s, _h(msg1, header))
-        payload = _pack_payload(credentials, SERVER_SIG, self._keys.server_fin, msg1 + header)
+        self._keys = _Keys(_dh(eph, msg1[2:34]), msg1[34:66], n_s, _h(t1, header))
+        payload = _pack_payload(credentials, SERVER_SIG, self._keys.server_fin, t1 + header)
         self.msg2 = header + _seal(self._keys.server_hs, payload, header)
-        self._prefix = msg1 + self.msg2
+        self._prefix = t1 + self.msg2
         self._done = False
         self.peer_cert: x509.Certificate | None = None
 

@@ -9,9 +9,10 @@ from urllib.parse import urlsplit
 
 import httpcore
 
-from secure_channel._base import Request, Response, SecurityMode, Stream, Transport, WireStats
+from secure_channel._base import Request, Response, SecurityMode, Stream, Transport, WireStats, new_route
 from secure_channel._exceptions import AuthenticationError, ChannelTimeout, TransportError
 from secure_channel._net import CountingBackend, _tls_failure
+from secure_channel._wire import ROUTE_HEADER
 
 DEFAULT_TIMEOUT = 30.0
 #: Default cap on one response body, enforced while reading (a hostile server cannot make us buffer more).
@@ -70,6 +71,7 @@ class _HTTPCoreTransport(Transport):
         self.base_url = base_url.rstrip("/")
         self.security = security
         self.stats = WireStats()
+        self.route = new_route()
         self._timeout = timeout
         self._ssl_context = ssl_context
         self._pool = httpcore.ConnectionPool(
@@ -85,13 +87,25 @@ class _HTTPCoreTransport(Transport):
     def host(self) -> str:
         return self._host
 
+    def reroute(self) -> str:
+        self.route = new_route()
+        return self.route
+
+    def _with_route(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """``headers`` plus this transport's routing key, unless they name one already."""
+        out = dict(headers or {})
+        if not any(k.lower() == ROUTE_HEADER for k in out):
+            out[ROUTE_HEADER] = self.route
+        return out
+
     def exchange(self, request: Request) -> Response:
         """Send ``request`` over HTTP/1.1 on a pooled connection and read the whole response."""
         if self._closed:
             raise TransportError("transport is closed")
         if not request.path.startswith("/"):
             raise ValueError("request path must start with '/'")
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
+        routed = self._with_route(request.headers)
+        headers = [(k, v) for k, v in routed.items() if k.lower() not in _HOP_BY_HOP]
         timeouts = {"connect": self._timeout, "read": self._timeout, "write": self._timeout}
         limit = min(request.max_response_bytes or self._max_response, self._max_response)
         try:
@@ -128,7 +142,7 @@ class _HTTPCoreTransport(Transport):
             stats=self.stats,
             ssl_context=self._ssl_context,
             timeout=self._timeout,
-            headers=headers,
+            headers=self._with_route(headers),
             max_message=self._max_response,
         )
         self._streams.add(stream)

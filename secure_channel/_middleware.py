@@ -23,12 +23,14 @@ from secure_channel._records import (
     SESSION_ID_SIZE,
     ServerChannel,
 )
+from secure_channel._routing import _request_route, _RouteMismatch, _same_route, _send_route_mismatch
 from secure_channel._sealed_server import _serve_sealed_stream
 from secure_channel._trust import ServerTrust
 from secure_channel._wire import (
     CONTENT_TYPE,
     HANDSHAKE_PATH,
     HEALTH_PATH,
+    ROUTE_HEADER,
     SECURE_PATH,
     SESSION_HEADER,
     _decode_request,
@@ -57,6 +59,7 @@ class _Session:
     identity: str
     created: float
     expires: float  # the clock value at which the peer certificate expires
+    route: str = ""  # the routing key the handshake bound
     busy: bool = False
     revoked: bool = False
 
@@ -82,6 +85,7 @@ async def _respond(
     body: bytes,
     content_type: str = "application/json",
     retry_after: int | None = None,
+    route: str | None = None,
 ) -> None:
     headers = [
         (b"content-type", content_type.encode()),
@@ -90,6 +94,8 @@ async def _respond(
     ]
     if retry_after is not None:
         headers.append((b"retry-after", str(retry_after).encode()))
+    if route is not None:  # handshake replies echo the routing key they arrived with
+        headers.append((ROUTE_HEADER.encode(), route.encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -116,6 +122,11 @@ class AESGCMMiddleware:
     channel session and send its sealed opening within ``stream_open_timeout_s``; one identity holds
     at most ``max_streams_per_identity`` of them, so it cannot make the server buffer many
     unauthenticated openings at once.
+
+    Routing key: the clear ``x-lambda-route`` of msg1 is bound into the handshake transcript and
+    into the session; msg3, every sealed request and the stream upgrade must carry the same key,
+    or get ``421 route_mismatch`` (a proxy rewrote it, or moved the session). Handshake replies
+    echo the key they saw, so the client can name a rewrite.
     """
 
     def __init__(
@@ -232,22 +243,31 @@ class AESGCMMiddleware:
         if self._handshakes >= self._max_handshakes:
             await _error(send, 503, "overloaded", "too many handshakes in progress; retry shortly")
             return
+        try:
+            route = _request_route(scope)
+        except ValueError:
+            await _error(send, 400, "bad_route", f"{ROUTE_HEADER} must be 0-128 characters of [0-9A-Za-z_-]")
+            return
         self._handshakes += 1
         try:
-            reply = await self._handshake_step(body)
+            reply = await self._handshake_step(body, route)
+        except _RouteMismatch:
+            logger.warning("aesgcm handshake routing key changed between msg1 and msg3")
+            await _send_route_mismatch(send)
+            return
         except AuthenticationError as exc:
             logger.warning("aesgcm %s", exc)
             await _error(send, 401, "handshake_failed", "handshake failed")
             return
         finally:
             self._handshakes -= 1
-        await _respond(send, 200, reply, CONTENT_TYPE)
+        await _respond(send, 200, reply, CONTENT_TYPE, route=route)
 
-    async def _handshake_step(self, body: bytes) -> bytes:
+    async def _handshake_step(self, body: bytes, route: str) -> bytes:
         # The ECDSA and X25519 work runs on a worker thread so it never stalls the event loop.
         if len(body) >= 2 and body[1] == MSG1:
             self._trust.maybe_reload()
-            hs = await asyncio.to_thread(ServerHandshake, self._trust.credentials, body)
+            hs = await asyncio.to_thread(ServerHandshake, self._trust.credentials, body, route=route)
             if len(self._pending) >= self._max_sessions:
                 self._pending.popitem(last=False)
             self._pending[hs.session_id] = (hs, self._clock())
@@ -258,6 +278,8 @@ class AESGCMMiddleware:
         entry = self._pending.get(sid)
         if entry is None or sid in self._claimed:
             raise AuthenticationError("handshake failed: unknown, expired or busy handshake")
+        if entry[0].route != route:
+            raise _RouteMismatch
         self._claimed.add(sid)
         try:  # verify first: a junk msg3 must not cancel the real client's handshake
             reply, c2s, s2c, identity = await asyncio.to_thread(entry[0].finish, body)
@@ -274,7 +296,7 @@ class AESGCMMiddleware:
         )
         now = self._clock()
         lifetime = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
-        self._sessions[sid] = _Session(channel, identity, now, now + lifetime)
+        self._sessions[sid] = _Session(channel, identity, now, now + lifetime, route)
         return reply
 
     def _session(self, scope: Scope) -> tuple[bytes, _Session] | None:
@@ -299,6 +321,9 @@ class AESGCMMiddleware:
             await _error(send, 401, "unknown_session", "unknown or expired session; handshake again")
             return
         sid, session = found
+        if not _same_route(scope, session.route):
+            await _send_route_mismatch(send)
+            return
         if session.busy:
             await _error(send, 409, "session_busy", "one sealed request at a time per session")
             return

@@ -243,6 +243,8 @@ class ClientChannel:
         rekey_after_seconds: float = DEFAULT_REKEY_SECONDS,
     ) -> None:
         self.session_id = session_id
+        #: The routing key the handshake bound (set by the transport that ran it).
+        self.route = ""
         self._sealer = RecordSealer(
             c2s_key,
             session_id=session_id,

@@ -2,7 +2,8 @@
 
 :class:`AESGCMMiddleware` hands every WebSocket scope here. The upgrade must name a live
 channel session (``x-lambda-session``, from a handshake over HTTP); the first message must be
-the sealed opening that binds the path and the routing key. Only then does the app see the
+the sealed opening that binds the path and the routing key (a key that differs from the
+upgrade's, which a proxy hashed on, closes the stream with 1008 ``route_mismatch``). Only then does the app see the
 stream, with the peer identity in its scope and every message already opened; whatever it
 sends is sealed and bound to the request it answers. The channel session belongs to the
 stream from then on (a sealed HTTP request naming it gets 409) and is dropped when it ends.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from secure_channel._exceptions import InvalidRecord
 from secure_channel._identity import AESGCM_EXTENSION
+from secure_channel._routing import ROUTE_MISMATCH
 from secure_channel._sealed_stream import OPEN_ACK, _compact, _expand, _opening
 from secure_channel._wire import ROUTE_HEADER, _error_body
 
@@ -95,7 +97,11 @@ async def _check_opening(
         await _close(send, POLICY, "invalid_record")
         return False
     if plaintext != _opening(scope["path"], route):
-        await _close(send, POLICY, "the opening does not match the upgrade request")
+        # the client's own key is in its sealed opening: a proxy rewrote the upgrade's key
+        same_path = plaintext.startswith(_opening(scope["path"], ""))
+        await _close(
+            send, POLICY, ROUTE_MISMATCH if same_path else "the opening does not match the upgrade request"
+        )
         return False
     await send(
         {"type": "websocket.send", "bytes": _compact(session.channel.seal_response(OPEN_ACK, sequence))}

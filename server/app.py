@@ -22,6 +22,7 @@ from lambda_split import ServiceError, TrunkService
 from lambda_split.protocol import FRAME_CONTENT_TYPE, METRICS_PATH, STREAM_PATH
 from secure_channel import AESGCMMiddleware, Credentials, ServerTrust, peer_identity
 from server.config import ServerConfig
+from server.drain import DRAINING, Drain
 from server.middleware import (
     BodyLimitMiddleware,
     ConcurrencyLimitMiddleware,
@@ -60,12 +61,15 @@ def error(status: int, code: str, message: str, retry_after: int | None = None) 
 
 
 class TrunkEndpoints:
-    def __init__(self, service: TrunkService, info: dict[str, Any], metrics: Metrics) -> None:
+    def __init__(self, service: TrunkService, info: dict[str, Any], metrics: Metrics, drain: Drain) -> None:
         self.service = service
         self.info = info
         self.metrics = metrics
+        self.drain = drain
 
     async def healthz(self, request: Request) -> Response:
+        if self.drain.draining:  # health checks take a draining replica out of the pool
+            return JSONResponse({"status": DRAINING}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def get_info(self, request: Request) -> Response:
@@ -79,6 +83,7 @@ class TrunkEndpoints:
             wire = None
         if not isinstance(wire, str):
             return error(400, "bad_request", 'body must be JSON like {"wire": "fp16"}')
+        self.drain.check()
         reply = self.service.open_session(owner_of(request.scope), wire)
         LOGGER.info("session opened", extra={"fields": {"client": owner_of(request.scope), "wire": wire}})
         return JSONResponse(reply, status_code=201)
@@ -140,16 +145,22 @@ def build_app(
     config: ServerConfig,
     credentials: Credentials | ServerTrust | None = None,
     metrics: Metrics | None = None,
+    drain: Drain | None = None,
 ) -> Starlette:
-    """Assemble the trunk server. ``credentials`` are required in every mode but plain."""
+    """Assemble the trunk server. ``credentials`` are required in every mode but plain; ``drain``
+    is begun by whoever handles SIGTERM (a fresh one, never begun, if not given)."""
     if config.security != "plain" and credentials is None:
         raise ValueError(f"security mode {config.security} needs server credentials")
     metrics = metrics or Metrics()
     metrics.watch(service)
-    endpoints = TrunkEndpoints(service, info, metrics)
-    streams = TrunkStreamEndpoint(service, stream_limits(config), owner_of, client_key)
+    drain = drain or Drain(service, config.drain_timeout_s)
+    endpoints = TrunkEndpoints(service, info, metrics, drain)
+    streams = TrunkStreamEndpoint(service, stream_limits(config), owner_of, client_key, drain)
     Gauge("lambda_split_open_streams", "Open trunk streams", registry=metrics.registry).set_function(
         lambda: sum(streams.open_streams.values())
+    )
+    Gauge("lambda_split_draining", "1 while the replica drains", registry=metrics.registry).set_function(
+        lambda: float(drain.draining)
     )
     routes = [
         Route("/healthz", endpoints.healthz, methods=["GET"]),

@@ -60,6 +60,8 @@ class ServerConfig:
     step_deadline_s: float = 30.0  # a step still queued after this fails with 503 step_timeout
     # proxies whose X-Forwarded-For/-Proto uvicorn believes: comma-separated IPs or CIDRs; none by default
     trusted_proxies: str = ""
+    # rolling restarts: after SIGTERM, refuse new sessions and wait this long for open ones to end
+    drain_timeout_s: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def service_limits(self) -> ServiceLimits:

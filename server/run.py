@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -17,6 +18,7 @@ from lambda_split import ServiceLimits, SplitSpec, TrunkService, load_llm_servic
 from secure_channel import ChannelError, ServerTrust, load_credentials, uvicorn_config
 from server.app import build_app
 from server.config import ENV_PREFIX, ConfigError, ServerConfig
+from server.drain import Drain
 from server.observability import LOGGER, configure_logging
 
 DIFFUSION_MODELS = ("tiny-random-sd", "tiny-random-sdxl")
@@ -49,7 +51,11 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 class ReadyServer(uvicorn.Server):
     """A uvicorn server on an already bound socket that reports its URL once it accepts connections
-    and, on SIGHUP, reloads its certificate and revocation list (``trust``) without a restart."""
+    and, on SIGHUP, reloads its certificate and revocation list (``trust``) without a restart.
+
+    With a ``drain``, the first SIGTERM drains (:mod:`server.drain`) and then shuts down; SIGINT,
+    or any signal during a drain, shuts down at once.
+    """
 
     def __init__(
         self,
@@ -58,6 +64,7 @@ class ReadyServer(uvicorn.Server):
         on_ready: Callable[[str], None],
         listener: socket.socket,
         trust: ServerTrust | None = None,
+        drain: Drain | None = None,
     ) -> None:
         super().__init__(config)
         self.scheme = scheme
@@ -65,7 +72,9 @@ class ReadyServer(uvicorn.Server):
         self.listener = listener
         self.url = ""
         self.trust = trust
+        self.drain = drain
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Future[None] | None = None
 
     def reload(self) -> None:
         """Re-read the server certificate and crl.pem; on failure keep serving with the old ones."""
@@ -83,6 +92,35 @@ class ReadyServer(uvicorn.Server):
 
     def _on_sighup(self, _sig: int, _frame: object) -> None:
         self.request_reload()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Signal handler (and, from any thread, the way tests send one)."""
+        drain, loop = self.drain, self._loop
+        first = drain is not None and not drain.draining and not self.should_exit
+        if sig == signal.SIGTERM and first and drain is not None and loop is not None:
+            drain.begin()
+            loop.call_soon_threadsafe(self._start_drain)
+            return
+        if drain is not None and drain.draining:
+            self.force_exit = True  # a second signal: no more waiting
+        super().handle_exit(sig, frame)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        if self.drain is None:  # pragma: no cover - only scheduled with a drain
+            return
+        open_sessions = self.drain.service.open_sessions
+        LOGGER.info(
+            "draining", extra={"fields": {"open_sessions": open_sessions, "timeout_s": self.drain.timeout_s}}
+        )
+        drained = await self.drain.wait()
+        fields = {"open_sessions": self.drain.service.open_sessions}
+        (LOGGER.info if drained else LOGGER.warning)(
+            "drained" if drained else "drain deadline passed", extra={"fields": fields}
+        )
+        self.should_exit = True
 
     def run(self, sockets: list[socket.socket] | None = None) -> None:
         try:
@@ -159,6 +197,8 @@ def build_server(
     """Validate ``config`` (fails closed), bind the port, load credentials and then the trunk,
     and return a ready-to-run server. Every check that can fail runs before the model loads."""
     config.validate()
+    if not config.drain_timeout_s >= 0:
+        raise ConfigError("drain_timeout_s must be 0 or more")
     listener = bind_listener(config.host, config.port)
     try:
         trust: ServerTrust | None = None
@@ -167,7 +207,8 @@ def build_server(
         trunk_service, info = service or load_service(config, progress)
         if trust is not None:
             trust.subscribe(trunk_service.close_owners)  # a revoked device loses its trunk sessions
-        app = build_app(trunk_service, info, config, trust)
+        drain = Drain(trunk_service, config.drain_timeout_s)
+        app = build_app(trunk_service, info, config, trust, drain=drain)
         proxies = [p.strip() for p in config.trusted_proxies.split(",") if p.strip()]
         uv_config = uvicorn_config(
             app,
@@ -189,7 +230,7 @@ def build_server(
     except BaseException:
         listener.close()
         raise
-    return ReadyServer(uv_config, scheme, on_ready, listener, trust)
+    return ReadyServer(uv_config, scheme, on_ready, listener, trust, drain)
 
 
 def serve(
@@ -198,7 +239,7 @@ def serve(
     on_ready: Callable[[str], None],
     progress: Callable[[str], None] = lambda _m: None,
 ) -> int:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully and return 0."""
+    """Serve until SIGTERM (after a drain) or SIGINT, then shut down gracefully and return 0."""
     configure_logging()
     server = build_server(config, on_ready=on_ready, progress=progress)
     server.run()

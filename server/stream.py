@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from lambda_split import ServiceError, TrunkService
 from lambda_split.protocol import StreamOp
+from server.drain import DRAINING, DRAINING_MESSAGE, Drain
 from server.observability import LOGGER
 
 POLICY, TOO_BIG, NOT_BINARY = 1008, 1009, 1003
@@ -78,8 +79,10 @@ class TrunkStreamEndpoint:
         limits: StreamLimits,
         owner_of: Callable[[Scope], str],
         client_key: Callable[[Scope], str],
+        drain: Drain | None = None,
     ) -> None:
         self.service = service
+        self.drain = drain
         self.limits = limits
         self.owner_of = owner_of
         self.client_key = client_key
@@ -90,6 +93,9 @@ class TrunkStreamEndpoint:
         if (await receive())["type"] != "websocket.connect":
             return
         owner, key = self.owner_of(scope), self.client_key(scope)
+        if self.drain is not None and self.drain.draining:
+            await _deny(send, 503, DRAINING, DRAINING_MESSAGE)
+            return
         if sum(self.open_streams.values()) >= self.limits.max_streams:
             await _deny(send, 503, "too_many_streams", "the server holds its maximum number of streams")
             return
@@ -166,6 +172,8 @@ class TrunkStreamEndpoint:
                 wire = None
             if not isinstance(wire, str):
                 raise ServiceError(400, "bad_request", 'body must be JSON like {"wire": "fp16"}')
+            if self.drain is not None:
+                self.drain.check()
             reply = self.service.open_session(owner, wire)
             sessions.add(reply["session_id"])
             LOGGER.info("session opened", extra={"fields": {"client": owner, "wire": wire, "path": "stream"}})

@@ -41,7 +41,7 @@ from secure_channel import (
 )
 from secure_channel._keys import _name, _pem, _san
 from secure_channel._records import ClientChannel, RecordOpener, ReplayWindow
-from secure_channel._wire import SECURE_PATH, SESSION_HEADER
+from secure_channel._wire import ROUTE_HEADER, SECURE_PATH, SESSION_HEADER
 
 from .conftest import PKI, EchoServer, _start
 
@@ -194,7 +194,7 @@ def test_a_junk_msg3_does_not_cancel_the_real_handshake(
     servers: dict[str, EchoServer], client_creds: Credentials
 ) -> None:
     with PlainTransport(servers["aesgcm"].url) as raw:
-        ch = ClientHandshake(client_creds, "127.0.0.1")
+        ch = ClientHandshake(client_creds, "127.0.0.1", route=raw.route)
         msg2 = raw.exchange(Request("POST", "/v1/handshake", ch.start())).content
         msg3 = ch.process_msg2(msg2)
         junk = msg3[:18] + bytes(len(msg3) - 18)  # same session id, garbage payload
@@ -210,9 +210,9 @@ def test_handshake_crypto_runs_off_the_event_loop(
     seen: list[threading.Thread] = []
     real = middleware_module.ServerHandshake
 
-    def recording(*args: object) -> object:
+    def recording(*args: object, **kwargs: object) -> object:
         seen.append(threading.current_thread())
-        return real(*args)  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(middleware_module, "ServerHandshake", recording)
     with AESGCMTransport(PlainTransport(servers["aesgcm"].url), client_creds) as t:
@@ -266,7 +266,11 @@ def test_one_sealed_request_at_a_time_per_session(
 
     first, _ = channel.seal_request(_encode_request(Request("POST", "/slow")))
     second, _ = channel.seal_request(_encode_request(Request("POST", "/slow")))
-    headers = {SESSION_HEADER: channel.session_id.hex(), "content-type": "application/octet-stream"}
+    headers = {
+        SESSION_HEADER: channel.session_id.hex(),
+        ROUTE_HEADER: channel.route,
+        "content-type": "application/octet-stream",
+    }
     statuses: list[int] = []
     with PlainTransport(url) as a, PlainTransport(url) as b:
         worker = threading.Thread(
@@ -432,9 +436,9 @@ def test_handshakes_in_flight_are_capped(
 
     release, real = threading.Event(), middleware_module.ServerHandshake
 
-    def slow(*args: object) -> object:
+    def slow(*args: object, **kwargs: object) -> object:
         release.wait(10)
-        return real(*args)  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(middleware_module, "ServerHandshake", slow)
     gate = middleware_module.AESGCMMiddleware(echo_app([]), server_creds, max_handshakes_in_flight=1)
@@ -476,13 +480,14 @@ def test_sealed_bytes_awaiting_authentication_are_capped(
         with socket.create_connection(("127.0.0.1", port)) as slow:  # declares 1500 bytes, sends 10
             slow.sendall(
                 f"POST {SECURE_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 1500\r\n"
-                f"{SESSION_HEADER}: {one._channel.session_id.hex()}\r\n\r\n".encode()
+                f"{SESSION_HEADER}: {one._channel.session_id.hex()}\r\n"
+                f"{ROUTE_HEADER}: {one.route}\r\n\r\n".encode()
                 + bytes(10)
             )
             for _ in range(500):
                 if gate._buffered:
                     break
                 threading.Event().wait(0.01)
-            headers = {SESSION_HEADER: two._channel.session_id.hex()}
+            headers = {SESSION_HEADER: two._channel.session_id.hex(), ROUTE_HEADER: two.route}
             with PlainTransport(url) as raw:
                 assert raw.exchange(Request("POST", SECURE_PATH, bytes(1000), headers)).status == 503

@@ -29,7 +29,7 @@ from secure_channel import (
 )
 from secure_channel._http import _HTTPCoreTransport
 from secure_channel._tls import _has_client_auth_eku
-from secure_channel._wire import SECURE_PATH, SESSION_HEADER, _decode_response
+from secure_channel._wire import ROUTE_HEADER, SECURE_PATH, SESSION_HEADER, _decode_response
 
 from .conftest import PKI, EchoServer
 
@@ -200,7 +200,7 @@ def test_aesgcm_reordered_outside_the_window(aes_server: EchoServer, client_cred
     channel = t._channel
     assert channel is not None
     records = [channel.seal_request(b"\x00\x00\x00\x02{}")[0] for _ in range(70)]
-    headers = {SESSION_HEADER: channel.session_id.hex()}
+    headers = {SESSION_HEADER: channel.session_id.hex(), ROUTE_HEADER: channel.route}
     before = len(aes_server.calls)
     with PlainTransport(aes_server.url) as raw:
         authentic = raw.exchange(Request("POST", SECURE_PATH, records[69], headers))
