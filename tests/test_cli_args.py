@@ -79,7 +79,7 @@ def test_bad_values_exit_2_naming_the_option(
         ("ftp://127.0.0.1:8443", "plain", "expected http://HOST:PORT for --security plain"),
         ("127.0.0.1:8443", "tls", "expected https://HOST:PORT for --security tls"),
         ("http://127.0.0.1:8443", "tls+aesgcm", "must be https://HOST:PORT"),
-        ("https://127.0.0.1:8443", "aesgcm", "must be http://HOST:PORT"),
+        ("https://127.0.0.1:8443", "plain", "must be http://HOST:PORT"),
         ("http://127.0.0.1:8443/v1", "plain", "without a path"),
         ("http://127.0.0.1:99999", "plain", "invalid port"),
     ],
@@ -90,6 +90,14 @@ def test_a_url_that_cannot_fit_the_mode_exits_2_with_the_expected_form(
     argv = ["generate", "--server", url, "--security", security, "--model", "tiny-random-llama", "hi"]
     assert expected in usage_error(capsys, argv)
     assert nothing_runs == []
+
+
+def test_aesgcm_takes_http_or_https_to_a_tls_terminating_proxy() -> None:
+    from lambda_split.cli._args import url_problem
+
+    assert url_problem("http://127.0.0.1:8443", "aesgcm") is None
+    assert url_problem("https://trunk.example.com", "aesgcm") is None
+    assert url_problem("https://127.0.0.1:8443", "plain") is not None
 
 
 def test_a_missing_model_file_is_named_before_anything_loads(

@@ -52,7 +52,14 @@ from secure_channel._records import (
     SESSION_ID_SIZE,
     TAG_SIZE,
 )
-from secure_channel._wire import CONTENT_TYPE, HANDSHAKE_PATH, HEALTH_PATH, SECURE_PATH, SESSION_HEADER
+from secure_channel._wire import (
+    CONTENT_TYPE,
+    HANDSHAKE_PATH,
+    HEALTH_PATH,
+    ROUTE_HEADER,
+    SECURE_PATH,
+    SESSION_HEADER,
+)
 from threat_model._capture._reassembly import DirectionName, TcpStream
 
 __all__ = [
@@ -180,11 +187,13 @@ _DATE = re.compile(
     r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d\d:\d\d:\d\d GMT"
 )
 _SESSION = re.compile(f"[0-9a-f]{{{2 * SESSION_ID_SIZE}}}")
+_ROUTE = re.compile("[0-9a-f]{32}")
 _REQUEST_HEADERS: dict[str, re.Pattern[str]] = {
     "host": _HOST,
     "content-length": _DIGITS,
     "content-type": re.compile(re.escape(CONTENT_TYPE)),
     SESSION_HEADER: _SESSION,
+    ROUTE_HEADER: _ROUTE,  # random per channel, for a proxy to hash on; bound into the handshake
 }
 _RESPONSE_HEADERS: dict[str, re.Pattern[str]] = {
     "date": _DATE,
@@ -193,6 +202,7 @@ _RESPONSE_HEADERS: dict[str, re.Pattern[str]] = {
     "x-content-type-options": re.compile("nosniff"),
     "content-length": _DIGITS,
     "content-type": re.compile(re.escape(CONTENT_TYPE) + "|application/json"),
+    ROUTE_HEADER: _ROUTE,  # handshake replies echo the key the server saw
 }
 _REQUEST_LINES = {
     f"POST {HANDSHAKE_PATH} HTTP/1.1": HANDSHAKE_PATH,

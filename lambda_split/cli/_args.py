@@ -106,7 +106,8 @@ def url_problem(url: str, security: str) -> str | None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return f"--server {url!r} is not a server URL; expected {form} for --security {security}"
-    if parts.scheme != scheme:
+    # aesgcm may also cross TLS to a TLS-terminating reverse proxy (deploy/README.md): https://
+    if parts.scheme != scheme and not (security == "aesgcm" and parts.scheme == "https"):
         return f"--server {url!r}: --security {security} speaks {scheme}, so the URL must be {form}"
     try:
         parts.port  # noqa: B018 (raises on a bad port)
