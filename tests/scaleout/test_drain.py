@@ -69,7 +69,8 @@ def test_sigterm_lets_the_generation_finish_refuses_new_sessions_then_exits(
             seen["open"] = (opened.status, _json(opened))
 
     transport = Trigger(replica.url, after=3, action=drain_and_look)
-    with SplitClient.from_transport(transport, tiny) as client:
+    # One request per step, so the trigger sees them; the stream's drain runs through nginx in test_proxy.
+    with SplitClient.from_transport(transport, tiny, transport_kind="http") as client:
         assert client.generate(PROMPT, GREEDY).token_ids == expected
     assert seen["health"] == (503, {"status": "draining"})
     status, body = seen["open"]  # type: ignore[misc]
