@@ -18,6 +18,7 @@ no compute at failover time. A replay discloses this whole history to the new se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -63,6 +64,11 @@ def failover_worthy(exc: BaseException) -> bool:
     if isinstance(exc, (StreamUnsupported, TrunkUnavailable, AuthenticationError)):
         return False
     return isinstance(exc, TransportError)
+
+
+def _answered(exc: BaseException) -> bool:
+    """True if the server answered the failed step (a 5xx other than a lost session), so a close reaches it."""
+    return isinstance(exc, ServerError) and exc.status not in _LOST_SESSION_STATUSES
 
 
 @dataclass(frozen=True)
@@ -279,7 +285,11 @@ class ResilientTrunk:
     def _recover(self, lost: BaseException, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         started = time.monotonic()
         failed_url = self.host.url
-        self.trunk = None  # abandoned, not closed: its server is gone, or forgot it, or expires it
+        if self.trunk is not None and _answered(lost):
+            # The server is up and still holds the session: close it now, not at its idle expiry.
+            with contextlib.suppress(Exception):
+                self.trunk.close()
+        self.trunk = None  # otherwise abandoned: its server is gone or forgot it
         self.reconnector.report(FailoverEvent("lost", failed_url, _reason(lost)))
         last, tries = lost, 0
         for _attempt, url in self.reconnector.schedule(failed_url, started):

@@ -10,6 +10,7 @@ no session is open, or when ``timeout_s`` has passed; then the server shuts down
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 
@@ -25,8 +26,8 @@ class Drain:
     def __init__(
         self, service: TrunkService, timeout_s: float, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        if not timeout_s >= 0:
-            raise ValueError("drain_timeout_s must be 0 or more")
+        if not (math.isfinite(timeout_s) and timeout_s >= 0):
+            raise ValueError("drain_timeout_s must be a finite number of seconds, 0 or more")
         self.service = service
         self.timeout_s = timeout_s
         self.draining = False

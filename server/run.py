@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import signal
 import socket
 import threading
@@ -197,8 +198,8 @@ def build_server(
     """Validate ``config`` (fails closed), bind the port, load credentials and then the trunk,
     and return a ready-to-run server. Every check that can fail runs before the model loads."""
     config.validate()
-    if not config.drain_timeout_s >= 0:
-        raise ConfigError("drain_timeout_s must be 0 or more")
+    if not (math.isfinite(config.drain_timeout_s) and config.drain_timeout_s >= 0):
+        raise ConfigError("drain_timeout_s must be a finite number of seconds, 0 or more")
     listener = bind_listener(config.host, config.port)
     try:
         trust: ServerTrust | None = None

@@ -338,15 +338,20 @@ def test_a_refused_step_is_not_retried(
     assert faults.connects == [server.url] and events == []
 
 
-@pytest.mark.parametrize(("status", "code"), [(502, "bad_gateway"), (503, "draining"), (504, "timeout")])
+@pytest.mark.parametrize(
+    ("status", "code"), [(502, "bad_gateway"), (503, "draining"), (503, "step_timeout"), (504, "timeout")]
+)
 def test_a_proxy_or_draining_reply_fails_over(
     servers: Callable[..., LiveServer], tiny: Checkpoint, reference: GenerationResult, status: int, code: str
 ) -> None:
-    server = servers()
+    server = servers(fresh=True)
     faults = Faults(hooks={3: error_reply(status, code)})
     with client_for([server.url], tiny, faults) as client:
         assert same_answer(tokens(client), reference)
         assert client.failovers == 1
+    # The server answered, so the session left behind was closed, not left to hold memory until
+    # its idle expiry (or count against the session limits of the replay that follows).
+    assert server.service.open_sessions == 0
 
 
 def test_an_authentication_failure_on_reconnect_is_not_retried(

@@ -79,6 +79,11 @@ class ConversationCache:
         with self._lock:
             return self._expire()
 
+    def pop_oldest(self) -> Conversation | None:
+        """Remove and return the least recently used conversation (the caller closes it), if any."""
+        with self._lock:
+            return self._kept.pop(0) if self._kept else None
+
     def drain(self) -> list[Conversation]:
         with self._lock:
             kept, self._kept = self._kept, []

@@ -187,7 +187,17 @@ class LocalEngine:
         )
 
     def _new_conversation(self) -> Conversation:
-        trunk = RemoteTrunk(self.client.link, self.client.wire)
+        while True:
+            try:
+                trunk = RemoteTrunk(self.client.link, self.client.wire)
+                break
+            except ServerError as exc:
+                # The trunk holds only so many sessions (per stream, per identity, in all): a kept
+                # idle conversation gives up its session before a new request is refused.
+                oldest = self.cache.pop_oldest() if exc.code.startswith("too_many_sessions") else None
+                if oldest is None:
+                    raise
+                oldest.close()
         return Conversation(trunk, self.client.head.new_state(), self.client.tail.new_state())
 
     def _max_new_tokens(self, request: ChatRequest, prompt_tokens: int) -> int:

@@ -33,7 +33,9 @@ def split_client(request: pytest.FixtureRequest, trunk: LiveServer) -> Iterator[
 
 @pytest.fixture(scope="session")
 def http_client(trunk: LiveServer) -> Iterator[SplitClient]:
-    with SplitClient.connect(trunk.url, security=MODE, keys=trunk.keys, model="tiny-random-llama") as client:
+    with SplitClient.connect(
+        trunk.url, security=MODE, keys=trunk.keys, model="tiny-random-llama", transport_kind="http"
+    ) as client:
         yield client
 
 

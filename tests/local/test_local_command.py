@@ -47,7 +47,8 @@ def test_serves_until_sigterm_then_exits_0(trunk: LiveServer) -> None:
         assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
         models = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()
         assert [m["id"] for m in models["data"]] == ["tiny-random-llama"]
-        body = {"messages": [{"role": "user", "content": "secret prompt"}], "max_tokens": 3}
+        # greedy: a sampled end token would end the answer early (OpenAI's default temperature is 1)
+        body = {"messages": [{"role": "user", "content": "secret prompt"}], "max_tokens": 3, "temperature": 0}
         reply = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
         answer = reply.json()["choices"][0]["message"]["content"]

@@ -81,3 +81,21 @@ def test_a_client_that_disconnects_mid_stream_ends_its_trunk_session(
     assert seen == 4
     assert wait_for(lambda: trunk.service.open_sessions == 0, timeout=60)
     assert len(engine.cache) == 0
+
+
+def test_kept_conversations_make_room_for_a_new_one_on_a_full_stream(
+    split_client: SplitClient, trunk: LiveServer, make_local: Callable[..., Any]
+) -> None:
+    """The stream carries at most 4 sessions (the server's per-stream limit), and 4 kept
+    conversations hold 4 of them: a fifth conversation closes the least recently used one."""
+    local, engine = make_local(split_client, conversations=4)
+    prompts = [f"Question number {n}?" for n in range(6)]
+    with httpx.Client(base_url=local.url, timeout=120) as http:
+        for prompt in prompts:
+            body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "temperature": 0}
+            reply = http.post("/v1/chat/completions", json=body)
+            assert reply.status_code == 200, reply.text
+    assert len(engine.cache) == 4
+    assert trunk.service.open_sessions == 4
+    engine.close()
+    assert wait_for(lambda: trunk.service.open_sessions == 0)

@@ -130,7 +130,7 @@ def test_api_key_is_required_when_set(make_local: Callable[..., Any]) -> None:
         oai.models.list()
     with openai.OpenAI(base_url=local.url + "/v1", api_key="s3cret") as oai:
         reply = oai.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+            model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0
         )
     assert reply.usage is not None and reply.usage.completion_tokens == 2
     assert httpx.get(local.url + "/", timeout=10).status_code == 200  # the page itself asks for the key

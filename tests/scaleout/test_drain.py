@@ -120,11 +120,12 @@ def test_the_drain_deadline_ends_a_drain_that_a_session_keeps_open(
         server.stop()
 
 
-def test_a_negative_drain_timeout_is_refused(
-    tiny: Checkpoint, tmp_path_factory: pytest.TempPathFactory
+@pytest.mark.parametrize("timeout_s", [-1.0, float("inf"), float("nan")])
+def test_a_drain_timeout_that_is_negative_or_not_finite_is_refused(
+    tiny: Checkpoint, tmp_path_factory: pytest.TempPathFactory, timeout_s: float
 ) -> None:
     from server.config import ConfigError
 
     pki = PKI.create(tmp_path_factory.mktemp("bad-pki"))
-    with pytest.raises(ConfigError, match="drain_timeout_s"):
-        start_server(tiny, "plain", pki.root, drain_timeout_s=-1.0)
+    with pytest.raises(ConfigError, match="drain_timeout_s"):  # an endless drain would never exit
+        start_server(tiny, "plain", pki.root, drain_timeout_s=timeout_s)
