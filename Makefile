@@ -56,7 +56,7 @@ check: setup
 	$(BIN)/mypy
 
 test: check
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=30
 
 test-fast: check
 	$(BIN)/python -m pytest -m "not heavy"
