@@ -9,6 +9,8 @@ Per security mode, one ``lambda-split serve`` child. Sections:
   from the transport's byte counters.
 - ``concurrency``: 1, 2, 4, ... client processes start one generation each at the same instant;
   aggregate tokens/s, per-token latency, and every client's tokens against a solo run (greedy).
+- ``failover`` (only when asked for, ``--sections``): replicas of their own, one killed mid-generation;
+  detection, reconnection, replay and stall against history length, 2 replicas against 1 (:mod:`._failover`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lambda_split.cli.bench import _failover
 from lambda_split.cli.bench._clients import (
     ClientModel,
     Connections,
@@ -54,6 +57,14 @@ class DeployPlan:
     concurrency_tokens: int = 16
     concurrency_reps: int = 2
     threads: int | None = None  # torch threads of every process (None: the environment's choice)
+    sections: tuple[str, ...] = ("decode", "wire", "concurrency")  # "failover" is asked for by name
+    failover_modes: tuple[str, ...] = ("tls+aesgcm",)
+    failover_history: tuple[int, ...] = (32, 128, 512)  # positions the lost trunk held
+    failover_replicas: tuple[int, ...] = (2, 1)  # replicas the client knows (1: the killed one restarts)
+    failover_reps: int = 3
+    failover_kill_after: int = 8  # the replica is killed right after this token
+    failover_deadline: float = 120.0  # seconds the client may wait for a replica (the restart, with one)
+    failover_transport: str = "stream"
 
 
 def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> None:
@@ -63,7 +74,7 @@ def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> N
         generate_credentials(keys, days=1)
         servers: dict[str, ServerProcess] = {}
         try:
-            for mode in dict.fromkeys((*plan.modes, *plan.concurrency_modes)):
+            for mode in _shared_modes(plan):
                 progress(
                     f"starting lambda-split serve --model {plan.model} --split {plan.split} --security {mode}"
                 )
@@ -77,14 +88,26 @@ def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> N
                 progress(f"{mode} server (pid {server.pid}) listening on {server.ready()}")
             targets = {m: Target(s.url, m, keys if m != "plain" else None) for m, s in servers.items()}
             record["processes"] = {"bench_pid": _pid(), "servers": {m: s.pid for m, s in servers.items()}}
-            _section(record, "decode", progress, lambda: decode(plan, client, targets, progress))
-            _section(record, "wire", progress, lambda: wire_bytes(plan, client, targets, progress))
-            _section(record, "concurrency", progress,
-                     lambda: concurrency(plan, targets, progress, record, client, workdir))  # fmt: skip
+            works: dict[str, Callable[[], Any]] = {
+                "decode": lambda: decode(plan, client, targets, progress),
+                "wire": lambda: wire_bytes(plan, client, targets, progress),
+                "concurrency": lambda: concurrency(plan, targets, progress, record, client, workdir),
+                "failover": lambda: _failover.collect(plan, client, keys, workdir, progress),
+            }
+            for name, work in works.items():
+                if name in plan.sections:
+                    _section(record, name, progress, work)
         finally:
             codes = {mode: server.stop() for mode, server in servers.items()}
             record.setdefault("processes", {})["server_exit_codes"] = codes
     record["goals"] = goals(record)
+
+
+def _shared_modes(plan: DeployPlan) -> list[str]:
+    """The modes whose one server the decode, wire and concurrency sections share (failover has its own)."""
+    modes = [*plan.modes] if {"decode", "wire"} & set(plan.sections) else []
+    modes += plan.concurrency_modes if "concurrency" in plan.sections else ()
+    return list(dict.fromkeys(modes))
 
 
 def _pid() -> int:

@@ -47,7 +47,7 @@ def markdown(results: dict[str, Any]) -> str:
              "median (min–max) of interleaved repetitions; ratios pair the runs of one repetition."]  # fmt: skip
     for name in results["failed_sections"]:
         lines += ["", f"**Section {name} failed:** {results[name]['error']}"]
-    for render in (_goals, _decode, _wire, _concurrency):
+    for render in (_goals, _decode, _wire, _concurrency, _failover):
         lines += ["", *render(results)]
     return "\n".join(lines)
 
@@ -122,6 +122,27 @@ def _concurrency(results: dict[str, Any]) -> list[str]:
                       f"{b['decode_batches_with_rows_at_most']}); {b['prefills']} prefills; mean queue wait "
                       f"{b['mean_queue_wait_ms']} ms."]  # fmt: skip
     return [*lines, "", *[f"- {n}" for n in c["notes"]]]
+
+
+def _failover(results: dict[str, Any]) -> list[str]:
+    f = _ok(results, "failover")
+    if not f:
+        return []
+    lines = [f"## Failover: a replica killed (SIGKILL) after token {f['kill_after_token']} — {f['model']}, wire "
+             f"{f['wire']}, {f['transport']}, {f['reps']} reps; seconds, median (min–max)"]  # fmt: skip
+    for mode, entry in f["by_mode"].items():
+        rows = []
+        for count, by_history in entry["by_replicas"].items():
+            for history, e in by_history.items():
+                restart = _range(e["restart_s"], 2) if "restart_s" in e else "–"
+                rows.append([count, history, _range(e["exit_s"]), _range(e["detection_s"]), _range(e["wait_s"], 2),
+                             _range(e["reconnect_s"]), _range(e["replay_s"]), _range(e["stall_s"], 2), restart,
+                             _range(e["undisturbed_step_s"]), f"{e['replay_bytes']['sent']:,}",
+                             f"{e['tokens_equal_undisturbed']}/{e['runs']}"])  # fmt: skip
+        lines += ["", f"### {mode}", "", *_table(["replicas", "history", "exit", "detection", "wait", "reconnect",
+                                                  "replay", "stall", "restart", "normal step", "replay bytes sent",
+                                                  "tokens = undisturbed"], rows)]  # fmt: skip
+    return [*lines, "", *[f"- {n}" for n in f["notes"]]]
 
 
 def plots(results: dict[str, Any], directory: Path) -> list[Path]:

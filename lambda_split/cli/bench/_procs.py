@@ -36,21 +36,26 @@ class BenchError(RuntimeError):
 
 class ServerProcess:
     """``lambda-split serve`` in a child process, started at once; :meth:`ready` waits for its
-    ``listening on URL`` line, so several servers load side by side."""
+    ``listening on URL`` line, so several servers load side by side. ``name`` (default: the mode)
+    names its log, which a restart on the same ``port`` appends to."""
 
     def __init__(self, model: str, split: str, mode: str, keys: str, *, workdir: str,
-                 threads: int | None, startup_s: float = 600.0) -> None:  # fmt: skip
+                 threads: int | None, startup_s: float = 600.0, name: str | None = None,
+                 port: int = 0) -> None:  # fmt: skip
         config = Path(workdir) / "server.toml"
         config.write_text(SERVER_CONFIG)
         command = [sys.executable, "-m", "lambda_split", "serve", "--model", model, "--split", split,
-                   "--security", mode, "--port", "0", "--config", str(config)]  # fmt: skip
+                   "--security", mode, "--port", str(port), "--config", str(config)]  # fmt: skip
         if mode != "plain":
             command += ["--keys", keys]
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         self.mode = mode
-        self._log = open(Path(workdir) / f"server-{mode.replace('+', '-')}.log", "w")  # noqa: SIM115
+        self.started_at = time.perf_counter()
+        self.ready_at: float | None = None  # time.perf_counter() when ``listening on`` was read
+        log_name = f"server-{(name or mode).replace('+', '-')}.log"
+        self._log = open(Path(workdir) / log_name, "a")  # noqa: SIM115
         # a session of its own: a Ctrl-C meant for the benchmark does not stop the server under it
         self.child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
                                       start_new_session=True)  # fmt: skip
@@ -69,6 +74,8 @@ class ServerProcess:
     def _pump(self, lines: queue.Queue[str]) -> None:
         assert self.child.stdout is not None
         for line in self.child.stdout:
+            if self.ready_at is None and line.startswith("listening on "):
+                self.ready_at = time.perf_counter()
             lines.put(line)
         lines.put("")
 
@@ -99,6 +106,16 @@ class ServerProcess:
     @property
     def exit_code(self) -> int | None:
         return self.child.poll()
+
+    def kill(self) -> tuple[float, float]:
+        """SIGKILL, as a crash would, and wait for its exit; return when (``time.perf_counter()``) the
+        signal was sent and when the process was reaped (its sockets closed by then)."""
+        sent = time.perf_counter()
+        self.child.kill()
+        self.child.wait(30)
+        reaped = time.perf_counter()
+        self._log.close()
+        return sent, reaped
 
     def stop(self) -> int | None:
         """SIGTERM, wait, and kill if it does not exit; return its exit code."""
