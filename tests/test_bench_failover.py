@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from lambda_split.cli.bench import DeployPlan, add_arguments, deploy_plan, run_bench
-from lambda_split.cli.bench._failover import PHASES, history_prompt
+from lambda_split.cli.bench._failover import PHASES, Replicas, history_prompt
+from lambda_split.cli.bench._procs import BenchError
 
 TINY = "tiny-random-llama"
 HISTORY = 16
@@ -137,3 +138,29 @@ def test_the_prompt_makes_the_history_the_length_asked_for() -> None:
     assert bool((history_prompt(32, 8) == ids).all()), "seeded"
     with pytest.raises(ValueError):
         history_prompt(4, 8)
+
+
+class _FakeReplica:
+    def __init__(self, name: str, fails: bool) -> None:
+        self.name, self.fails, self.pid, self.stopped = name, fails, 0, False
+
+    def ready(self) -> str:
+        if self.fails:
+            raise BenchError(f"{self.name} did not start")
+        return f"http://127.0.0.1:{1000 + int(self.name[1:])}"
+
+    def stop(self) -> int:
+        self.stopped = True
+        return 0
+
+
+def test_replicas_that_fail_to_start_leave_none_running() -> None:
+    started: list[_FakeReplica] = []
+
+    def start(name: str, _port: int) -> Any:
+        started.append(_FakeReplica(name, fails=name == "r1"))
+        return started[-1]
+
+    with pytest.raises(BenchError, match="r1 did not start"):
+        Replicas(start, 2, lambda _m: None)
+    assert [r.stopped for r in started] == [True, True]

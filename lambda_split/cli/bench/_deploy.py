@@ -81,8 +81,8 @@ def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> N
                 servers[mode] = ServerProcess(
                     plan.model, plan.split, mode, keys, workdir=workdir, threads=plan.threads
                 )
-            progress(f"loading {plan.model} here (head and tail, and the whole model for generate()) while "
-                     "the servers load")  # fmt: skip
+            reference = ", and the whole model for generate()" if "decode" in plan.sections else ""
+            progress(f"loading {plan.model} here (head and tail{reference}) while the servers load")
             client = ClientModel(plan.model, plan.split)
             for mode, server in servers.items():
                 progress(f"{mode} server (pid {server.pid}) listening on {server.ready()}")

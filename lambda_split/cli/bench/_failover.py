@@ -128,9 +128,16 @@ class Replicas:
         self.by_url: dict[str, ServerProcess] = {}
         self.pids: list[int] = []
         self.exit_codes: list[int | None] = []
-        procs = [self._spawn(f"r{i}", 0) for i in range(count)]
-        for proc in procs:
-            self.by_url[proc.ready()] = proc
+        procs: list[ServerProcess] = []
+        try:
+            for i in range(count):
+                procs.append(self._spawn(f"r{i}", 0))
+            for proc in procs:
+                self.by_url[proc.ready()] = proc
+        except BaseException:  # none is left running
+            for proc in procs:
+                proc.stop()
+            raise
         self.urls = list(self.by_url)
 
     def _spawn(self, name: str, port: int) -> ServerProcess:
