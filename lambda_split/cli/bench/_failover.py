@@ -195,9 +195,13 @@ def run_once(client_model: ClientModel, replicas: Replicas, spec: RunSpec, *, mo
 
     transport = connect(spec.urls[0])
     reconnector = Reconnector(spec.urls, connect, policy, on_event)
-    client = SplitClient(transport, client_model.parts, fetch_info(transport), wire="fp32",
-                         reconnector=reconnector, url=spec.urls[0],
-                         transport_kind="http" if transport_kind == "http" else "stream")  # fmt: skip
+    try:
+        client = SplitClient(transport, client_model.parts, fetch_info(transport), wire="fp32",
+                             reconnector=reconnector, url=spec.urls[0],
+                             transport_kind="http" if transport_kind == "http" else "stream")  # fmt: skip
+    except BaseException:
+        transport.close()
+        raise
     host = _TimedHost(client, timeline)
     ids = history_prompt(spec.history, spec.kill_after)
     new_tokens = spec.kill_after + AFTER_KILL
