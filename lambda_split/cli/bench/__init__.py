@@ -6,7 +6,8 @@ transport (``stream``, ``http``): decode speed paired against transformers' ``ge
 added milliseconds per token, time to first token, wire bytes per decode token by wire encoding,
 and aggregate tokens/s with p50/p99 per-token latency at 1, 2, 4, 8 and 16 clients.
 ``--sections failover`` adds (or, alone, runs only) the failover benchmark: a replica killed
-mid-generation, 2 replicas against 1 (:mod:`._failover`). ``--in-process`` runs the older
+mid-generation, 2 replicas against 1 (:mod:`._failover`); ``--sections replicas`` the aggregate
+throughput of concurrent clients on 2 replicas against 1 (:mod:`._replicas`). ``--in-process`` runs the older
 single-process suite (:mod:`._inprocess`) instead.
 
 Every timing figure is a median and range of interleaved repetitions or a paired ratio.
@@ -28,7 +29,7 @@ from lambda_split.cli.bench._inprocess import Plan, full_plan, quick_plan
 ProgressFn = Callable[[str], None]
 MODES = ("plain", "tls", "aesgcm", "tls+aesgcm")
 TRANSPORTS = ("stream", "http")
-SECTIONS = ("decode", "wire", "concurrency", "failover")
+SECTIONS = ("decode", "wire", "concurrency", "failover", "replicas")
 DEFAULT_SECTIONS = ("decode", "wire", "concurrency")
 WIRES = ("fp32", "fp16", "bf16", "int8")
 
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_choices(SECTIONS),
         metavar="S,..",
         help="sections of the deployment benchmark "
-        f"(default {','.join(DEFAULT_SECTIONS)}; failover is only run when named: {','.join(SECTIONS)})",
+        f"(default {','.join(DEFAULT_SECTIONS)}; failover and replicas run only when named: {','.join(SECTIONS)})",
     )
     add(
         "--failover-modes",
@@ -105,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=TRANSPORTS,
         help="session transport of the failover section (default stream)",
     )
+    add("--replica-clients", type=_positive, help="client processes of the replicas section, on 1 then 2 "
+        "replicas (default 8)")  # fmt: skip
+    add("--replica-reps", type=_positive, help="repetitions of the replicas section (default 3)")
     add("--in-process", action="store_true", help="run the older single-process suite instead (KV cache "
         "vs recompute, security machinery, modelled links, diffusion)")  # fmt: skip
 
@@ -183,7 +187,8 @@ _OPTION_FIELDS = {"split": "split", "threads": "threads", "modes": "modes", "tra
                   "concurrency_reps": "concurrency_reps", "sections": "sections",
                   "failover_modes": "failover_modes", "failover_history": "failover_history",
                   "failover_replicas": "failover_replicas", "failover_reps": "failover_reps",
-                  "failover_deadline": "failover_deadline", "failover_transport": "failover_transport"}  # fmt: skip
+                  "failover_deadline": "failover_deadline", "failover_transport": "failover_transport",
+                  "replica_clients": "replica_clients", "replica_reps": "replica_reps"}  # fmt: skip
 
 
 def deploy_plan(model: str, *, quick: bool, options: dict[str, Any] | None = None) -> DeployPlan:
@@ -192,7 +197,8 @@ def deploy_plan(model: str, *, quick: bool, options: dict[str, Any] | None = Non
     if quick:
         base = dataclasses.replace(base, modes=("plain", "tls+aesgcm"), tokens=16, reps=3, byte_tokens=4,
                                    clients=(1, 2, 4, 8), concurrency_tokens=8, concurrency_reps=1,
-                                   failover_history=(32, 128), failover_reps=2, failover_kill_after=4)  # fmt: skip
+                                   failover_history=(32, 128), failover_reps=2, failover_kill_after=4,
+                                   replica_clients=4, replica_reps=1)  # fmt: skip
     given = {
         _OPTION_FIELDS[k]: v for k, v in (options or {}).items() if k in _OPTION_FIELDS and v is not None
     }

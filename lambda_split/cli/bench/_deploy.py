@@ -11,6 +11,8 @@ Per security mode, one ``lambda-split serve`` child. Sections:
   aggregate tokens/s, per-token latency, and every client's tokens against a solo run (greedy).
 - ``failover`` (only when asked for, ``--sections``): replicas of their own, one killed mid-generation;
   detection, reconnection, replay and stall against history length, 2 replicas against 1 (:mod:`._failover`).
+- ``replicas`` (only when asked for): aggregate tokens/s of concurrent clients on 2 replicas against 1
+  (:mod:`._replicas`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lambda_split.cli.bench import _failover
+from lambda_split.cli.bench import _failover, _replicas
 from lambda_split.cli.bench._clients import (
     ClientModel,
     Connections,
@@ -65,6 +67,8 @@ class DeployPlan:
     failover_kill_after: int = 8  # the replica is killed right after this token
     failover_deadline: float = 120.0  # seconds the client may wait for a replica (the restart, with one)
     failover_transport: str = "stream"
+    replica_clients: int = 8  # client processes of the replicas section, spread over 1 or 2 replicas
+    replica_reps: int = 3
 
 
 def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> None:
@@ -93,6 +97,9 @@ def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> N
                 "wire": lambda: wire_bytes(plan, client, targets, progress),
                 "concurrency": lambda: concurrency(plan, targets, progress, record, client, workdir),
                 "failover": lambda: _failover.collect(plan, client, keys, workdir, progress),
+                "replicas": lambda: _replicas.collect(
+                    plan, client, keys, _device_dir(client, workdir, progress), workdir, progress
+                ),
             }
             for name, work in works.items():
                 if name in plan.sections:
@@ -108,6 +115,18 @@ def _shared_modes(plan: DeployPlan) -> list[str]:
     modes = [*plan.modes] if {"decode", "wire"} & set(plan.sections) else []
     modes += plan.concurrency_modes if "concurrency" in plan.sections else ()
     return list(dict.fromkeys(modes))
+
+
+def _device_dir(client: ClientModel, workdir: str, progress: ProgressFn) -> str:
+    """The head's and tail's weights, written once, for client processes to load."""
+    from pathlib import Path
+
+    device = Path(workdir) / "device"
+    if not (device / "tokenizer_config.json").exists():  # written last
+        device.mkdir(exist_ok=True)
+        progress("writing the head's and tail's weights for the client processes")
+        export_device_model(client, str(device))
+    return str(device)
 
 
 def _pid() -> int:
@@ -255,17 +274,12 @@ def concurrency(
     workdir: str,
 ) -> dict[str, Any]:
     """Aggregate tokens/s and per-token latency of 1, 2, 4, ... concurrent client processes."""
-    from pathlib import Path
-
-    device = Path(workdir) / "device"
-    device.mkdir(exist_ok=True)
-    progress("concurrency: writing the head's and tail's weights for the client processes")
-    export_device_model(client, str(device))
+    device = _device_dir(client, workdir, progress)
     out: dict[str, Any] = {"model": plan.model, "wire": plan.wire, "new_tokens_per_client": plan.concurrency_tokens,
                            "reps": plan.concurrency_reps, "clients": list(plan.clients), "by_variant": {}}  # fmt: skip
     for mode in plan.concurrency_modes:
         progress(f"concurrency: starting {max(plan.clients)} client processes ({mode})")
-        pool = ClientPool(max(plan.clients), str(device), plan.split, targets[mode], threads=plan.threads)
+        pool = ClientPool(max(plan.clients), device, plan.split, targets[mode], threads=plan.threads)
         record.setdefault("processes", {}).setdefault("clients", {})[mode] = pool.pids
         try:
             for kind in plan.transports:

@@ -32,7 +32,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"Model {plan['model']}, split {plan['split']}. The trunk server is `lambda-split serve` in its own "
              "process (one per security mode); concurrent clients are processes of their own. Figures are "
              "median (min–max) of interleaved repetitions; ratios pair the runs of one repetition."]  # fmt: skip
-    return _writer.document(lines, results, (_goals, _decode, _wire, _concurrency, _failover))
+    return _writer.document(lines, results, (_goals, _decode, _wire, _concurrency, _failover, _replicas))
 
 
 def _goals(results: dict[str, Any]) -> list[str]:
@@ -126,6 +126,25 @@ def _failover(results: dict[str, Any]) -> list[str]:
                                                   "replay", "stall", "restart", "normal step", "replay bytes sent",
                                                   "tokens = undisturbed"], rows)]  # fmt: skip
     return [*lines, "", *[f"- {n}" for n in f["notes"]]]
+
+
+def _replicas(results: dict[str, Any]) -> list[str]:
+    r = _ok(results, "replicas")
+    if not r:
+        return []
+    lines = [f"## Replicas: {r['clients']} concurrent clients on 1 and on 2 replicas — {r['model']}, wire "
+             f"{r['wire']}, {r['new_tokens_per_client']} tokens each, {r['reps']} reps"]  # fmt: skip
+    rows = []
+    for mode, entry in r["by_mode"].items():
+        if "by_replicas" not in entry:
+            continue
+        one, two = entry["by_replicas"]["1"], entry["by_replicas"]["2"]
+        rows.append([f"{mode}/{entry['transport']}", _range(one["aggregate_tokens_per_s"], 2),
+                     _range(two["aggregate_tokens_per_s"], 2), _range(entry["two_over_one"]),
+                     str(one["tokens_unchanged"] and two["tokens_unchanged"])])  # fmt: skip
+    lines += ["", *_table(["variant", "1 replica tokens/s", "2 replicas tokens/s", "2 ÷ 1", "tokens unchanged"],
+                          rows)]  # fmt: skip
+    return [*lines, "", *[f"- {n}" for n in r["notes"]]]
 
 
 def plots(results: dict[str, Any], directory: Path) -> list[Path]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -164,12 +165,21 @@ class ClientPool:
         return value
 
     def run(
-        self, n: int, kind: str, wire: str, tokens: int, *, timeout_s: float = 900.0
+        self,
+        n: int,
+        kind: str,
+        wire: str,
+        tokens: int,
+        *,
+        timeout_s: float = 900.0,
+        targets: Sequence[Target] = (),
     ) -> list[dict[str, Any]]:
-        """One generation on each of the first ``n`` clients, all starting at the same instant."""
+        """One generation on each of the first ``n`` clients, all starting at the same instant. With
+        ``targets``, client ``i`` runs on ``targets[i % len(targets)]`` (else on the pool's server)."""
         go_at = time.perf_counter() + 0.05
-        for conn in self._conns[:n]:
-            conn.send(("run", kind, wire, tokens, go_at))
+        for index, conn in enumerate(self._conns[:n]):
+            where = targets[index % len(targets)] if targets else None
+            conn.send(("run", kind, wire, tokens, go_at, where))
         replies: list[Any] = []
         for conn in self._conns[:n]:  # every reply is read, so that a failure leaves no stale one behind
             try:
