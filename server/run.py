@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 
 from lambda_split import ServiceLimits, SplitSpec, TrunkService, load_llm_service, resolve
+from lambda_split._background import ServerThread
 from secure_channel import ChannelError, ServerTrust, load_credentials, uvicorn_config
 from server.app import build_app
 from server.config import ENV_PREFIX, ConfigError, ServerConfig
@@ -247,7 +248,7 @@ def serve(
     return 0 if server.started else 1
 
 
-class BackgroundServer:
+class BackgroundServer(ServerThread[ReadyServer]):
     """A trunk server on its own thread, for the demo, the benchmarks, the eavesdrop suite and tests.
 
     ``service`` is an already loaded ``(TrunkService, info)``, so several servers (one per
@@ -257,21 +258,5 @@ class BackgroundServer:
 
     def __init__(self, config: ServerConfig, service: tuple[TrunkService, dict[str, Any]], *,
                  name: str = "trunk-server", timeout_s: float = 60.0) -> None:  # fmt: skip
-        ready = threading.Event()
-        self.server = build_server(config, on_ready=lambda _url: ready.set(), service=service)
-        self.thread = threading.Thread(target=self.server.run, name=name, daemon=True)
-        self.thread.start()
-        if not ready.wait(timeout_s):
-            self.stop()
-            raise RuntimeError(f"the {config.security} trunk server did not start within {timeout_s:g} s")
-        self.url = self.server.url
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-    def __enter__(self) -> BackgroundServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(lambda on_ready: build_server(config, on_ready=on_ready, service=service), name=name,
+                         what=f"the {config.security} trunk server", timeout_s=timeout_s)  # fmt: skip

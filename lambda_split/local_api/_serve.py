@@ -6,11 +6,12 @@ import contextlib
 import errno
 import ipaddress
 import socket
-import threading
 from collections.abc import Callable, Iterator
 
 import uvicorn
 from starlette.types import ASGIApp
+
+from lambda_split._background import ServerThread
 
 
 class ListenError(OSError):
@@ -84,25 +85,9 @@ class LocalServer(uvicorn.Server):
             self.on_ready(self.url)
 
 
-class BackgroundLocal:
+class BackgroundLocal(ServerThread[LocalServer]):
     """The endpoint on a thread of this process, on a free loopback port (tests, benchmarks)."""
 
     def __init__(self, app: ASGIApp, *, host: str = "127.0.0.1", timeout_s: float = 30.0) -> None:
-        ready = threading.Event()
-        self.server = LocalServer(app, bind(host, 0), lambda _url: ready.set())
-        self.thread = threading.Thread(target=self.server.run, name="local-endpoint", daemon=True)
-        self.thread.start()
-        if not ready.wait(timeout_s):
-            self.stop()
-            raise RuntimeError(f"the local endpoint did not start within {timeout_s:g} s")
-        self.url = self.server.url
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-    def __enter__(self) -> BackgroundLocal:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(lambda on_ready: LocalServer(app, bind(host, 0), on_ready), name="local-endpoint",
+                         what="the local endpoint", timeout_s=timeout_s)  # fmt: skip

@@ -5,7 +5,10 @@ and concurrent clients run in processes of their own (see :mod:`._deploy`). Per 
 transport (``stream``, ``http``): decode speed paired against transformers' ``generate()``,
 added milliseconds per token, time to first token, wire bytes per decode token by wire encoding,
 and aggregate tokens/s with p50/p99 per-token latency at 1, 2, 4, 8 and 16 clients.
-``--in-process`` runs the older single-process suite (:mod:`._inprocess`) instead.
+``--sections failover`` adds (or, alone, runs only) the failover benchmark: a replica killed
+mid-generation, 2 replicas against 1 (:mod:`._failover`); ``--sections replicas`` the aggregate
+throughput of concurrent clients on 2 replicas against 1 (:mod:`._replicas`). ``--in-process`` runs the older
+single-process suite (:mod:`._inprocess`) instead.
 
 Every timing figure is a median and range of interleaved repetitions or a paired ratio.
 """
@@ -26,6 +29,8 @@ from lambda_split.cli.bench._inprocess import Plan, full_plan, quick_plan
 ProgressFn = Callable[[str], None]
 MODES = ("plain", "tls", "aesgcm", "tls+aesgcm")
 TRANSPORTS = ("stream", "http")
+SECTIONS = ("decode", "wire", "concurrency", "failover", "replicas")
+DEFAULT_SECTIONS = ("decode", "wire", "concurrency")
 WIRES = ("fp32", "fp16", "bf16", "int8")
 
 __all__ = ["MODES", "TINY_LLAMA", "DeployPlan", "Plan", "add_arguments", "deploy_plan", "run_bench"]
@@ -63,6 +68,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="security modes of the concurrency section (default tls+aesgcm)")  # fmt: skip
     add("--concurrency-tokens", type=_positive, help="new tokens per client in the concurrency section (16)")
     add("--concurrency-reps", type=_positive, help="repetitions of the concurrency section (default 2)")
+    add(
+        "--sections",
+        type=_choices(SECTIONS),
+        metavar="S,..",
+        help="sections of the deployment benchmark "
+        f"(default {','.join(DEFAULT_SECTIONS)}; failover and replicas run only when named: {','.join(SECTIONS)})",
+    )
+    add(
+        "--failover-modes",
+        type=_choices(MODES),
+        metavar="M,..",
+        help="security modes of the failover section (default tls+aesgcm)",
+    )
+    add(
+        "--failover-history",
+        type=_histories,
+        metavar="N,..",
+        help="positions the killed replica held, one run each (default 32,128,512)",
+    )
+    add(
+        "--failover-replicas",
+        type=_replicas,
+        metavar="N,..",
+        help="replicas the client knows: 2 (it moves "
+        "to the other) and/or 1 (the killed one restarts and the client waits) (default 2,1)",
+    )
+    add("--failover-reps", type=_positive, help="repetitions of the failover section (default 3)")
+    add(
+        "--failover-deadline",
+        type=_seconds,
+        metavar="S",
+        help="how long the client may wait for a replica to take over (default 120)",
+    )
+    add(
+        "--failover-transport",
+        choices=TRANSPORTS,
+        help="session transport of the failover section (default stream)",
+    )
+    add("--replica-clients", type=_positive, help="client processes of the replicas section, on 1 then 2 "
+        "replicas (default 8)")  # fmt: skip
+    add("--replica-reps", type=_positive, help="repetitions of the replicas section (default 3)")
     add("--in-process", action="store_true", help="run the older single-process suite instead (KV cache "
         "vs recompute, security machinery, modelled links, diffusion)")  # fmt: skip
 
@@ -109,10 +155,40 @@ def _counts(text: str) -> tuple[int, ...]:
     return values
 
 
+def _histories(text: str) -> tuple[int, ...]:
+    values = tuple(sorted(set(map(_positive, filter(None, (x.strip() for x in text.split(",")))))))
+    if not values:
+        raise argparse.ArgumentTypeError("give history lengths like 32,128,512")
+    if values[0] < 16:  # the kill comes after token 8 (4 with --quick), so the history holds at least that
+        raise argparse.ArgumentTypeError("a history holds at least 16 positions")
+    return values
+
+
+def _replicas(text: str) -> tuple[int, ...]:
+    values = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not values or set(values) - {"1", "2"}:
+        raise argparse.ArgumentTypeError("give 2, 1 or 2,1")
+    return tuple(map(int, values))
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number of seconds above 0")
+    return value
+
+
 _OPTION_FIELDS = {"split": "split", "threads": "threads", "modes": "modes", "transports": "transports",
                   "wire": "wire", "wires": "wires", "tokens": "tokens", "reps": "reps", "clients": "clients",
                   "concurrency_modes": "concurrency_modes", "concurrency_tokens": "concurrency_tokens",
-                  "concurrency_reps": "concurrency_reps"}  # fmt: skip
+                  "concurrency_reps": "concurrency_reps", "sections": "sections",
+                  "failover_modes": "failover_modes", "failover_history": "failover_history",
+                  "failover_replicas": "failover_replicas", "failover_reps": "failover_reps",
+                  "failover_deadline": "failover_deadline", "failover_transport": "failover_transport",
+                  "replica_clients": "replica_clients", "replica_reps": "replica_reps"}  # fmt: skip
 
 
 def deploy_plan(model: str, *, quick: bool, options: dict[str, Any] | None = None) -> DeployPlan:
@@ -120,7 +196,9 @@ def deploy_plan(model: str, *, quick: bool, options: dict[str, Any] | None = Non
     base = DeployPlan(model=model)
     if quick:
         base = dataclasses.replace(base, modes=("plain", "tls+aesgcm"), tokens=16, reps=3, byte_tokens=4,
-                                   clients=(1, 2, 4, 8), concurrency_tokens=8, concurrency_reps=1)  # fmt: skip
+                                   clients=(1, 2, 4, 8), concurrency_tokens=8, concurrency_reps=1,
+                                   failover_history=(32, 128), failover_reps=2, failover_kill_after=4,
+                                   replica_clients=4, replica_reps=1)  # fmt: skip
     given = {
         _OPTION_FIELDS[k]: v for k, v in (options or {}).items() if k in _OPTION_FIELDS and v is not None
     }

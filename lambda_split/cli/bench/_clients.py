@@ -188,18 +188,21 @@ def worker_main(model: str, split: str, target: Target, threads: int | None, con
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads:
         torch.set_num_threads(threads)
-    connections: Connections | None = None
+    connections: dict[Target, Connections] = {}
     try:
         client = ClientModel(model, split)
-        connections = Connections(target)
+        connections[target] = Connections(target)
         conn.send(("ready", os.getpid()))
         while True:
             command = conn.recv()
             if command[0] == "stop":
                 break
-            _, kind, wire, tokens, go_at = command
+            _, kind, wire, tokens, go_at, where = command  # where: this run's server (None: the pool's)
             try:
-                transport, link = connections.get(kind)
+                where = where or target
+                if where not in connections:
+                    connections[where] = Connections(where)
+                transport, link = connections[where].get(kind)
                 time.sleep(max(0.0, go_at - time.perf_counter()))
                 conn.send(("ok", summary(client.run(link, transport, wire, tokens))))
             except Exception as exc:  # reported to the coordinator, which fails the section
@@ -207,6 +210,6 @@ def worker_main(model: str, split: str, target: Target, threads: int | None, con
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
-        if connections is not None:
-            connections.close()
+        for opened in connections.values():
+            opened.close()
         conn.close()

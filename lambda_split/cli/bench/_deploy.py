@@ -9,6 +9,10 @@ Per security mode, one ``lambda-split serve`` child. Sections:
   from the transport's byte counters.
 - ``concurrency``: 1, 2, 4, ... client processes start one generation each at the same instant;
   aggregate tokens/s, per-token latency, and every client's tokens against a solo run (greedy).
+- ``failover`` (only when asked for, ``--sections``): replicas of their own, one killed mid-generation;
+  detection, reconnection, replay and stall against history length, 2 replicas against 1 (:mod:`._failover`).
+- ``replicas`` (only when asked for): aggregate tokens/s of concurrent clients on 2 replicas against 1
+  (:mod:`._replicas`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lambda_split.cli.bench import _failover, _replicas
 from lambda_split.cli.bench._clients import (
     ClientModel,
     Connections,
@@ -54,6 +59,16 @@ class DeployPlan:
     concurrency_tokens: int = 16
     concurrency_reps: int = 2
     threads: int | None = None  # torch threads of every process (None: the environment's choice)
+    sections: tuple[str, ...] = ("decode", "wire", "concurrency")  # "failover" is asked for by name
+    failover_modes: tuple[str, ...] = ("tls+aesgcm",)
+    failover_history: tuple[int, ...] = (32, 128, 512)  # positions the lost trunk held
+    failover_replicas: tuple[int, ...] = (2, 1)  # replicas the client knows (1: the killed one restarts)
+    failover_reps: int = 3
+    failover_kill_after: int = 8  # the replica is killed right after this token
+    failover_deadline: float = 120.0  # seconds the client may wait for a replica (the restart, with one)
+    failover_transport: str = "stream"
+    replica_clients: int = 8  # client processes of the replicas section, spread over 1 or 2 replicas
+    replica_reps: int = 3
 
 
 def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> None:
@@ -63,28 +78,55 @@ def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> N
         generate_credentials(keys, days=1)
         servers: dict[str, ServerProcess] = {}
         try:
-            for mode in dict.fromkeys((*plan.modes, *plan.concurrency_modes)):
+            for mode in _shared_modes(plan):
                 progress(
                     f"starting lambda-split serve --model {plan.model} --split {plan.split} --security {mode}"
                 )
                 servers[mode] = ServerProcess(
                     plan.model, plan.split, mode, keys, workdir=workdir, threads=plan.threads
                 )
-            progress(f"loading {plan.model} here (head and tail, and the whole model for generate()) while "
-                     "the servers load")  # fmt: skip
+            reference = ", and the whole model for generate()" if "decode" in plan.sections else ""
+            progress(f"loading {plan.model} here (head and tail{reference}) while the servers load")
             client = ClientModel(plan.model, plan.split)
             for mode, server in servers.items():
                 progress(f"{mode} server (pid {server.pid}) listening on {server.ready()}")
             targets = {m: Target(s.url, m, keys if m != "plain" else None) for m, s in servers.items()}
             record["processes"] = {"bench_pid": _pid(), "servers": {m: s.pid for m, s in servers.items()}}
-            _section(record, "decode", progress, lambda: decode(plan, client, targets, progress))
-            _section(record, "wire", progress, lambda: wire_bytes(plan, client, targets, progress))
-            _section(record, "concurrency", progress,
-                     lambda: concurrency(plan, targets, progress, record, client, workdir))  # fmt: skip
+            works: dict[str, Callable[[], Any]] = {
+                "decode": lambda: decode(plan, client, targets, progress),
+                "wire": lambda: wire_bytes(plan, client, targets, progress),
+                "concurrency": lambda: concurrency(plan, targets, progress, record, client, workdir),
+                "failover": lambda: _failover.collect(plan, client, keys, workdir, progress),
+                "replicas": lambda: _replicas.collect(
+                    plan, client, keys, _device_dir(client, workdir, progress), workdir, progress
+                ),
+            }
+            for name, work in works.items():
+                if name in plan.sections:
+                    _section(record, name, progress, work)
         finally:
             codes = {mode: server.stop() for mode, server in servers.items()}
             record.setdefault("processes", {})["server_exit_codes"] = codes
     record["goals"] = goals(record)
+
+
+def _shared_modes(plan: DeployPlan) -> list[str]:
+    """The modes whose one server the decode, wire and concurrency sections share (failover has its own)."""
+    modes = [*plan.modes] if {"decode", "wire"} & set(plan.sections) else []
+    modes += plan.concurrency_modes if "concurrency" in plan.sections else ()
+    return list(dict.fromkeys(modes))
+
+
+def _device_dir(client: ClientModel, workdir: str, progress: ProgressFn) -> str:
+    """The head's and tail's weights, written once, for client processes to load."""
+    from pathlib import Path
+
+    device = Path(workdir) / "device"
+    if not (device / "tokenizer_config.json").exists():  # written last
+        device.mkdir(exist_ok=True)
+        progress("writing the head's and tail's weights for the client processes")
+        export_device_model(client, str(device))
+    return str(device)
 
 
 def _pid() -> int:
@@ -232,17 +274,12 @@ def concurrency(
     workdir: str,
 ) -> dict[str, Any]:
     """Aggregate tokens/s and per-token latency of 1, 2, 4, ... concurrent client processes."""
-    from pathlib import Path
-
-    device = Path(workdir) / "device"
-    device.mkdir(exist_ok=True)
-    progress("concurrency: writing the head's and tail's weights for the client processes")
-    export_device_model(client, str(device))
+    device = _device_dir(client, workdir, progress)
     out: dict[str, Any] = {"model": plan.model, "wire": plan.wire, "new_tokens_per_client": plan.concurrency_tokens,
                            "reps": plan.concurrency_reps, "clients": list(plan.clients), "by_variant": {}}  # fmt: skip
     for mode in plan.concurrency_modes:
         progress(f"concurrency: starting {max(plan.clients)} client processes ({mode})")
-        pool = ClientPool(max(plan.clients), str(device), plan.split, targets[mode], threads=plan.threads)
+        pool = ClientPool(max(plan.clients), device, plan.split, targets[mode], threads=plan.threads)
         record.setdefault("processes", {}).setdefault("clients", {})[mode] = pool.pids
         try:
             for kind in plan.transports:

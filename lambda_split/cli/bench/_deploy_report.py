@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from lambda_split.cli.bench import _writer
 from lambda_split.cli.bench._stats import fmt
+from lambda_split.cli.bench._writer import section as _ok
+from lambda_split.cli.bench._writer import table as _table
 
 
 def write_outputs(results: dict[str, Any], out: str) -> list[Path]:
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
-    written = [directory / "results.json", directory / "results.md"]
-    written[0].write_text(json.dumps(results, indent=1) + "\n")
-    written[1].write_text(markdown(results) + "\n")
-    return written + plots(results, directory)
-
-
-def _ok(results: dict[str, Any], name: str) -> dict[str, Any] | None:
-    section = results.get(name)
-    return section if isinstance(section, dict) and section.get("status") != "failed" else None
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return _writer.write_outputs(results, out, markdown, plots)
 
 
 def _range(summary: dict[str, Any], digits: int = 3) -> str:
@@ -45,11 +32,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"Model {plan['model']}, split {plan['split']}. The trunk server is `lambda-split serve` in its own "
              "process (one per security mode); concurrent clients are processes of their own. Figures are "
              "median (min–max) of interleaved repetitions; ratios pair the runs of one repetition."]  # fmt: skip
-    for name in results["failed_sections"]:
-        lines += ["", f"**Section {name} failed:** {results[name]['error']}"]
-    for render in (_goals, _decode, _wire, _concurrency):
-        lines += ["", *render(results)]
-    return "\n".join(lines)
+    return _writer.document(lines, results, (_goals, _decode, _wire, _concurrency, _failover, _replicas))
 
 
 def _goals(results: dict[str, Any]) -> list[str]:
@@ -124,6 +107,46 @@ def _concurrency(results: dict[str, Any]) -> list[str]:
     return [*lines, "", *[f"- {n}" for n in c["notes"]]]
 
 
+def _failover(results: dict[str, Any]) -> list[str]:
+    f = _ok(results, "failover")
+    if not f:
+        return []
+    lines = [f"## Failover: a replica killed (SIGKILL) after token {f['kill_after_token']} — {f['model']}, wire "
+             f"{f['wire']}, {f['transport']}, {f['reps']} reps; seconds, median (min–max)"]  # fmt: skip
+    for mode, entry in f["by_mode"].items():
+        rows = []
+        for count, by_history in entry["by_replicas"].items():
+            for history, e in by_history.items():
+                restart = _range(e["restart_s"], 2) if "restart_s" in e else "–"
+                rows.append([count, history, _range(e["exit_s"]), _range(e["detection_s"]), _range(e["wait_s"], 2),
+                             _range(e["reconnect_s"]), _range(e["replay_s"]), _range(e["stall_s"], 2), restart,
+                             _range(e["undisturbed_step_s"]), f"{e['replay_bytes']['sent']:,}",
+                             f"{e['tokens_equal_undisturbed']}/{e['runs']}"])  # fmt: skip
+        lines += ["", f"### {mode}", "", *_table(["replicas", "history", "exit", "detection", "wait", "reconnect",
+                                                  "replay", "stall", "restart", "normal step", "replay bytes sent",
+                                                  "tokens = undisturbed"], rows)]  # fmt: skip
+    return [*lines, "", *[f"- {n}" for n in f["notes"]]]
+
+
+def _replicas(results: dict[str, Any]) -> list[str]:
+    r = _ok(results, "replicas")
+    if not r:
+        return []
+    lines = [f"## Replicas: {r['clients']} concurrent clients on 1 and on 2 replicas — {r['model']}, wire "
+             f"{r['wire']}, {r['new_tokens_per_client']} tokens each, {r['reps']} reps"]  # fmt: skip
+    rows = []
+    for mode, entry in r["by_mode"].items():
+        if "by_replicas" not in entry:
+            continue
+        one, two = entry["by_replicas"]["1"], entry["by_replicas"]["2"]
+        rows.append([f"{mode}/{entry['transport']}", _range(one["aggregate_tokens_per_s"], 2),
+                     _range(two["aggregate_tokens_per_s"], 2), _range(entry["two_over_one"]),
+                     str(one["tokens_unchanged"] and two["tokens_unchanged"])])  # fmt: skip
+    lines += ["", *_table(["variant", "1 replica tokens/s", "2 replicas tokens/s", "2 ÷ 1", "tokens unchanged"],
+                          rows)]  # fmt: skip
+    return [*lines, "", *[f"- {n}" for n in r["notes"]]]
+
+
 def plots(results: dict[str, Any], directory: Path) -> list[Path]:
     import matplotlib
 
@@ -133,11 +156,7 @@ def plots(results: dict[str, Any], directory: Path) -> list[Path]:
     written: list[Path] = []
 
     def save(fig: Any, name: str) -> None:
-        path = directory / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        _writer.save_figure(fig, directory / name, written)
 
     if d := _ok(results, "decode"):
         names = list(d["by_variant"])

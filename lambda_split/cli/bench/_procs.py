@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -36,21 +37,26 @@ class BenchError(RuntimeError):
 
 class ServerProcess:
     """``lambda-split serve`` in a child process, started at once; :meth:`ready` waits for its
-    ``listening on URL`` line, so several servers load side by side."""
+    ``listening on URL`` line, so several servers load side by side. ``name`` (default: the mode)
+    names its log, which a restart on the same ``port`` appends to."""
 
     def __init__(self, model: str, split: str, mode: str, keys: str, *, workdir: str,
-                 threads: int | None, startup_s: float = 600.0) -> None:  # fmt: skip
+                 threads: int | None, startup_s: float = 600.0, name: str | None = None,
+                 port: int = 0) -> None:  # fmt: skip
         config = Path(workdir) / "server.toml"
         config.write_text(SERVER_CONFIG)
         command = [sys.executable, "-m", "lambda_split", "serve", "--model", model, "--split", split,
-                   "--security", mode, "--port", "0", "--config", str(config)]  # fmt: skip
+                   "--security", mode, "--port", str(port), "--config", str(config)]  # fmt: skip
         if mode != "plain":
             command += ["--keys", keys]
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         self.mode = mode
-        self._log = open(Path(workdir) / f"server-{mode.replace('+', '-')}.log", "w")  # noqa: SIM115
+        self.started_at = time.perf_counter()
+        self.ready_at: float | None = None  # time.perf_counter() when ``listening on`` was read
+        log_name = f"server-{(name or mode).replace('+', '-')}.log"
+        self._log = open(Path(workdir) / log_name, "a")  # noqa: SIM115
         # a session of its own: a Ctrl-C meant for the benchmark does not stop the server under it
         self.child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
                                       start_new_session=True)  # fmt: skip
@@ -69,6 +75,8 @@ class ServerProcess:
     def _pump(self, lines: queue.Queue[str]) -> None:
         assert self.child.stdout is not None
         for line in self.child.stdout:
+            if self.ready_at is None and line.startswith("listening on "):
+                self.ready_at = time.perf_counter()
             lines.put(line)
         lines.put("")
 
@@ -99,6 +107,16 @@ class ServerProcess:
     @property
     def exit_code(self) -> int | None:
         return self.child.poll()
+
+    def kill(self) -> tuple[float, float]:
+        """SIGKILL, as a crash would, and wait for its exit; return when (``time.perf_counter()``) the
+        signal was sent and when the process was reaped (its sockets closed by then)."""
+        sent = time.perf_counter()
+        self.child.kill()
+        self.child.wait(30)
+        reaped = time.perf_counter()
+        self._log.close()
+        return sent, reaped
 
     def stop(self) -> int | None:
         """SIGTERM, wait, and kill if it does not exit; return its exit code."""
@@ -147,12 +165,21 @@ class ClientPool:
         return value
 
     def run(
-        self, n: int, kind: str, wire: str, tokens: int, *, timeout_s: float = 900.0
+        self,
+        n: int,
+        kind: str,
+        wire: str,
+        tokens: int,
+        *,
+        timeout_s: float = 900.0,
+        targets: Sequence[Target] = (),
     ) -> list[dict[str, Any]]:
-        """One generation on each of the first ``n`` clients, all starting at the same instant."""
+        """One generation on each of the first ``n`` clients, all starting at the same instant. With
+        ``targets``, client ``i`` runs on ``targets[i % len(targets)]`` (else on the pool's server)."""
         go_at = time.perf_counter() + 0.05
-        for conn in self._conns[:n]:
-            conn.send(("run", kind, wire, tokens, go_at))
+        for index, conn in enumerate(self._conns[:n]):
+            where = targets[index % len(targets)] if targets else None
+            conn.send(("run", kind, wire, tokens, go_at, where))
         replies: list[Any] = []
         for conn in self._conns[:n]:  # every reply is read, so that a failure leaves no stale one behind
             try:

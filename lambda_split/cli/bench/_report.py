@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from lambda_split.cli.bench import _writer
 from lambda_split.cli.bench._stats import fmt
+from lambda_split.cli.bench._writer import section as _ok
+from lambda_split.cli.bench._writer import table as _table
 
 ENCODINGS = ("fp32", "fp16", "bf16", "int8")
 
 
 def write_outputs(results: dict[str, Any], out: str) -> list[Path]:
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
-    written = [directory / "results.json", directory / "results.md"]
-    written[0].write_text(json.dumps(results, indent=1) + "\n")
-    written[1].write_text(markdown(results) + "\n")
-    return written + plots(results, directory)
-
-
-def _ok(results: dict[str, Any], name: str) -> dict[str, Any] | None:
-    section = results.get(name)
-    return (
-        section
-        if isinstance(section, dict) and section.get("status") not in ("failed", "not measured")
-        else None
-    )
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return _writer.write_outputs(results, out, markdown, plots)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -42,11 +25,9 @@ def markdown(results: dict[str, Any]) -> str:
              f"transformers {meta['transformers']}; load average at start {meta['load_average']}.", "",
              "Figures are median [interquartile range] of interleaved repetitions; ratios pair the runs of one "
              "repetition.", *[f"- {note}" for note in meta["plan"]["notes"]]]  # fmt: skip
-    for name in results["failed_sections"]:
-        lines += ["", f"**Section {name} failed:** {results[name]['error']}"]
-    for render in (_decode, _ttft, _cache, _wire, _concurrency, _security, _network, _diffusion):
-        lines += ["", *render(results)]
-    return "\n".join(lines)
+    return _writer.document(
+        lines, results, (_decode, _ttft, _cache, _wire, _concurrency, _security, _network, _diffusion)
+    )
 
 
 def _decode(results: dict[str, Any]) -> list[str]:
@@ -184,11 +165,7 @@ def plots(results: dict[str, Any], directory: Path) -> list[Path]:
     written: list[Path] = []
 
     def save(fig: Any, name: str) -> None:
-        path = directory / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        _writer.save_figure(fig, directory / name, written)
 
     if d := _ok(results, "decode"):
         names = list(d["tokens_per_s"])
