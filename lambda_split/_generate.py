@@ -156,12 +156,13 @@ def generate_tokens(
                 ids[:, start : start + prefill_chunk],
                 mask[:, start : start + prefill_chunk],
             )
-            tail(trunk(head(chunk_ids, chunk_mask, head_state), chunk_mask), chunk_mask, tail_state)
+            hidden = trunk(head(chunk_ids, chunk_mask, head_state), chunk_mask)
+            tail(hidden, chunk_mask, tail_state, last_only=True)  # only its KV cache is needed
         ids, mask = ids[:, last:], mask[:, last:]
     for step in range(config.max_new_tokens):
         hidden = head(ids, mask, head_state)  # (B, T, C)
         hidden = trunk(hidden, mask)  # (B, T, C)
-        logits = tail(hidden, mask, tail_state)[:, -1, :].float()  # (B, V)
+        logits = tail(hidden, mask, tail_state, last_only=True)[:, -1, :].float()  # (B, V)
         if keep_logits:
             kept.append(logits.clone())
         next_ids = _choose(logits, ids, warpers, config.temperature, generator)  # (B,)

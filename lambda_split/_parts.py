@@ -237,11 +237,20 @@ class Tail(_LayerStack):
         self.lm_head = lm_head
 
     def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, state: PartState | None = None
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        state: PartState | None = None,
+        *,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        """Logits (B, T, V) of every new position, or (B, 1, V) of the last one with ``last_only``
+        (what decoding needs: on a prompt of T tokens the LM head is T times the tail's layers' work)."""
         state = state if state is not None else self.new_state()
         new_mask = attention_mask if attention_mask is not None else _ones(hidden)
         hidden = self.run(hidden, _advance(state, new_mask), state)
+        if last_only:
+            hidden = hidden[:, -1:, :]  # (B, 1, C); prompts are left-padded, so the last position is real
         logits: torch.Tensor = self.lm_head(self.norm(hidden))  # (B, T, V)
         return self.family.softcap(self.config, logits)
 

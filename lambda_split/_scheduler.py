@@ -6,8 +6,11 @@ when the previous batch finishes (no timing constant), runs it as one forward, h
 results, and keeps running until its own step is done; then another waiter takes over.
 What a step costs: a decode step (one new token per row) costs its rows, and decode steps of
 different sessions share one forward up to ``max_rows`` rows. A prefill (several new tokens)
-runs alone; when both kinds wait, prefills and decode batches alternate, so a long prompt
-delays everyone's next token by at most one prefill.
+shares its forward only with prefills of the same length (same-length rows stack with no padding:
+prompts bucketed by the client's ``prompt_bucket``, chunked prefills, a fleet of clients with one
+template), up to ``max_rows`` rows and ``max_prefill_tokens`` tokens; when both kinds wait,
+prefill and decode batches alternate, so a long prompt delays everyone's next token by at most
+one prefill batch.
 
 Gathering: clients in step with each other come back at about the same time, and the first to
 arrive would otherwise run alone while the others queue behind it. So a runner about to start a
@@ -39,10 +42,12 @@ class QueueTimeout(Exception):
 class SchedulerConfig:
     """``max_rows``: rows of one decode batch (a single step with more rows runs alone).
     ``deadline_s``: longest wait in the queue. Servers set them in ``[limits]`` as
-    ``max_batch_rows`` and ``step_deadline_s``."""
+    ``max_batch_rows`` and ``step_deadline_s``. ``max_prefill_tokens``: rows x tokens of one
+    prefill batch (a single larger prefill runs alone)."""
 
     max_rows: int = 32
     deadline_s: float = 30.0
+    max_prefill_tokens: int = 4096
     gather_fraction: float = 0.5
     max_gather_s: float = 0.05
 
@@ -51,6 +56,12 @@ class SchedulerConfig:
             raise ValueError("max_rows must be a whole number, at least 1")
         if not 0 < self.deadline_s < float("inf"):  # NaN fails too
             raise ValueError("deadline_s must be a positive, finite number of seconds")
+        if (
+            isinstance(self.max_prefill_tokens, bool)
+            or not isinstance(self.max_prefill_tokens, int)
+            or self.max_prefill_tokens < 1
+        ):
+            raise ValueError("max_prefill_tokens must be a whole number, at least 1")
         if not 0 <= self.gather_fraction <= 1:
             raise ValueError("gather_fraction must be between 0 and 1")
         if not 0 <= self.max_gather_s < float("inf"):
@@ -88,7 +99,8 @@ class SchedulerStats:
     queue_wait_counts: list[int] = field(default_factory=lambda: [0] * len(QUEUE_WAIT_BOUNDS))
     taken: int = 0  # steps taken from the queue into a batch (each with its recorded wait)
     gather_timeouts: int = 0  # decode batches started short after waiting the whole gather budget
-    prefills: int = 0
+    prefills: int = 0  # prefill steps
+    prefill_batches: int = 0  # forwards that ran them (same-length prefills share one)
     queue_wait_s_total: float = 0.0
     queue_wait_s_max: float = 0.0
     steps: int = 0
@@ -99,6 +111,7 @@ class SchedulerStats:
             "batches": sum(self.batch_rows.values()),
             "batch_rows": dict(sorted(self.batch_rows.items())),
             "prefills": self.prefills,
+            "prefill_batches": self.prefill_batches,
             "steps": self.steps,
             "queue_wait_s_total": self.queue_wait_s_total,
             "queue_wait_s_max": self.queue_wait_s_max,
@@ -228,8 +241,9 @@ class StepScheduler:
         decodes = [s for s in self._queue if not s.is_prefill]
         order = {owner: turn for turn, owner in enumerate(self._turns)}
         if prefills and (not decodes or not self._last_prefill):
-            batch = [min(prefills, key=lambda s: order[s.owner])]
-            self.stats.prefills += 1
+            batch = self._prefill_batch(prefills, order)
+            self.stats.prefills += len(batch)
+            self.stats.prefill_batches += 1
         else:
             batch = self._round_robin(decodes)
         self._last_prefill = bool(batch) and batch[0].is_prefill
@@ -246,7 +260,22 @@ class StepScheduler:
             del self._turns[owner]
         return batch
 
-    def _round_robin(self, decodes: list[Step]) -> list[Step]:
+    def _prefill_batch(self, prefills: list[Step], order: dict[str, int]) -> list[Step]:
+        """The first prefill in turn order, and after it the queued prefills of the same length (taken
+        in turns, one per owner per round, as decodes are) that fit in ``max_rows`` and ``max_prefill_tokens``."""
+        first = min(prefills, key=lambda s: order[s.owner])
+        same = self._round_robin([s for s in prefills if s.tokens == first.tokens], limit=False)
+        batch, rows = [first], first.rows
+        for step in same[1:]:  # same[0] is first: its owner's turn comes first
+            if rows + step.rows > self.config.max_rows:
+                continue
+            if (rows + step.rows) * first.tokens > self.config.max_prefill_tokens:
+                continue
+            batch.append(step)
+            rows += step.rows
+        return batch
+
+    def _round_robin(self, decodes: list[Step], *, limit: bool = True) -> list[Step]:
         by_owner: dict[str, list[Step]] = {owner: [] for owner in self._turns}
         for step in decodes:
             by_owner[step.owner].append(step)
@@ -256,7 +285,7 @@ class StepScheduler:
             for waiting in by_owner.values():
                 if not waiting:
                     continue
-                if batch and rows + waiting[0].rows > self.config.max_rows:
+                if limit and batch and rows + waiting[0].rows > self.config.max_rows:
                     return batch
                 step = waiting.pop(0)
                 batch.append(step)

@@ -187,7 +187,7 @@ class LLMExecutor:
         return {"hidden": out.float()}
 
     def _run(self, steps: Sequence[Step]) -> list[Any]:
-        """One forward over the rows of ``steps`` (all decode steps, or one prefill)."""
+        """One forward over the rows of ``steps`` (decode steps, or prefills of one length)."""
         results: list[Any] = [_gone() if s.payload.state.released else None for s in steps]
         works: list[_Work] = [s.payload for s, r in zip(steps, results, strict=True) if r is None]
         if not works:

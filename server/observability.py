@@ -128,7 +128,12 @@ def _batching_metrics(stats: dict[str, Any] | None) -> list[Metric]:
             value=stats["queue_wait_s_max"],
         ),
         gauge("lambda_split_kv_slot_bytes_used", "Bytes of KV slots in use", value=stats["slot_bytes_used"]),
-        counter("lambda_split_prefills", "Prefill steps run alone", value=stats["prefills"]),
+        counter("lambda_split_prefills", "Prefill steps", value=stats["prefills"]),
+        counter(
+            "lambda_split_prefill_batches",
+            "Forwards that ran prefill steps (same-length prefills share one)",
+            value=stats["prefill_batches"],
+        ),
         counter(
             "lambda_split_step_queue_seconds",
             "Time steps waited in the queue",

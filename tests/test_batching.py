@@ -111,6 +111,30 @@ def test_concurrent_sessions_get_their_solo_tokens_and_hidden_states(
 
 
 @torch.inference_mode()
+def test_prefills_of_one_length_share_a_forward_and_each_session_gets_its_solo_tokens(
+    tiny: Checkpoint, parts: tuple[Head, Trunk, Tail]
+) -> None:
+    executor = LLMExecutor(parts[1])
+    tokenizer = tiny.tokenizer
+    # Three sessions (one of two rows), different prompts padded to one length, as prompt_bucket does.
+    prompts = [["The cat sat on the mat"], ["Green ideas sleep", "Hello there, friend"], ["Zebra"]]
+    inputs = [encode_prompts(tokenizer, p, chat=False, pad_to_multiple_of=32) for p in prompts]
+    assert len({ids.shape[1] for ids, _ in inputs}) == 1
+    devices = [Device(parts, executor, ids, mask) for ids, mask in inputs]
+    largest = 0.0
+    for _ in range(NEW_TOKENS):
+        steps = [d.enqueue(f"owner{k}") for k, d in enumerate(devices)]
+        executor.scheduler.drain()
+        largest = max([largest, *(d.take(s) for d, s in zip(devices, steps, strict=True))])
+    assert largest < 1e-5
+    for device, (ids, mask) in zip(devices, inputs, strict=True):
+        assert device.tokens == solo_tokens(parts, tokenizer, ids, mask)
+    stats = executor.scheduler.stats
+    assert stats.prefills == 3 and stats.prefill_batches == 1  # all three prompts in one forward
+    assert stats.batch_rows == {4: NEW_TOKENS - 1}
+
+
+@torch.inference_mode()
 def test_a_session_closed_mid_batch_or_over_its_limit_leaves_the_other_rows_alone(
     tiny: Checkpoint, parts: tuple[Head, Trunk, Tail]
 ) -> None:
@@ -215,6 +239,7 @@ def test_metrics_show_batch_sizes_queue_time_and_slot_occupancy(parts: tuple[Hea
         'lambda_split_batch_rows_bucket{le="4"} 1.0',
         "lambda_split_batch_rows_sum 3.0",
         "lambda_split_prefills_total 3.0",
+        "lambda_split_prefill_batches_total 3.0",
         "lambda_split_kv_slots_used 15.0",
         "lambda_split_steps_queued 0.0",
     ):

@@ -113,6 +113,7 @@ def test_deploy_figures_are_finite_positive_and_tokens_match(
         server = results["concurrency"]["by_variant"][variant]["server_batching"]
         assert server["decode_batches"] > 0 and server["mean_rows_per_decode_batch"] >= 1, "read off /metrics"
         assert server["prefills"] >= 3 and server["mean_queue_wait_ms"] >= 0
+        assert 1 <= server["prefill_batches"] <= server["prefills"]
     goals = results["goals"]["tls+aesgcm/stream"]
     assert set(goals) == {"decode", "int8_bytes"}, "no 8-client run in this plan, so no scaling goal"
     assert all(isinstance(g["met"], bool) for g in goals.values())

@@ -77,10 +77,10 @@ def test_one_identity_with_many_sessions_cannot_starve_another() -> None:
     assert runs2.batches[:2] == [["g0", "m0"], ["g1", "m1"]]
 
 
-def test_prefills_run_alone_and_alternate_with_decode_batches() -> None:
+def test_prefills_of_other_lengths_run_apart_and_alternate_with_decode_batches() -> None:
     sched, runs, _ = scheduler()
     for i in range(3):
-        sched.enqueue(f"p{i}", 1, 50, f"prefill{i}")
+        sched.enqueue(f"p{i}", 1, 50 + i, f"prefill{i}")
     for i in range(3):
         sched.enqueue(f"d{i}", 1, 1, f"decode{i}")
     sched.drain()
@@ -90,7 +90,23 @@ def test_prefills_run_alone_and_alternate_with_decode_batches() -> None:
         ["prefill1"],
         ["prefill2"],  # nobody is decoding any more: nothing to alternate with
     ]
-    assert sched.stats.prefills == 3 and sched.stats.batch_rows == {3: 1}
+    assert sched.stats.prefills == 3 and sched.stats.prefill_batches == 3
+    assert sched.stats.batch_rows == {3: 1}
+
+
+def test_prefills_of_one_length_share_a_forward_within_rows_and_tokens() -> None:
+    recorder = Recorder()
+    sched = StepScheduler(recorder, SchedulerConfig(max_rows=4, max_prefill_tokens=150), clock=Clock())
+    sched.enqueue("a", 1, 50, "a50")
+    sched.enqueue("b", 1, 40, "b40")  # another length: its own forward
+    sched.enqueue("a", 1, 50, "a50'")
+    sched.enqueue("c", 3, 50, "c50x3")  # would make 4 rows x 50 = 200 tokens > 150
+    sched.enqueue("d", 1, 50, "d50")
+    sched.enqueue("e", 1, 1, "decode")
+    sched.drain()
+    # Same length, one per owner per round (a's second prefill after d's), within 150 tokens.
+    assert recorder.batches == [["a50", "d50", "a50'"], ["decode"], ["b40"], ["c50x3"]]
+    assert sched.stats.prefills == 5 and sched.stats.prefill_batches == 3
 
 
 def test_a_step_waiting_past_its_deadline_fails_and_is_not_run() -> None:
@@ -179,6 +195,8 @@ def test_queue_waits_are_counted_by_bound_for_the_metrics() -> None:
 def test_bad_scheduler_settings_are_refused(rows: int, deadline: float) -> None:
     with pytest.raises(ValueError, match=r"max_rows|deadline_s"):
         SchedulerConfig(rows, deadline)
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        SchedulerConfig(max_prefill_tokens=0)
 
 
 class _SpyCondition(threading.Condition):

@@ -257,7 +257,7 @@ def part_times(env: ModelEnv, steps: int) -> dict[str, Any]:
         marks.append(time.perf_counter())
         hidden = trunk(hidden, mask, states[1])
         marks.append(time.perf_counter())
-        logits = tail(hidden, mask, states[2])[:, -1, :]
+        logits = tail(hidden, mask, states[2], last_only=True)[:, -1, :]
         marks.append(time.perf_counter())
         if step:  # step 0 is the prefill
             for name, start, stop in zip(times, marks, marks[1:], strict=False):

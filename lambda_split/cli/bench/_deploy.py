@@ -304,7 +304,7 @@ def concurrency(
 
 _SCRAPED = ("lambda_split_batch_rows_bucket", "lambda_split_batch_rows_sum", "lambda_split_batch_rows_count",
             "lambda_split_step_queue_wait_seconds_sum", "lambda_split_step_queue_wait_seconds_count",
-            "lambda_split_prefills_total")  # fmt: skip
+            "lambda_split_prefills_total", "lambda_split_prefill_batches_total")  # fmt: skip
 
 
 def scrape(target: Target) -> dict[str, float]:
@@ -338,6 +338,7 @@ def batching_delta(before: dict[str, float], after: dict[str, float]) -> dict[st
         if batches else None,
         "decode_batches_with_rows_at_most": buckets,
         "prefills": int(delta.get("lambda_split_prefills_total", 0.0)),
+        "prefill_batches": int(delta.get("lambda_split_prefill_batches_total", 0.0)),
         "mean_queue_wait_ms": round(1000 * delta.get("lambda_split_step_queue_wait_seconds_sum", 0.0) / waits, 3)
         if waits else None,
     }  # fmt: skip

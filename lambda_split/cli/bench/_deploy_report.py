@@ -102,7 +102,7 @@ def _concurrency(results: dict[str, Any]) -> list[str]:
         if b := entry.get("server_batching"):
             lines += ["", f"Server, over this variant's runs: {b['decode_batches']} decode batches, "
                       f"{b['mean_rows_per_decode_batch']} rows each on average (batches by rows, at most: "
-                      f"{b['decode_batches_with_rows_at_most']}); {b['prefills']} prefills; mean queue wait "
+                      f"{b['decode_batches_with_rows_at_most']}); {b['prefills']} prefills in {b.get('prefill_batches', '?')} forwards; mean queue wait "
                       f"{b['mean_queue_wait_ms']} ms."]  # fmt: skip
     return [*lines, "", *[f"- {n}" for n in c["notes"]]]
 
