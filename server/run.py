@@ -188,6 +188,22 @@ def _is_diffusion(model: str) -> bool:
     return model in DIFFUSION_MODELS or (Path(model) / "model_index.json").is_file()
 
 
+def attach_receipts(
+    service: TrunkService, info: dict[str, Any], trust: ServerTrust | None, config: ServerConfig
+) -> None:
+    """Let sessions ask for signed step receipts (lambda_split._receipts), signed with the server key:
+    the current one of ``trust``, or in plain mode the one in ``--keys`` if given (else none)."""
+    from lambda_split._receipts import ReceiptSigner
+
+    if "fingerprint" not in info or "split" not in info:
+        return
+    if trust is not None:
+        service.receipts = ReceiptSigner(lambda: trust.credentials, info)
+    elif config.keys:
+        credentials = load_credentials(config.keys, "server")
+        service.receipts = ReceiptSigner(lambda: credentials, info)
+
+
 def build_server(
     config: ServerConfig,
     *,
@@ -206,6 +222,7 @@ def build_server(
         if config.security != "plain":
             trust = ServerTrust(load_credentials(config.keys or "", "server"))
         trunk_service, info = service or load_service(config, progress)
+        attach_receipts(trunk_service, info, trust, config)
         if trust is not None:
             trust.subscribe(trunk_service.close_owners)  # a revoked device loses its trunk sessions
         drain = Drain(trunk_service, config.drain_timeout_s)
