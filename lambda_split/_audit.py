@@ -35,7 +35,7 @@ from lambda_split._receipts import (
 from lambda_split._transcript import SessionEntry, Transcript, TranscriptError, read_transcript
 
 #: The largest deviation an honest step may show, per wire encoding (see the module doc).
-TOLERANCE: dict[str, float] = {"fp32": 1e-3, "fp16": 5e-3, "bf16": 3e-2, "int8": 3e-2}
+TOLERANCE: dict[str, float] = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1.6e-2, "int8": 2e-2}
 
 
 class AuditFailed(SplitError):
