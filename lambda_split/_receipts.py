@@ -63,18 +63,18 @@ class ReceiptError(ProtocolMismatch):
     to it, so it is not used. Exit code 4, like any protocol error."""
 
 
-def sha256(data: bytes) -> bytes:
+def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def cert_sha256(cert: x509.Certificate) -> str:
+def _cert_sha256(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def context(info: dict[str, Any], session_id: str, wire: str, cert: x509.Certificate) -> dict[str, Any]:
     """What h_0 binds: the trunk (model, fingerprint, split), the session, its wire and the signer."""
     return {
-        "cert_sha256": cert_sha256(cert),
+        "cert_sha256": _cert_sha256(cert),
         "fingerprint": str(info["fingerprint"]),
         "model": str(info["model"]),
         "session_id": session_id,
@@ -85,17 +85,17 @@ def context(info: dict[str, Any], session_id: str, wire: str, cert: x509.Certifi
 
 def chain_start(ctx: dict[str, Any]) -> bytes:
     canonical = json.dumps(ctx, sort_keys=True, separators=(",", ":")).encode()
-    return sha256(_CHAIN_DOMAIN + canonical)
+    return _sha256(_CHAIN_DOMAIN + canonical)
 
 
 def chain_step(prev: bytes, session_id: bytes, seq: int, step_frame: bytes, result_frame: bytes) -> bytes:
     """The next chain value; ``result_frame`` is the result without its receipt."""
-    return chain_link(prev, session_id, seq, step_frame, sha256(result_frame))
+    return chain_link(prev, session_id, seq, step_frame, _sha256(result_frame))
 
 
 def chain_link(prev: bytes, session_id: bytes, seq: int, step_frame: bytes, result_sha256: bytes) -> bytes:
     """:func:`chain_step` when only the result's hash is known (a transcript may keep only that)."""
-    return sha256(prev + session_id + _SEQ.pack(seq) + sha256(step_frame) + result_sha256)
+    return _sha256(prev + session_id + _SEQ.pack(seq) + _sha256(step_frame) + result_sha256)
 
 
 def _record(signature: bytes) -> bytes:
