@@ -243,3 +243,20 @@ def test_spot_checks_pass_an_honest_server(tiny: Checkpoint, keys: Path) -> None
     verification = enable_verification(client, keys=keys, verify_rate=1.0)
     client.generate("hello", GREEDY)
     assert verification.checker is not None and verification.checker.checked == 6
+
+
+def test_a_partial_transcript_keeps_every_input_and_some_outputs(
+    tiny: Checkpoint, keys: Path, tmp_path: Path
+) -> None:
+    import random
+
+    client, _ = client_for(tiny, keys, executor=lambda t: cheating_executor("skip", t))
+    path = tmp_path / "t.jsonl"
+    verification = enable_verification(
+        client, keys=keys, transcript=path, audit_rate=0.5, rng=random.Random(3)
+    )
+    client.generate("hello", GenerationConfig(max_new_tokens=8, stop_on_eos=False))
+    verification.close()
+    report = audit(path, "tiny-random-llama")
+    assert 0 < report["audited_steps"] < report["steps"] == 8  # the chain verifies over hashes alone
+    assert report["failed_steps"] == report["audited_steps"]  # every step of this cheat is wrong

@@ -171,7 +171,7 @@ def cheats(rig: Rig, names: list[str], count: int, tokens: int, work: Path, seed
     out: dict[str, Any] = {}
     rng = random.Random(seed)
     for name in names:
-        path = work / f"cheat-{rig.checkpoint.name}-{name}.jsonl"
+        path = work / f"cheat-{rig.checkpoint.name}-{name}-{wire}.jsonl"
         executor = cheating_executor(name, rig.trunk, **options.get(name, {}))
         rig.run(executor, wire, prompts(count, seed + 1), tokens, path)
         report = audit(path, rig.checkpoint.name, trunk=rig.trunk)
@@ -184,7 +184,7 @@ def cheats(rig: Rig, names: list[str], count: int, tokens: int, work: Path, seed
         out[name] = {"options": options.get(name, {}), "sessions": len(verdicts), "steps": steps,
                      "p_step": p, "full_audit_caught_sessions": sum(any(v) for v in verdicts),
                      "median_deviation": statistics.median(devs), "wire": wire, "curve": curve}  # fmt: skip
-        print(f"cheat {rig.checkpoint.name} {name}: p={p:.4f} caught "
+        print(f"cheat {rig.checkpoint.name} {name} {wire}: p={p:.4f} caught "
               f"{out[name]['full_audit_caught_sessions']}/{len(verdicts)}", file=sys.stderr, flush=True)  # fmt: skip
     return out
 
@@ -202,16 +202,19 @@ def main() -> None:
         generate_credentials(keys)
         results["receipt_costs"] = receipt_costs(keys)
         tiny = Rig("tiny-random-llama", "2:-2", keys)
-        results["honest_tiny"] = honest(tiny, 8 if quick else 48, 16 if quick else 32, work, 1)
+        results["honest_tiny"] = honest(tiny, 8 if quick else 32, 16 if quick else 32, work, 1)
         options = {"perturb": {"scale": 0.01}, "noise": {"fraction": 0.01}}
-        results["cheats_tiny"] = cheats(tiny, ["skip", "int4", "perturb", "replay"], 8 if quick else 32,
-                                        32, work, 2, "fp16", options)  # fmt: skip
-        results["cheats_tiny"].update(
+        results["cheats_tiny"] = {}
+        for wire in WIRES:
+            results["cheats_tiny"][wire] = cheats(
+                tiny, ["skip", "int4", "perturb", "replay"], 6 if quick else 16, 32, work, 2, wire, options
+            )
+        results["cheats_tiny"]["fp16"].update(
             cheats(tiny, ["noise"], 8 if quick else 64, 128, work, 3, "fp16", options)
         )
         if not quick:
             small = Rig("smollm2-135m", "2:-2", keys)
-            results["honest_smollm2"] = honest(small, 6, 12, work, 4)
+            results["honest_smollm2"] = honest(small, 8, 12, work, 4)
             results["cheats_smollm2"] = cheats(small, ["int4", "skip"], 3, 12, work, 5, "int8", options)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     args.out.mkdir(parents=True, exist_ok=True)
