@@ -101,11 +101,11 @@ def main() -> None:
               "bytes on average).", ""]  # fmt: skip
     lines += honest_table(results["honest_tiny"], "tiny-random-llama")
     if "honest_smollm2" in results:
-        lines += [""] + honest_table(results["honest_smollm2"], "smollm2-135m")
-    lines += [""] + cheat_table(results["cheats_tiny"], "tiny-random-llama")
+        lines += ["", *honest_table(results["honest_smollm2"], "smollm2-135m")]
+    lines += ["", *cheat_table(results["cheats_tiny"], "tiny-random-llama")]
     if "cheats_smollm2" in results:
-        lines += [""] + cheat_table({"int8": results["cheats_smollm2"]}, "smollm2-135m")
-    lines += [""] + curve_table(results["cheats_tiny"])
+        lines += ["", *cheat_table({"int8": results["cheats_smollm2"]}, "smollm2-135m")]
+    lines += ["", *curve_table(results["cheats_tiny"])]
     print("\n".join(lines))
     plot(results["cheats_tiny"], root / "detection.png")
 
