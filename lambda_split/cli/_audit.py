@@ -81,12 +81,19 @@ def add_parser(commands: Any) -> None:
     audit.add_argument(
         "--keys", help="a keys directory (its ca.pem) or a CA PEM file; default: the CA in the transcript"
     )
+    audit.add_argument(
+        "--tolerance",
+        type=float,
+        metavar="X",
+        help="the largest honest deviation, for every wire encoding (default: the calibrated bounds, "
+        "README); raise it for a server whose arithmetic differs from this machine's (a GPU, another dtype)",
+    )
     audit.add_argument("--json", action="store_true", help="print the report as one JSON object")
     audit.set_defaults(run=cmd_audit)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from lambda_split._audit import audit
+    from lambda_split._audit import TOLERANCE, audit
     from lambda_split._transcript import TranscriptError
 
     ca_pem = None
@@ -97,7 +104,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
             ca_pem = path.read_bytes()
         except OSError as exc:
             raise TranscriptError(f"cannot read the CA {path}: {exc.strerror}") from None
-    report = audit(args.transcript, args.model, ca_pem=ca_pem)
+    bounds = None
+    if args.tolerance is not None:
+        if not args.tolerance > 0:
+            from lambda_split.cli import UsageError
+
+            raise UsageError("--tolerance must be a positive number")
+        bounds = dict.fromkeys(TOLERANCE, args.tolerance)
+    report = audit(args.transcript, args.model, ca_pem=ca_pem, tolerance=bounds)
     if args.json:
         print(json.dumps(report))
     else:

@@ -73,6 +73,9 @@ def test_verify_rate_one_stops_a_cheating_server(
     )
     report = json.loads(capsys.readouterr().out)
     assert report["verdict"] == "fail" and report["failed_steps"] >= 1
+    loose = ["audit", str(transcript), "--model", "tiny-random-llama", "--tolerance", "1000"]
+    assert main(loose) == 0  # the verdict is the tolerance's: an auditor who widens it accepts anything
+    capsys.readouterr()
     lines = transcript.read_text().splitlines()
     transcript.write_text(
         "\n".join([*lines[:-1], lines[-1].replace('"signature":"M', '"signature":"N')]) + "\n"
