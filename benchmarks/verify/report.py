@@ -56,7 +56,7 @@ def curve_table(by_wire: dict[str, dict[str, Any]]) -> list[str]:
     out = ["| cheat (wire) | n | q | measured | 1 − (1 − p·q)^n |", "|---|---|---|---|---|"]
     for wire, rows in by_wire.items():
         for name, row in rows.items():
-            if wire != "fp16" and name != "perturb":
+            if (wire, name) != ("fp32", "perturb") and (wire != "fp16" or name == "perturb"):
                 continue
             for point in row["curve"]:
                 if point["q"] in (0.01, 0.1, 1.0) or name == "noise":
