@@ -16,7 +16,7 @@ from typing import Any
 import uvicorn
 
 from lambda_split import ServiceLimits, SplitSpec, TrunkService, load_llm_service, resolve
-from secure_channel import ChannelError, ServerTrust, load_credentials, uvicorn_config
+from secure_channel import ChannelError, CredentialsError, ServerTrust, load_credentials, uvicorn_config
 from server.app import build_app
 from server.config import ENV_PREFIX, ConfigError, ServerConfig
 from server.drain import Drain
@@ -192,7 +192,8 @@ def attach_receipts(
     service: TrunkService, info: dict[str, Any], trust: ServerTrust | None, config: ServerConfig
 ) -> None:
     """Let sessions ask for signed step receipts (lambda_split._receipts), signed with the server key:
-    the current one of ``trust``, or in plain mode the one in ``--keys`` if given (else none)."""
+    the current one of ``trust``, or in plain mode the one in ``--keys`` if given and valid (else none:
+    a session that asks for receipts is refused with 400 ``receipts_unavailable``)."""
     from lambda_split._receipts import ReceiptSigner
 
     if "fingerprint" not in info or "split" not in info:
@@ -200,7 +201,11 @@ def attach_receipts(
     if trust is not None:
         service.receipts = ReceiptSigner(lambda: trust.credentials, info)
     elif config.keys:
-        credentials = load_credentials(config.keys, "server")
+        try:
+            credentials = load_credentials(config.keys, "server")
+        except CredentialsError as exc:  # plain mode never needed keys: serve on, without receipts
+            LOGGER.warning("no step receipts", extra={"fields": {"reason": str(exc)}})
+            return
         service.receipts = ReceiptSigner(lambda: credentials, info)
 
 

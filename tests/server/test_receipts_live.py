@@ -91,3 +91,17 @@ def test_receipts_without_keys_is_a_usage_error(
                  "--receipts", "hello"])  # fmt: skip
     assert code == 2
     assert "need --keys" in capsys.readouterr().err
+
+
+def test_a_plain_server_without_valid_keys_serves_but_signs_nothing(
+    tiny: Checkpoint, server_pki: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    service = load_llm_service(tiny, "2:-2", security="plain")
+    config = ServerConfig(model=tiny.name, split="2:-2", security="plain", keys=str(tmp_path), port=0)
+    running = BackgroundServer(config, service)
+    try:
+        assert generate(running.url, "plain", server_pki.root) == 0
+        assert generate(running.url, "plain", server_pki.root, "--receipts") == 4
+        assert "receipts_unavailable" in capsys.readouterr().err
+    finally:
+        running.stop()
