@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "lambda_split._audit": ("AuditFailed", "audit"),
+    "lambda_split._receipts": ("ChainObserver", "ReceiptError", "ReceiptPolicy", "ReceiptSigner"),
+    "lambda_split._transcript": ("TranscriptError", "TranscriptWriter", "read_transcript"),
+    "lambda_split._verify": ("SpotChecker", "Verification", "enable_verification"),
     "lambda_split._client": ("RemoteTrunk", "ServerInfo", "ServerLimits", "SplitClient", "fetch_info"),
     "lambda_split._codec": ("Encoding", "FrameError", "FrameKind", "FrameLimits"),
     "lambda_split._errors": (
@@ -68,6 +72,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from lambda_split._audit import AuditFailed as AuditFailed
+    from lambda_split._audit import audit as audit
     from lambda_split._client import (
         RemoteTrunk as RemoteTrunk,
     )
@@ -194,6 +200,10 @@ if TYPE_CHECKING:
     from lambda_split._parts import (
         load_parts as load_parts,
     )
+    from lambda_split._receipts import ChainObserver as ChainObserver
+    from lambda_split._receipts import ReceiptError as ReceiptError
+    from lambda_split._receipts import ReceiptPolicy as ReceiptPolicy
+    from lambda_split._receipts import ReceiptSigner as ReceiptSigner
     from lambda_split._scheduler import SchedulerConfig as SchedulerConfig
     from lambda_split._service import BatchingExecutor as BatchingExecutor
     from lambda_split._service import (
@@ -229,3 +239,9 @@ if TYPE_CHECKING:
     from lambda_split._stream import (
         make_link as make_link,
     )
+    from lambda_split._transcript import TranscriptError as TranscriptError
+    from lambda_split._transcript import TranscriptWriter as TranscriptWriter
+    from lambda_split._transcript import read_transcript as read_transcript
+    from lambda_split._verify import SpotChecker as SpotChecker
+    from lambda_split._verify import Verification as Verification
+    from lambda_split._verify import enable_verification as enable_verification

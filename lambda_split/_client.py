@@ -30,6 +30,7 @@ from lambda_split._generate import (
 )
 from lambda_split._models import Checkpoint, fingerprint, resolve
 from lambda_split._parts import SplitModel, SplitSpec, load_parts
+from lambda_split._receipts import ReceiptPolicy
 from lambda_split._session import RemoteSession, check_reply, connect_verified
 from lambda_split._stream import HTTPLink, StreamLink, TransportKind, make_link
 from lambda_split.protocol import (
@@ -155,6 +156,8 @@ class SplitClient(_FailoverMixin):
         self._switching = threading.Lock()
         self._retired: list[tuple[Transport, HTTPLink | StreamLink]] = []  # replaced by failover, still open
         self._closed_stats = WireStats()  # the byte counts of replaced transports since closed
+        #: signed step receipts, checked on every step (None: not asked for); see lambda_split._verify
+        self.receipts: ReceiptPolicy | None = None
 
     @classmethod
     def connect(
@@ -314,7 +317,7 @@ class SplitClient(_FailoverMixin):
         chunk = self.check_limits(input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
         trunk: RemoteTrunk | ResilientTrunk
         if self.reconnector is None:
-            trunk = RemoteTrunk(self.link, self.wire)
+            trunk = RemoteTrunk(self.link, self.wire, receipts=self.receipts)
         else:
             request = (input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
             trunk = ResilientTrunk(self, self.reconnector, self.wire, request)

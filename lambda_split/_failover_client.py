@@ -47,7 +47,7 @@ class _FailoverMixin:
 
         with self._switching:
             link = self.link
-        return RemoteTrunk(link, self.wire)
+        return RemoteTrunk(link, self.wire, receipts=getattr(self, "receipts", None))
 
     def replay_chunk(self, request: tuple[int, int, int]) -> int:
         """The prefill chunk on the current server (its limits may differ) for a generation of

@@ -41,8 +41,12 @@ class LocalTransport(Transport):
             if route == ("GET", INFO_PATH):
                 return _json(200, self.info)
             if route == ("POST", SESSIONS_PATH):
-                wire = json.loads(request.content or b"{}").get("wire", "fp32")
-                return _json(201, self.service.open_session(self.owner, str(wire)))
+                body = json.loads(request.content or b"{}")
+                receipts = body.get("receipts") is True
+                return _json(
+                    201,
+                    self.service.open_session(self.owner, str(body.get("wire", "fp32")), receipts=receipts),
+                )
             match = _SESSION.match(request.path)
             if match and request.method == "POST" and match[2]:
                 body = self.service.step(self.owner, match[1], request.content)

@@ -245,6 +245,7 @@ class _Session:
     last_used: float = field(default_factory=time.monotonic)
     busy: bool = False
     nbytes: int = 0
+    chain: Any = None  # a ServerChain when the client asked for signed receipts (lambda_split._receipts)
 
 
 class TrunkService:
@@ -261,6 +262,8 @@ class TrunkService:
         self._compute = threading.Lock()
         self.evicted = 0
         self.expired = 0
+        #: signs step receipts for sessions that ask (a ReceiptSigner; None: this server cannot)
+        self.receipts: Any = None
 
     # -- bookkeeping ----------------------------------------------------------------------------
     @property
@@ -298,11 +301,15 @@ class TrunkService:
         return raw, session
 
     # -- operations -----------------------------------------------------------------------------
-    def open_session(self, owner: str, wire: str) -> dict[str, Any]:
+    def open_session(self, owner: str, wire: str, *, receipts: bool = False) -> dict[str, Any]:
         try:
             encoding = Encoding.parse(wire)
         except ValueError as exc:
             raise ServiceError(400, "bad_wire_encoding", str(exc)) from None
+        if receipts and self.receipts is None:
+            raise ServiceError(
+                400, "receipts_unavailable", "this server has no signing key (serve it with --keys DIR)"
+            )
         self.expire_idle()
         with self._lock:
             if len(self._sessions) >= self.limits.max_sessions:
@@ -316,15 +323,17 @@ class TrunkService:
                     retry_after=5,
                 )  # fmt: skip
             raw = secrets.token_bytes(SESSION_ID_BYTES)
+            chain, signed = self.receipts.open(raw, encoding.wire_name) if receipts else (None, None)
             self._sessions[raw] = _Session(
-                owner, encoding, self.executor.new_state(), last_used=self._clock()
+                owner, encoding, self.executor.new_state(), last_used=self._clock(), chain=chain
             )
-        return {
+        reply = {
             "session_id": raw.hex(),
             "wire": encoding.wire_name,
             "max_tokens": self.limits.max_tokens_per_session,
             "idle_timeout_s": self.limits.idle_timeout_s,
         }
+        return reply if signed is None else {**reply, "receipts": signed}
 
     def step(self, owner: str, session_id: str, body: bytes) -> bytes:
         with self._lock:
@@ -368,7 +377,8 @@ class TrunkService:
                 self._sessions.move_to_end(raw)
             self._enforce_memory(keep=raw)
         tensors = {name: (value, session.wire) for name, value in outputs.items()}
-        return encode_frame(self.executor.result_kind, raw, frame.seq, tensors, self.limits.frame)
+        result = encode_frame(self.executor.result_kind, raw, frame.seq, tensors, self.limits.frame)
+        return result if session.chain is None else session.chain.seal(frame.seq, body, result)
 
     def _enforce_memory(self, keep: bytes) -> None:
         while self.cache_bytes > self.limits.max_cache_bytes:

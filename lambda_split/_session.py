@@ -10,6 +10,7 @@ import torch
 
 from lambda_split._codec import Encoding, Frame, FrameError, FrameKind, decode_frame, encode_frame
 from lambda_split._errors import ProtocolMismatch
+from lambda_split._receipts import ReceiptPolicy
 from lambda_split._stream import HTTPLink, Link, check_reply, json_request
 from secure_channel import SecurityMode, Transport
 
@@ -23,10 +24,18 @@ class RemoteSession:
     answers it (kind, session id, sequence number). ``link`` is a :class:`StreamLink` or
     :class:`HTTPLink`; a bare transport means one HTTP request per operation."""
 
-    def __init__(self, link: Transport | Link, wire: Encoding) -> None:
+    def __init__(
+        self, link: Transport | Link, wire: Encoding, *, receipts: ReceiptPolicy | None = None
+    ) -> None:
+        """With ``receipts``, the session asks the server to sign every step and checks each receipt
+        (:mod:`lambda_split._receipts`) before a result is used; a bad one raises ReceiptError."""
         self.link: Link = HTTPLink(link) if isinstance(link, Transport) else link
         self.wire = wire
-        reply = self.link.open(wire.wire_name)
+        reply = (
+            self.link.open(wire.wire_name)
+            if receipts is None
+            else self.link.open(wire.wire_name, {"receipts": True})
+        )
         try:
             self.session_id = str(reply["session_id"])
             self._raw_id = bytes.fromhex(self.session_id)
@@ -34,12 +43,15 @@ class RemoteSession:
             raise ProtocolMismatch("malformed session reply") from None
         self.seq = 0
         self.closed = False
+        self.chain = None if receipts is None else receipts.start(reply, wire.wire_name)
 
     def exchange(
         self, kind: FrameKind, tensors: Mapping[str, tuple[torch.Tensor, Encoding]], expect: FrameKind
     ) -> Frame:
         frame = encode_frame(kind, self._raw_id, self.seq, tensors)
         reply = self.link.step(self.session_id, frame)
+        if self.chain is not None:
+            reply = self.chain.check(self.seq, frame, reply)
         try:
             result = decode_frame(reply)
         except FrameError as exc:

@@ -32,7 +32,7 @@ TRANSPORT_KINDS: tuple[TransportKind, ...] = ("stream", "http")
 class Link(Protocol):
     """What a :class:`RemoteSession` needs: open a session, run a step, close it."""
 
-    def open(self, wire: str) -> Any: ...
+    def open(self, wire: str, options: dict[str, Any] | None = None) -> Any: ...
     def step(self, session_id: str, frame: bytes) -> bytes: ...
     def close(self, session_id: str) -> None: ...
 
@@ -60,10 +60,9 @@ class HTTPLink:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
 
-    def open(self, wire: str) -> Any:
-        return check_reply(
-            self.transport.exchange(json_request("POST", SESSIONS_PATH, {"wire": wire})), 201
-        ).json()
+    def open(self, wire: str, options: dict[str, Any] | None = None) -> Any:
+        body = {"wire": wire, **(options or {})}
+        return check_reply(self.transport.exchange(json_request("POST", SESSIONS_PATH, body)), 201).json()
 
     def step(self, session_id: str, frame: bytes) -> bytes:
         request = Request("POST", step_path(session_id), frame, {"content-type": FRAME_CONTENT_TYPE})
@@ -116,8 +115,8 @@ class StreamLink:
             raise ProtocolMismatch("the server's stream message does not answer the request")
         return reply[1:]
 
-    def open(self, wire: str) -> Any:
-        body = json.dumps({"wire": wire}).encode()
+    def open(self, wire: str, options: dict[str, Any] | None = None) -> Any:
+        body = json.dumps({"wire": wire, **(options or {})}).encode()
         kept = self._stream is not None
         try:
             reply = self._call(StreamOp.OPEN, body)

@@ -6,7 +6,7 @@ HTTP API (protocol version 1)::
     GET    /v1/info                         200 {"model", "fingerprint", "split", "num_layers", "hidden_size",
                                                  "security", "protocol_version", "wire_encodings", "limits"}
     POST   /v1/sessions                     201 {"session_id", "wire", "max_tokens", "idle_timeout_s"}
-                                                body: {"wire": "fp32"|"fp16"|"bf16"|"int8"}
+                                                body: {"wire": "fp32"|"fp16"|"bf16"|"int8", "receipts": bool}
     POST   /v1/sessions/{id}/step           200 frame(LLM_RESULT)   body: frame(LLM_STEP)
     DELETE /v1/sessions/{id}                200 {"closed": true}
     GET    /metrics                         Prometheus text
@@ -14,6 +14,10 @@ HTTP API (protocol version 1)::
 A step frame carries ``hidden`` (B, T, C) in the session's wire encoding and ``mask``
 (B, T) as U8 0/1 for the new positions. The result frame carries ``hidden`` (B, T, C)
 in the same encoding, with the same session id and sequence number.
+
+With ``"receipts": true`` (a server with a key; else 400 ``receipts_unavailable``) the session reply
+adds ``"receipts": {"version": 1, "cert": PEM}`` and every result frame ends with a U8 tensor
+``receipt``, the server's signature over a hash chain of the session's steps (lambda_split._receipts).
 
 Every error is JSON ``{"error": {"code": str, "message": str}}`` with a 4xx/5xx status.
 

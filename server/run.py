@@ -17,7 +17,7 @@ import uvicorn
 
 from lambda_split import ServiceLimits, SplitSpec, TrunkService, load_llm_service, resolve
 from lambda_split._background import ServerThread
-from secure_channel import ChannelError, ServerTrust, load_credentials, uvicorn_config
+from secure_channel import ChannelError, CredentialsError, ServerTrust, load_credentials, uvicorn_config
 from server.app import build_app
 from server.config import ENV_PREFIX, ConfigError, ServerConfig
 from server.drain import Drain
@@ -189,6 +189,27 @@ def _is_diffusion(model: str) -> bool:
     return model in DIFFUSION_MODELS or (Path(model) / "model_index.json").is_file()
 
 
+def attach_receipts(
+    service: TrunkService, info: dict[str, Any], trust: ServerTrust | None, config: ServerConfig
+) -> None:
+    """Let sessions ask for signed step receipts (lambda_split._receipts), signed with the server key:
+    the current one of ``trust``, or in plain mode the one in ``--keys`` if given and valid (else none:
+    a session that asks for receipts is refused with 400 ``receipts_unavailable``)."""
+    from lambda_split._receipts import ReceiptSigner
+
+    if "fingerprint" not in info or "split" not in info:
+        return
+    if trust is not None:
+        service.receipts = ReceiptSigner(lambda: trust.credentials, info)
+    elif config.keys:
+        try:
+            credentials = load_credentials(config.keys, "server")
+        except CredentialsError as exc:  # plain mode never needed keys: serve on, without receipts
+            LOGGER.warning("no step receipts", extra={"fields": {"reason": str(exc)}})
+            return
+        service.receipts = ReceiptSigner(lambda: credentials, info)
+
+
 def build_server(
     config: ServerConfig,
     *,
@@ -207,6 +228,7 @@ def build_server(
         if config.security != "plain":
             trust = ServerTrust(load_credentials(config.keys or "", "server"))
         trunk_service, info = service or load_service(config, progress)
+        attach_receipts(trunk_service, info, trust, config)
         if trust is not None:
             trust.subscribe(trunk_service.close_owners)  # a revoked device loses its trunk sessions
         drain = Drain(trunk_service, config.drain_timeout_s)

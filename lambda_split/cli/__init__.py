@@ -23,6 +23,7 @@ from lambda_split._errors import (
 )
 from lambda_split._stream import TRANSPORT_KINDS, StreamLink
 from lambda_split.cli import _args
+from lambda_split.cli import _audit as _audit_cli
 from secure_channel import (
     SECURITY_MODES,
     AuthenticationError,
@@ -49,7 +50,11 @@ def progress(message: str) -> None:
 
 
 def exit_code(exc: BaseException) -> int:
+    from lambda_split._audit import AuditFailed
     from server.config import ConfigError
+
+    if isinstance(exc, AuditFailed):
+        return _audit_cli.EXIT_AUDIT_FAILED
 
     if isinstance(
         exc, (UsageError, ConfigError, ModelNotFoundError, FileExistsError, LimitExceeded, KeysUsageError)
@@ -124,20 +129,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else None
     )
     progress(f"connecting to {', '.join(servers)} ({args.security})")
-    with SplitClient.connect(
-        servers,
-        security=args.security,
-        keys=args.keys,
-        model=args.model,
-        wire=args.wire,
-        timeout=args.timeout,
-        failover=failover,
-        on_failover=lambda event: progress(event.describe()),
-        progress=progress,
-        prompt_bucket=args.pad_prompt,
-        split=args.split,
-        transport_kind=args.transport,
-    ) as client:
+    with (
+        SplitClient.connect(
+            servers,
+            security=args.security,
+            keys=args.keys,
+            model=args.model,
+            wire=args.wire,
+            timeout=args.timeout,
+            failover=failover,
+            on_failover=lambda event: progress(event.describe()),
+            progress=progress,
+            prompt_bucket=args.pad_prompt,
+            split=args.split,
+            transport_kind=args.transport,
+        ) as client,
+        _audit_cli.verification(args, client, progress),
+    ):
         stream = None if args.json else _Stdout.stream
         result = client.generate(prompt, config, chat=not args.raw, on_text=stream)
         stats = client.wire_stats
@@ -329,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="left-pad the prompt to a multiple of N tokens, so frame sizes show only a bucket of its length",
     )
+    _audit_cli.add_generate_options(generate)
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     generate.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
     generate.set_defaults(run=cmd_generate)
@@ -364,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lambda_split.cli.bench import add_arguments as add_bench_arguments
 
+    _audit_cli.add_parser(commands)
     bench = commands.add_parser(
         "bench", help="measure what each security mode, split and wire encoding costs"
     )
