@@ -8,6 +8,7 @@ stops what it starts. Faults are injected at a chosen step (tests.test_failover'
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -208,3 +209,81 @@ def _other_weights(tiny: Checkpoint) -> Checkpoint:
         return bytes((tiny.read_tensors([name])[name] + 0.5).numpy().tobytes())
 
     return dataclasses.replace(tiny, read_tensors=read_tensors, raw_tensor_bytes=raw_tensor_bytes)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from lambda_split.cli import main
+
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_over_hops_prints_each_hop(
+    servers: Callable[..., LiveServer], capsys: pytest.CaptureFixture[str], monolithic_tokens: list[int]
+) -> None:
+    first, middle, spare, last = servers("1:3"), servers("3:5"), servers("3:5"), servers("5:7")
+    base = ["generate", "--security", "plain", "--model", "tiny-random-llama", "--json"]
+    hops = ["--hop", first.url, "--hop", f"{middle.url},{spare.url}", "--hop", last.url]
+    code, out, _ = cli([*base, *hops, "--max-new-tokens", "12", "--temperature", "0", PROMPT], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["split"] == [1, 7] and data["security"] == "plain"
+    assert [hop["split"] for hop in data["stats"]["hops"]] == [[1, 3], [3, 5], [5, 7]]
+    assert data["stats"]["bytes_sent"] == sum(hop["bytes_sent"] for hop in data["stats"]["hops"])
+    code, _, err = cli([*base, "--hop", first.url, "--hop", last.url, PROMPT], capsys)
+    assert code == 4 and "gap between hop 1" in err and "Traceback" not in err
+    code, _, err = cli([*base, "--server", first.url, "--hop", last.url, PROMPT], capsys)
+    assert code == 2 and "not both" in err
+    code, _, err = cli([*base, "--hop", first.url, "--hop", first.url, PROMPT], capsys)
+    assert code == 2 and "given twice" in err
+    code, _, err = cli([*base, PROMPT], capsys)
+    assert code == 2 and "give --server" in err
+
+
+def test_plan_then_generate_with_the_plan(
+    servers: Callable[..., LiveServer], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Plan for three servers (one twice as fast), start them at the planned spans, generate --plan."""
+    megabyte = 2**20
+    servers_file = tmp_path / "servers.json"
+    fleet = [
+        {"name": "a", "url": "http://127.0.0.1:1", "memory_mb": 64, "layer_ms": 3.0, "rtt_ms": 0.5},
+        {"name": "b", "url": "http://127.0.0.1:2", "memory_mb": 64, "layer_ms": 1.0, "rtt_ms": 0.5},
+        {"name": "c", "url": "http://127.0.0.1:3", "memory_mb": 64, "layer_ms": 3.0, "rtt_ms": 0.5},
+    ]
+    servers_file.write_text(json.dumps({"servers": fleet}))
+    plan_file = tmp_path / "plan.json"
+    argv = ["plan", "--model", "tiny-random-llama", "--servers", str(servers_file), "--split", "1:7"]
+    code, out, _ = cli([*argv, "--out", str(plan_file), "--json"], capsys)
+    assert code == 0
+    plan = json.loads(out)
+    assert plan == json.loads(plan_file.read_text())
+    # 6 layers at 3, 1 and 3 ms a layer: 1, 4 and 1 layers (4 ms); equal memory gives 2 each (6 ms).
+    assert [hop["split"] for hop in plan["hops"]] == [[1, 2], [2, 6], [6, 7]]
+    assert plan["bottleneck_s"] == pytest.approx(0.004)
+    assert plan["memory_proportional"]["bottleneck_s"] == pytest.approx(0.006)
+    assert all(hop["memory_bytes"] <= 64 * megabyte for hop in plan["hops"])
+    for hop in plan["hops"]:
+        hop["urls"] = [servers(f"{hop['split'][0]}:{hop['split'][1]}").url]
+    plan_file.write_text(json.dumps(plan))
+    base = [
+        "generate",
+        "--security",
+        "plain",
+        "--model",
+        "tiny-random-llama",
+        "--json",
+        "--max-new-tokens",
+        "4",
+    ]
+    code, out, _ = cli([*base, "--plan", str(plan_file), PROMPT], capsys)
+    assert code == 0 and json.loads(out)["split"] == [1, 7]
+    code, _, err = cli([*base, "--plan", str(servers_file), PROMPT], capsys)
+    assert code == 2 and "not a plan file" in err
+    servers_file.write_text(json.dumps({"servers": [{**s, "memory_mb": 0.001} for s in fleet]}))
+    code, _, err = cli([*argv], capsys)
+    assert code == 2 and "cannot hold it" in err
