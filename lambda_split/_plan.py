@@ -48,14 +48,14 @@ class ServerSpec:
     name: str
     urls: tuple[str, ...]
     memory_bytes: int
-    layer_s: float  # seconds per token for one reference layer
+    layer_s: float  # seconds per token for one reference layer (NaN: unknown, to be probed)
     rtt_s: float = 0.0  # device <-> server round trip
 
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
             raise PlanError(f"server {self.name!r}: memory must be more than 0")
-        if not self.layer_s > 0 or not math.isfinite(self.layer_s):
-            raise PlanError(f"server {self.name!r}: layer time must be a positive number")
+        if not (self.layer_s > 0 or math.isnan(self.layer_s)) or math.isinf(self.layer_s):
+            raise PlanError(f"server {self.name!r}: layer time must be a positive number (NaN: to be probed)")
         if self.rtt_s < 0 or not math.isfinite(self.rtt_s):
             raise PlanError(f"server {self.name!r}: round trip must be 0 or more")
 
@@ -241,6 +241,9 @@ def _check_servers(servers: Sequence[ServerSpec]) -> None:
         raise PlanError("no servers to place the trunk on")
     if len(servers) > MAX_SERVERS:
         raise PlanError(f"{len(servers)} servers; the exact planner takes at most {MAX_SERVERS}")
+    unknown = [s.name for s in servers if math.isnan(s.layer_s)]
+    if unknown:
+        raise PlanError(f"no layer time for {', '.join(unknown)}: give it, or probe the server")
     names = [s.name for s in servers]
     if len(set(names)) != len(names):
         raise PlanError("two servers have the same name")

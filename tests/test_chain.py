@@ -287,3 +287,30 @@ def test_plan_then_generate_with_the_plan(
     servers_file.write_text(json.dumps({"servers": [{**s, "memory_mb": 0.001} for s in fleet]}))
     code, _, err = cli([*argv], capsys)
     assert code == 2 and "cannot hold it" in err
+
+
+def test_plan_probes_servers_that_give_no_figures(
+    servers: Callable[..., LiveServer], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    urls = [servers(span).url for span in SPANS]
+    fleet = [{"name": f"s{k}", "url": url, "memory_mb": 64} for k, url in enumerate(urls)]
+    servers_file = tmp_path / "servers.json"
+    servers_file.write_text(json.dumps({"servers": fleet}))
+    argv = [
+        "plan",
+        "--model",
+        "tiny-random-llama",
+        "--servers",
+        str(servers_file),
+        "--split",
+        "1:7",
+        "--json",
+    ]
+    code, _, err = cli(argv, capsys)
+    assert code == 2 and "no layer_ms for s0, s1, s2" in err
+    code, out, err = cli([*argv, "--probe", "--security", "plain"], capsys)
+    assert code == 0, err
+    plan = json.loads(out)
+    assert sum(hop["split"][1] - hop["split"][0] for hop in plan["hops"]) == 6
+    assert all(hop["stage_s"] > 0 and hop["rtt_s"] > 0 for hop in plan["hops"])
+    assert "s0: span 1:3" in err and "ms per layer" in err

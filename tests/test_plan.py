@@ -111,7 +111,9 @@ def test_bad_servers_are_refused() -> None:
     with pytest.raises(PlanError, match="memory"):
         server("a", 0, 0.001)
     with pytest.raises(PlanError, match="layer time"):
-        server("a", 10, math.nan)
+        server("a", 10, math.inf)
+    with pytest.raises(PlanError, match="no layer time for a"):
+        optimal_plan(LayerCosts.uniform(2, 1), [server("a", 10, math.nan)])
     with pytest.raises(PlanError, match="same name"):
         optimal_plan(LayerCosts.uniform(2, 1), [server("a", 10, 1.0), server("a", 10, 1.0)])
     with pytest.raises(PlanError, match="no servers"):

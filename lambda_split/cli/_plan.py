@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.security is None:
             raise UsageError("--probe needs --security MODE (and --keys DIR) to reach the servers")
         servers = [_probed(server, args, progress) for server in servers]
-    missing = [s.name for s in servers if s.layer_s != s.layer_s]  # NaN: not given
+    missing = [s.name for s in servers if math.isnan(s.layer_s)]
     if missing:
         raise UsageError(f"no layer_ms for {', '.join(missing)}: give it in {args.servers} or pass --probe")
     checkpoint = resolve(args.model)
