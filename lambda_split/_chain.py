@@ -62,7 +62,7 @@ class ChainMismatch(FingerprintMismatch):
 
 
 @dataclass(frozen=True)
-class HopInfo:
+class _HopInfo:
     """What one hop's server said in /v1/info, plus what the chain needs beyond :class:`ServerInfo`."""
 
     info: ServerInfo
@@ -94,7 +94,7 @@ def check_chain(spans: Sequence[tuple[int, int]], num_layers: int) -> SplitSpec:
         raise ChainMismatch(f"the chain {spans[0][0]}:{spans[-1][1]} is not a valid split: {exc}") from None
 
 
-def fetch_hop_info(transport: Transport) -> HopInfo:
+def _fetch_hop_info(transport: Transport) -> _HopInfo:
     data = check_reply(transport.exchange(Request("GET", INFO_PATH)), 200).json()
     info = ServerInfo.parse(data)
     if info.protocol_version != PROTOCOL_VERSION:
@@ -103,7 +103,7 @@ def fetch_hop_info(transport: Transport) -> HopInfo:
         )
     encodings = data.get("wire_encodings") if isinstance(data, dict) else None
     wires = tuple(str(w) for w in encodings) if isinstance(encodings, list) else None
-    return HopInfo(info, wires)
+    return _HopInfo(info, wires)
 
 
 class SpanHop(_FailoverMixin):
@@ -383,7 +383,7 @@ def _verify_hop(
 ) -> SpanHop:
     """The hop behind ``transport``, after checking its server runs a span of the local model."""
     make_link(transport, transport_kind)  # an unusable transport kind fails before anything else
-    hop = fetch_hop_info(transport)
+    hop = _fetch_hop_info(transport)
     info = hop.info
     if info.kind != "llm":
         raise ProtocolMismatch(f"the server at {url} runs a {info.kind} trunk, not a language model")

@@ -85,7 +85,7 @@ class LayerCosts:
 
 
 @dataclass(frozen=True)
-class Stage:
+class PlanStage:
     server: str
     urls: tuple[str, ...]
     split: tuple[int, int]
@@ -95,8 +95,8 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Plan:
-    stages: tuple[Stage, ...]
+class PlacementPlan:
+    stages: tuple[PlanStage, ...]
     feasible: bool = True
     problems: tuple[str, ...] = field(default=())
 
@@ -124,9 +124,9 @@ class Plan:
         }
 
 
-def _stage(server: ServerSpec, costs: LayerCosts, a: int, b: int) -> Stage:
+def _stage(server: ServerSpec, costs: LayerCosts, a: int, b: int) -> PlanStage:
     """Server running trunk-relative layers ``[a, b)``."""
-    return Stage(
+    return PlanStage(
         server.name,
         server.urls,
         (costs.start + a, costs.start + b),
@@ -136,7 +136,7 @@ def _stage(server: ServerSpec, costs: LayerCosts, a: int, b: int) -> Stage:
     )
 
 
-def optimal_plan(costs: LayerCosts, servers: Sequence[ServerSpec]) -> Plan:
+def optimal_plan(costs: LayerCosts, servers: Sequence[ServerSpec]) -> PlacementPlan:
     """The exact optimum (see the module docstring); InfeasiblePlan if nothing fits."""
     _check_servers(servers)
     count, layers = len(servers), costs.stop - costs.start
@@ -199,7 +199,7 @@ def optimal_plan(costs: LayerCosts, servers: Sequence[ServerSpec]) -> Plan:
                         latency[mask | 1 << s][j] = value
                         choice[mask | 1 << s][j] = (mask, i, s)
     mask = min(range(full), key=lambda m: latency[m][layers])
-    stages: list[Stage] = []
+    stages: list[PlanStage] = []
     j = layers
     while j:
         step = choice[mask][j]
@@ -208,10 +208,10 @@ def optimal_plan(costs: LayerCosts, servers: Sequence[ServerSpec]) -> Plan:
         mask, i, s = step
         stages.append(_stage(servers[s], costs, i, j))
         j = i
-    return Plan(tuple(reversed(stages)))
+    return PlacementPlan(tuple(reversed(stages)))
 
 
-def proportional_plan(costs: LayerCosts, servers: Sequence[ServerSpec]) -> Plan:
+def proportional_plan(costs: LayerCosts, servers: Sequence[ServerSpec]) -> PlacementPlan:
     """Layers in proportion to each server's memory, in the given order (largest remainders get
     the leftover layers); the plan says whether it fits."""
     _check_servers(servers)
@@ -233,7 +233,7 @@ def proportional_plan(costs: LayerCosts, servers: Sequence[ServerSpec]) -> Plan:
             )
         stages.append(stage)
         start += count
-    return Plan(tuple(stages), feasible=not problems, problems=tuple(problems))
+    return PlacementPlan(tuple(stages), feasible=not problems, problems=tuple(problems))
 
 
 def _check_servers(servers: Sequence[ServerSpec]) -> None:
@@ -311,7 +311,7 @@ def _server(entry: dict[str, Any]) -> ServerSpec:
     )
 
 
-def plan_document(costs: LayerCosts, best: Plan, naive: Plan) -> dict[str, Any]:
+def plan_document(costs: LayerCosts, best: PlacementPlan, naive: PlacementPlan) -> dict[str, Any]:
     """The plan file that ``generate --plan`` reads: the optimum's hops, and the naive one for comparison."""
     return {
         "plan_version": PLAN_VERSION,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lambda_split._chain import fetch_hop_info
+from lambda_split._chain import _fetch_hop_info
 from lambda_split._client import RemoteTrunk
 from lambda_split._codec import Encoding
 from lambda_split._stream import StreamLink, make_link
@@ -24,7 +24,7 @@ from secure_channel import Request, Transport
 
 
 @dataclass(frozen=True)
-class Probe:
+class SpeedProbe:
     url: str
     split: tuple[int, int]
     step_s: float
@@ -36,11 +36,11 @@ class Probe:
         return max(self.step_s - self.rtt_s, 1e-6) / max(layers, 1)
 
 
-def probe(transport: Transport, url: str, *, steps: int = 16, warmup: int = 4) -> Probe:
+def probe_speed(transport: Transport, url: str, *, steps: int = 16, warmup: int = 4) -> SpeedProbe:
     """Probe the server behind ``transport`` (which the caller closes)."""
     if steps < 1 or warmup < 0:
         raise ValueError("steps must be at least 1 and warmup at least 0")
-    info = fetch_hop_info(transport).info
+    info = _fetch_hop_info(transport).info
     trips = []
     for _ in range(max(steps // 2, 3)):
         started = time.perf_counter()
@@ -63,4 +63,4 @@ def probe(transport: Transport, url: str, *, steps: int = 16, warmup: int = 4) -
     finally:
         if isinstance(link, StreamLink):
             link.shutdown()
-    return Probe(url, info.split, statistics.median(times[warmup:]), statistics.median(trips))
+    return SpeedProbe(url, info.split, statistics.median(times[warmup:]), statistics.median(trips))

@@ -97,7 +97,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _probed(server: Any, args: argparse.Namespace, say: Any) -> Any:
-    from lambda_split._plan_probe import probe
+    from lambda_split._plan_probe import probe_speed
     from secure_channel import connect_transport
 
     if not server.urls:
@@ -111,7 +111,7 @@ def _probed(server: Any, args: argparse.Namespace, say: Any) -> Any:
     say(f"probing {server.name} at {url}")
     transport = connect_transport(url, args.security, keys_dir=args.keys, timeout=args.timeout)
     try:
-        measured = probe(transport, url)
+        measured = probe_speed(transport, url)
     finally:
         transport.close()
     say(
