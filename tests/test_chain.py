@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -314,3 +317,66 @@ def test_plan_probes_servers_that_give_no_figures(
     assert sum(hop["split"][1] - hop["split"][0] for hop in plan["hops"]) == 6
     assert all(hop["stage_s"] > 0 and hop["rtt_s"] > 0 for hop in plan["hops"])
     assert "s0: span 1:3" in err and "ms per layer" in err
+
+
+# --- kill -9 of a span: lambda-split serve in subprocesses ---------------------------------------
+
+
+class SpanProcess:
+    """``lambda-split serve --split SPAN`` of tiny-random-llama in plain mode, in a subprocess."""
+
+    def __init__(self, span: str) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "lambda_split",
+            "serve",
+            "--model",
+            "tiny-random-llama",
+            "--split",
+            span,
+        ]
+        command += ["--security", "plain", "--port", "0"]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.url = ""
+
+    def wait(self) -> SpanProcess:
+        guard = threading.Timer(600, self.process.kill)  # a loaded machine starts slowly
+        guard.start()
+        try:
+            assert self.process.stdout is not None
+            line = self.process.stdout.readline()
+        finally:
+            guard.cancel()
+        assert line.startswith("listening on "), f"lambda-split serve did not start: {line!r}"
+        self.url = line.removeprefix("listening on ").strip()
+        return self
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.kill()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.mark.heavy
+def test_kill_9_of_the_middle_span_costs_one_replay_on_that_hop(
+    tiny: Checkpoint, monolithic_tokens: list[int], one_hop: GenerationResult
+) -> None:
+    started = [SpanProcess(span) for span in ("1:3", "3:5", "3:5", "5:7")]
+    try:
+        first, middle, spare, last = (span.wait() for span in started)
+        faults = Faults(hooks={3 * 4 + 2: middle.kill})  # the middle hop's 5th step
+        hops = [[first.url], [middle.url, spare.url], [last.url]]
+        with connect(hops, tiny, failover=FAST, transport_factory=factory(faults)) as client:
+            result = run(client)
+            assert [hop.failovers for hop in client.hops] == [0, 1, 0]
+        assert result.token_ids[0] == monolithic_tokens and same_logits(result, one_hop)
+        assert middle.process.returncode == -9
+    finally:
+        for span in started:
+            span.stop()
