@@ -211,6 +211,8 @@ class ChainClient:
         failover event. Raises ChainMismatch when the spans do not form one trunk."""
         if not hops:
             raise ValueError("no hop given")
+        if spans is not None and len(spans) != len(hops):
+            raise ValueError(f"{len(spans)} spans for {len(hops)} hops")
         encoding = Encoding.parse(wire)
         checkpoint = resolve(model) if isinstance(model, str) else model
         say = progress or (lambda _message: None)
