@@ -53,6 +53,22 @@ _EXPORTS = {
         "TrunkService",
         "load_llm_service",
     ),
+    "lambda_split._chain": ("ChainClient", "ChainMismatch", "ChainTrunk", "SpanHop", "check_chain"),
+    "lambda_split._plan": (
+        "InfeasiblePlan",
+        "LayerCosts",
+        "PlacementPlan",
+        "PlanError",
+        "PlanStage",
+        "ServerSpec",
+        "layer_costs",
+        "optimal_plan",
+        "plan_document",
+        "proportional_plan",
+        "read_plan",
+        "read_servers",
+    ),
+    "lambda_split._plan_probe": ("SpeedProbe", "probe_speed"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -74,6 +90,21 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from lambda_split._audit import AuditFailed as AuditFailed
     from lambda_split._audit import audit as audit
+    from lambda_split._chain import (
+        ChainClient as ChainClient,
+    )
+    from lambda_split._chain import (
+        ChainMismatch as ChainMismatch,
+    )
+    from lambda_split._chain import (
+        ChainTrunk as ChainTrunk,
+    )
+    from lambda_split._chain import (
+        SpanHop as SpanHop,
+    )
+    from lambda_split._chain import (
+        check_chain as check_chain,
+    )
     from lambda_split._client import (
         RemoteTrunk as RemoteTrunk,
     )
@@ -199,6 +230,48 @@ if TYPE_CHECKING:
     )
     from lambda_split._parts import (
         load_parts as load_parts,
+    )
+    from lambda_split._plan import (
+        InfeasiblePlan as InfeasiblePlan,
+    )
+    from lambda_split._plan import (
+        LayerCosts as LayerCosts,
+    )
+    from lambda_split._plan import (
+        PlacementPlan as PlacementPlan,
+    )
+    from lambda_split._plan import (
+        PlanError as PlanError,
+    )
+    from lambda_split._plan import (
+        PlanStage as PlanStage,
+    )
+    from lambda_split._plan import (
+        ServerSpec as ServerSpec,
+    )
+    from lambda_split._plan import (
+        layer_costs as layer_costs,
+    )
+    from lambda_split._plan import (
+        optimal_plan as optimal_plan,
+    )
+    from lambda_split._plan import (
+        plan_document as plan_document,
+    )
+    from lambda_split._plan import (
+        proportional_plan as proportional_plan,
+    )
+    from lambda_split._plan import (
+        read_plan as read_plan,
+    )
+    from lambda_split._plan import (
+        read_servers as read_servers,
+    )
+    from lambda_split._plan_probe import (
+        SpeedProbe as SpeedProbe,
+    )
+    from lambda_split._plan_probe import (
+        probe_speed as probe_speed,
     )
     from lambda_split._receipts import ChainObserver as ChainObserver
     from lambda_split._receipts import ReceiptError as ReceiptError

@@ -119,7 +119,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lambda_split._client import SplitClient
     from lambda_split._failover import FailoverPolicy
     from lambda_split._generate import GenerationConfig
+    from lambda_split.cli._chain import run_chain, wants_chain
 
+    if wants_chain(args):
+        return run_chain(args, UsageError, progress, _Stdout.stream)
+    if not args.server:
+        raise UsageError(
+            "give --server URL (or --hop URL for each span of a multi-hop trunk, or --plan FILE)"
+        )
     prompt = read_prompt(args.prompt)
     config = _generation_config(args, GenerationConfig)
     servers = list(args.server)
@@ -317,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate text with the trunk on a server")
     _args.add_generate_servers(generate)
+    from lambda_split.cli._chain import add_chain_arguments
+
+    add_chain_arguments(generate)
     generate.add_argument("--security", **_security(required=True))
     generate.add_argument("--keys", help="credentials directory from 'keys init'")
     generate.add_argument("--model", required=True, help="model name or path; must match the server's")
@@ -366,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--json", action="store_true", help="print one JSON object")
     imagine.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
     imagine.set_defaults(run=cmd_imagine)
+
+    from lambda_split.cli._plan import add_plan_parser
+
+    add_plan_parser(commands)
 
     from lambda_split.cli._local import add_local_parser
 
