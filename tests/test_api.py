@@ -42,6 +42,8 @@ INTERNAL = {
     "StepEntry",
     "SessionEntry",
     "Transcript",
+    # the thread that runs a server (BackgroundServer, BackgroundLocal) in tests and notebooks
+    "ServerThread",
     # the trunk's batching machinery, reached through LLMExecutor
     "SlotPool",
     "SlotState",
