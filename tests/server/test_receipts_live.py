@@ -1,9 +1,9 @@
-"""Receipts over a real server: tls+aesgcm end to end, and a cheating server caught live."""
+"""Receipts over a real server: an honest server audits clean in every mode and wire encoding, a cheating server is caught live."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from lambda_split import Checkpoint, load_llm_service
 from lambda_split.cli import main
 from server import BackgroundServer, ServerConfig
 from tests.secure_channel.conftest import PKI
-from tests.server.conftest import LiveServer
+from tests.server.conftest import MODES, LiveServer
 from threat_model.cheats import cheating_executor
 
 
@@ -31,12 +31,14 @@ def cheating_server(tiny: Checkpoint, server_pki: PKI) -> Iterator[str]:
     running.stop()
 
 
-def test_tls_aesgcm_transcript_audits_clean(
-    make_server: Callable[..., LiveServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("wire", ["fp32", "fp16", "bf16", "int8"])
+@pytest.mark.parametrize("mode", MODES)
+def test_an_honest_server_passes_the_audit_in_every_mode_and_wire_encoding(
+    live: dict[str, LiveServer], mode: str, wire: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server = make_server("tls+aesgcm")
+    server = live[mode]
     transcript = tmp_path / "run.jsonl"
-    assert generate(server.url, "tls+aesgcm", server.keys, "--transcript", str(transcript)) == 0
+    assert generate(server.url, mode, server.keys, "--wire", wire, "--transcript", str(transcript)) == 0
     capsys.readouterr()
     assert (
         main(["audit", str(transcript), "--model", "tiny-random-llama", "--keys", str(server.keys), "--json"])
@@ -44,7 +46,8 @@ def test_tls_aesgcm_transcript_audits_clean(
     )
     report = json.loads(capsys.readouterr().out)
     assert report["verdict"] == "pass" and report["steps"] == 6 and report["ca_source"] == "given"
-    assert [s["context"]["wire"] for s in report["sessions"]] == ["fp32"]
+    assert report["audited_steps"] == 6 and report["failed_steps"] == 0
+    assert [s["context"]["wire"] for s in report["sessions"]] == [wire]
 
 
 def test_verify_rate_one_stops_a_cheating_server(
