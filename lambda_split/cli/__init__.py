@@ -135,9 +135,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         on_failover=lambda event: progress(event.describe()),
         progress=progress,
         prompt_bucket=args.pad_prompt,
+        defence=args.defence,
         split=args.split,
         transport_kind=args.transport,
     ) as client:
+        if args.defence is not None:
+            progress(f"uplink defence {args.defence.name}: measured, not guaranteed (SECURITY.md)")
         stream = None if args.json else _Stdout.stream
         result = client.generate(prompt, config, chat=not args.raw, on_text=stream)
         stats = client.wire_stats
@@ -180,6 +183,7 @@ def _result_json(result: Any, client: Any, stats: Any) -> dict[str, Any]:
             "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received,
             "transport": "stream" if isinstance(client.link, StreamLink) else "http",
+            "defence": client.defence.name if getattr(client, "defence", None) is not None else None,
             "failovers": client.failovers,
             "failover_s": round(client.failover_s, 4),
         },
@@ -329,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="left-pad the prompt to a multiple of N tokens, so frame sizes show only a bucket of its length",
     )
+    generate.add_argument(
+        "--defence",
+        type=_defence,
+        metavar="SPEC",
+        help="uplink defence, off by default; measured, not guaranteed (SECURITY.md): "
+        "noise:SIGMA (Gaussian, SIGMA x each position's RMS) or quant:int4|int2",
+    )
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     generate.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
     generate.set_defaults(run=cmd_generate)
@@ -390,6 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
     _args.finish(parser)
     return parser
+
+
+def _defence(text: str) -> Any:
+    from lambda_split._defences import Defence
+
+    try:
+        return Defence.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _decoding_options(parser: argparse.ArgumentParser) -> None:
