@@ -257,6 +257,12 @@ def cmd_eavesdrop(args: argparse.Namespace) -> int:
     return run_from_args(args, progress)
 
 
+def cmd_frontier(args: argparse.Namespace) -> int:
+    from threat_model._frontier_cli import run_from_args
+
+    return run_from_args(args, progress)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lambda_split.cli._demo import run_demo
 
@@ -388,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_eavesdrop_arguments(eavesdrop)
     eavesdrop.set_defaults(run=cmd_eavesdrop)
+
+    from threat_model._frontier_cli import add_arguments as add_frontier_arguments
+
+    frontier = commands.add_parser(
+        "frontier", help="measure each uplink defence: recovery by adapted attacks against output quality"
+    )
+    add_frontier_arguments(frontier)
+    frontier.set_defaults(run=cmd_frontier)
 
     demo = commands.add_parser("demo", help="server and client on this machine, one streamed answer")
     demo.add_argument("--security", **_security(required=False, default="tls+aesgcm"))
