@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-candidates", type=int, default=2048, help="inversion candidates per token (0: all)"
     )
     parser.add_argument("--wire", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
+    parser.add_argument("--ppl-tokens", type=int, default=2048, help="prose tokens scored for perplexity")
     parser.add_argument("--no-decoders", action="store_true", help="skip the ridge and MLP decoders")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", help="directory for frontier.json, frontier.md and frontier.png")
@@ -49,8 +50,10 @@ def run_from_args(args: argparse.Namespace, progress: Progress) -> int:
         settings = [parse_setting(s) for s in raw]
         if settings[0].family != "none":
             settings.insert(0, Setting("none"))
-        if args.prompts < 1 or args.new_tokens < 1 or args.max_candidates < 0:
-            raise ValueError("--prompts and --new-tokens must be at least 1, --max-candidates at least 0")
+        if min(args.prompts, args.new_tokens, args.ppl_tokens) < 1 or args.max_candidates < 0:
+            raise ValueError(
+                "--prompts, --new-tokens, --ppl-tokens must be at least 1, --max-candidates at least 0"
+            )
     except ValueError as exc:
         from lambda_split.cli import UsageError
 
@@ -75,7 +78,7 @@ def run_from_args(args: argparse.Namespace, progress: Progress) -> int:
         new_tokens=4 if args.quick else args.new_tokens,
         wire=args.wire,
         max_candidates=args.max_candidates or None,
-        ppl_tokens=256 if args.quick else 2048,
+        ppl_tokens=256 if args.quick else args.ppl_tokens,
         train_tokens=0 if args.no_decoders else (512 if args.quick else 3000),
         mlp_steps=60 if args.quick else 400,
         max_prompt_tokens=16 if args.quick else None,

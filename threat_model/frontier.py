@@ -34,17 +34,17 @@ from threat_model.attacks import cached_step_fn, model_order_fn, quantisation_bo
 __all__ = ["DEFAULT_SETTINGS", "QUICK_SETTINGS", "run_frontier", "shipped_lines"]
 
 DATA = Path(__file__).parent / "data"
-DEFAULT_SETTINGS = (
+DEFAULT_SETTINGS = (  # the order a long run measures them in: one of each kind first
     "none",
     "noise:0.1",
-    "noise:0.3",
     "noise:1",
-    "noise:3",
-    "noise:10",
     "quant:int4",
     "quant:int2",
     "permutation",
     "depth:1-4",
+    "noise:3",
+    "noise:0.3",
+    "noise:10",
 )
 QUICK_SETTINGS = ("none", "noise:0.01", "noise:3", "quant:int2", "permutation", "depth:1-3")
 KNOWLEDGE = (
