@@ -132,3 +132,12 @@ def test_cli_parses_the_option_and_refuses_bad_ones(capsys: pytest.CaptureFixtur
         parser.parse_args([*base, "--defence", "shuffle:1"])
     assert exc.value.code == 2
     assert "unknown defence" in capsys.readouterr().err
+
+
+def test_noise_scales_with_each_rows_own_rms() -> None:
+    x = torch.randn(1, 2, 4096)
+    x[0, 1] *= 100  # a loud position (like a first-token attention sink) beside a quiet one
+    residual = add_noise(x, 0.2, torch.Generator().manual_seed(0)) - x
+    for row in range(2):
+        rms = float(x[0, row].pow(2).mean().sqrt())
+        assert abs(float(residual[0, row].std()) / rms - 0.2) < 0.01

@@ -106,6 +106,17 @@ def test_quantising_the_candidates_recovers_under_int2(world: dict[str, Any]) ->
     captured, _ = capture(world, setting)
     assert exact_match(world, captured) == 0.0
     assert adapted(world, captured, setting) == 1.0
+    # in the quantised view the true candidate is an exact match, not merely the nearest
+    result = invert_view(
+        captured,
+        world["order"],
+        cached_step_fn(world["parts_at"](2).head),
+        view=setting.view(),
+        tolerance=setting.tolerance("fp32"),
+    )
+    assert all(
+        d <= quantisation_bound(row, "fp32") for d, row in zip(result.distances, captured, strict=True)
+    )
 
 
 def test_sorted_value_matching_breaks_the_permutation(world: dict[str, Any]) -> None:
