@@ -141,3 +141,11 @@ def test_noise_scales_with_each_rows_own_rms() -> None:
     for row in range(2):
         rms = float(x[0, row].pow(2).mean().sqrt())
         assert abs(float(residual[0, row].std()) / rms - 0.2) < 0.01
+
+
+def test_generate_json_names_the_defence(tiny: Checkpoint) -> None:
+    for defence, name in ((None, None), (Defence("quant", levels="int4"), "quant:int4")):
+        client, _sent = spied(tiny, defence)
+        ids, mask = cli_prompt(client)
+        result = client.generate_ids(ids, mask, GenerationConfig(max_new_tokens=2))
+        assert cli._result_json(result, client, client.wire_stats)["stats"]["defence"] == name
