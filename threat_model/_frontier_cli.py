@@ -59,7 +59,13 @@ def run_from_args(args: argparse.Namespace, progress: Progress) -> int:
 
         raise UsageError(str(exc)) from None
     torch.set_num_threads(args.threads)
-    model = "tiny-random-llama" if args.quick else args.model
+    checkpoint = resolve("tiny-random-llama" if args.quick else args.model)
+    layers = int(checkpoint.config.num_hidden_layers)
+    deepest = max(d for s in settings for d in s.depths(args.depth))
+    if args.depth < 1 or deepest >= layers:
+        from lambda_split.cli import UsageError
+
+        raise UsageError(f"split depths must lie in 1..{layers - 1} for {checkpoint.name}")
     prompts = shipped_lines("prompts.txt")[: 3 if args.quick else args.prompts]
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -71,7 +77,7 @@ def run_from_args(args: argparse.Namespace, progress: Progress) -> int:
             (out / "frontier.md").write_text(markdown(report))
 
     report = run_frontier(
-        resolve(model),
+        checkpoint,
         prompts,
         settings,
         depth=args.depth,
