@@ -95,6 +95,10 @@ class Setting:
         """The widened tolerance: the distance the true candidate is expected within."""
         if self.family == "noise":
             sigma = float(self.value)
+            if sigma * (1 + 4 / math.sqrt(2 * 64)) >= 0.5:
+                # A noise ball that wide also holds wrong candidates: no early stop, the nearest of
+                # every candidate searched is kept.
+                return lambda row: quantisation_bound(row, wire)
 
             def noisy(row: torch.Tensor) -> float:
                 # the captured norm is about sqrt(1 + sigma^2) times the clean one; the noise's norm
