@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lambda_split._codec import Encoding, FrameKind
+from lambda_split._defences import Defence, defended
 from lambda_split._errors import FingerprintMismatch, LimitExceeded, ModeMismatch, ProtocolMismatch
 from lambda_split._failover import (
     FailoverCallback,
@@ -128,6 +129,7 @@ class SplitClient(_FailoverMixin):
         reconnector: Reconnector | None = None,
         url: str = "",
         prompt_bucket: int = 0,
+        defence: Defence | None = None,
         transport_kind: TransportKind | None = None,
     ) -> None:
         """``transport_kind`` is ``stream`` (one persistent stream for all sessions; None means this
@@ -147,6 +149,8 @@ class SplitClient(_FailoverMixin):
         #: Left-pad prompts to a multiple of this many tokens (0: off). Hides the exact prompt
         #: length from anyone who sees frame sizes, at the cost of computing the padding.
         self.prompt_bucket = prompt_bucket
+        #: An uplink defence (None: off, the head's output is sent as it is). Measured, not guaranteed.
+        self.defence = defence
         #: Where the trunk is now (it changes on failover), and how to find another (None: failover off).
         self.url = url
         self.reconnector = reconnector
@@ -174,6 +178,7 @@ class SplitClient(_FailoverMixin):
         transport_factory: Callable[[str], Transport] | None = None,
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
+        defence: Defence | None = None,
         split: str | None = None,
         transport_kind: TransportKind | None = None,
     ) -> SplitClient:
@@ -214,6 +219,7 @@ class SplitClient(_FailoverMixin):
                     url=target,
                     progress=progress,
                     prompt_bucket=prompt_bucket,
+                    defence=defence,
                     split=split,
                     transport_kind=transport_kind,
                 ),
@@ -233,6 +239,7 @@ class SplitClient(_FailoverMixin):
         url: str = "",
         progress: ProgressFn | None = None,
         prompt_bucket: int = 0,
+        defence: Defence | None = None,
         split: str | None = None,
         transport_kind: TransportKind | None = None,
     ) -> SplitClient:
@@ -283,6 +290,7 @@ class SplitClient(_FailoverMixin):
             reconnector=reconnector,
             url=url,
             prompt_bucket=prompt_bucket,
+            defence=defence,
             transport_kind=transport_kind,
         )
 
@@ -324,7 +332,7 @@ class SplitClient(_FailoverMixin):
         try:
             return generate_tokens(
                 self.head,
-                trunk,
+                defended(trunk, self.defence),  # the trunk itself when no defence is set
                 self.tail,
                 self.tokenizer,
                 input_ids,

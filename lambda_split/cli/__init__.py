@@ -148,11 +148,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             on_failover=lambda event: progress(event.describe()),
             progress=progress,
             prompt_bucket=args.pad_prompt,
+            defence=args.defence,
             split=args.split,
             transport_kind=args.transport,
         ) as client,
         _audit_cli.verification(args, client, progress),
     ):
+        if args.defence is not None:
+            progress(f"uplink defence {args.defence.name}: measured, not guaranteed (SECURITY.md)")
         stream = None if args.json else _Stdout.stream
         result = client.generate(prompt, config, chat=not args.raw, on_text=stream)
         stats = client.wire_stats
@@ -195,6 +198,7 @@ def _result_json(result: Any, client: Any, stats: Any) -> dict[str, Any]:
             "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received,
             "transport": "stream" if isinstance(client.link, StreamLink) else "http",
+            "defence": client.defence.name if getattr(client, "defence", None) is not None else None,
             "failovers": client.failovers,
             "failover_s": round(client.failover_s, 4),
         },
@@ -264,6 +268,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_eavesdrop(args: argparse.Namespace) -> int:
     from threat_model.suite import run_from_args
+
+    return run_from_args(args, progress)
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    from threat_model._frontier_cli import run_from_args
 
     return run_from_args(args, progress)
 
@@ -348,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="left-pad the prompt to a multiple of N tokens, so frame sizes show only a bucket of its length",
     )
     _audit_cli.add_generate_options(generate)
+
+    generate.add_argument(
+        "--defence",
+        type=_defence,
+        metavar="SPEC",
+        help="uplink defence, off by default; measured, not guaranteed (SECURITY.md): "
+        "noise:SIGMA (Gaussian, SIGMA x each position's RMS) or quant:int4|int2",
+    )
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     generate.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
     generate.set_defaults(run=cmd_generate)
@@ -402,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_eavesdrop_arguments(eavesdrop)
     eavesdrop.set_defaults(run=cmd_eavesdrop)
 
+    from threat_model._frontier_cli import add_arguments as add_frontier_arguments
+
+    frontier = commands.add_parser(
+        "frontier", help="measure each uplink defence: recovery by adapted attacks against output quality"
+    )
+    add_frontier_arguments(frontier)
+    frontier.set_defaults(run=cmd_frontier)
+
     demo = commands.add_parser("demo", help="server and client on this machine, one streamed answer")
     demo.add_argument("--security", **_security(required=False, default="tls+aesgcm"))
     demo.add_argument("--model", default="smollm2-135m")
@@ -414,6 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
     _args.finish(parser)
     return parser
+
+
+def _defence(text: str) -> Any:
+    from lambda_split._defences import Defence
+
+    try:
+        return Defence.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _decoding_options(parser: argparse.ArgumentParser) -> None:
