@@ -18,6 +18,7 @@ _EXPORTS = {
     "lambda_split._verify": ("SpotChecker", "Verification", "enable_verification"),
     "lambda_split._client": ("RemoteTrunk", "ServerInfo", "ServerLimits", "SplitClient", "fetch_info"),
     "lambda_split._codec": ("Encoding", "FrameError", "FrameKind", "FrameLimits"),
+    "lambda_split._defences": ("Defence", "add_noise", "defended", "quantise_blockwise"),
     "lambda_split._errors": (
         "FingerprintMismatch",
         "LimitExceeded",
@@ -132,6 +133,10 @@ if TYPE_CHECKING:
     from lambda_split._codec import (
         FrameLimits as FrameLimits,
     )
+    from lambda_split._defences import Defence as Defence
+    from lambda_split._defences import add_noise as add_noise
+    from lambda_split._defences import defended as defended
+    from lambda_split._defences import quantise_blockwise as quantise_blockwise
     from lambda_split._errors import (
         FingerprintMismatch as FingerprintMismatch,
     )
