@@ -8,9 +8,10 @@ from typing import Generic, Protocol, Self, TypeVar
 
 
 class _Server(Protocol):
-    """What a uvicorn-based server of this project offers: ``run()``, ``should_exit`` and its ``url``."""
+    """What a uvicorn-based server of this project offers: ``run()``, ``should_exit``, ``force_exit`` and its ``url``."""
 
     should_exit: bool
+    force_exit: bool
     url: str
 
     def run(self) -> None: ...
@@ -37,8 +38,14 @@ class ServerThread(Generic[S]):
         self.url = self.server.url
 
     def stop(self) -> None:
+        """Ask the server to finish, then to exit at once if it has not within 15 s; raise if it still runs."""
         self.server.should_exit = True
         self.thread.join(15)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(15)
+            if self.thread.is_alive():
+                raise RuntimeError(f"{self.thread.name} did not stop")
 
     def __enter__(self) -> Self:
         return self

@@ -142,10 +142,12 @@ class SpanHop(_FailoverMixin):
         return ResilientTrunk(self, self.reconnector, self.wire, request)
 
     def close(self) -> None:
-        self.close_retired()
-        if isinstance(self.link, StreamLink):
-            self.link.shutdown()
-        self.transport.close()
+        try:
+            self.close_retired()
+            if isinstance(self.link, StreamLink):
+                self.link.shutdown()
+        finally:
+            self.transport.close()
 
 
 class ChainTrunk:

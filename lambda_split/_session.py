@@ -43,7 +43,11 @@ class RemoteSession:
             raise ProtocolMismatch("malformed session reply") from None
         self.seq = 0
         self.closed = False
-        self.chain = None if receipts is None else receipts.start(reply, wire.wire_name)
+        try:
+            self.chain = None if receipts is None else receipts.start(reply, wire.wire_name)
+        except BaseException:  # a refused receipt certificate: the session opened must not linger
+            self.close()
+            raise
 
     def exchange(
         self, kind: FrameKind, tensors: Mapping[str, tuple[torch.Tensor, Encoding]], expect: FrameKind

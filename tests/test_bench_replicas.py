@@ -38,8 +38,9 @@ def test_clients_run_on_one_replica_then_spread_over_two_with_their_solo_tokens(
     entry = results["replicas"]["by_mode"]["plain"]
     assert entry["replica_exit_codes"] == [0, 0], "both replicas stopped cleanly"
     one, two = entry["by_replicas"]["1"], entry["by_replicas"]["2"]
-    assert one["prefills_per_replica"] == [CLIENTS, 0], "one replica: every session on A"
-    assert two["prefills_per_replica"] == [CLIENTS // 2, CLIENTS // 2], "two replicas: sessions spread"
+    # Prefill steps counted by each replica's /metrics (a retried step would count twice, hence >=).
+    assert one["prefills_per_replica"][0] >= CLIENTS and one["prefills_per_replica"][1] == 0, "all on A"
+    assert min(two["prefills_per_replica"]) >= CLIENTS // 2, "two replicas: sessions spread over both"
     assert one["tokens_unchanged"] and two["tokens_unchanged"]
     assert entry["two_over_one"]["n"] == 1 and one["aggregate_tokens_per_s"]["median"] > 0
     assert "## Replicas" in (tmp_path / "results.md").read_text()

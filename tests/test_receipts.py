@@ -139,10 +139,11 @@ def test_a_replayed_step_is_rejected(tiny: Checkpoint, keys: Path) -> None:
 
 
 def test_a_certificate_from_another_ca_is_refused(tiny: Checkpoint, keys: Path, other_keys: Path) -> None:
-    client, _ = client_for(tiny, keys, signer_keys=other_keys)
+    client, service = client_for(tiny, keys, signer_keys=other_keys)
     enable_verification(client, keys=keys)
     with pytest.raises(ReceiptError, match="receipt certificate refused"):
         client.generate("hello", GREEDY)
+    assert service.open_sessions == 0, "the session opened before the refusal is closed"
 
 
 def record(tiny: Checkpoint, keys: Path, path: Path, *, wire: str = "fp32", executor: Any = None) -> Path:

@@ -74,6 +74,14 @@ def run_chain(args: argparse.Namespace, usage_error: type[Exception], progress: 
     from lambda_split.cli import _generation_config, read_prompt
 
     hops, spans = hops_of(args, usage_error)
+    if (
+        getattr(args, "receipts", False)
+        or getattr(args, "transcript", None)
+        or getattr(args, "verify_rate", 0) > 0
+    ):
+        raise usage_error(
+            "--receipts, --transcript and --verify-rate are not supported with --hop/--plan yet"
+        )
     prompt = read_prompt(args.prompt)
     config = _generation_config(args, GenerationConfig)
     failover = (
