@@ -22,6 +22,10 @@ from threat_model.suite import run_eavesdrop
 
 PROMPT = "My doctor in Paris says I have the flu."
 LIGHT = {"out": None, "prompt": PROMPT, "diffusion": False, "sweep": False, "sessions": 1}
+# For a plant whose verdict is read off the default path only ("aesgcm/llm: ...", "aesgcm/diffusion: ..."):
+# the HTTP path's sessions would run next to it for no assertion (the HTTP path's own plants are
+# test_prefill_hidden_states_in_an_outer_header_fail_twice, and the unplanted runs check both paths).
+STREAM_ONLY = {"transports": ("stream",)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,14 +79,16 @@ def test_the_light_configuration_passes_when_nothing_is_planted(capsys: pytest.C
     ],
 )
 def test_a_broken_capture_fails_the_run(capsys: pytest.CaptureFixture[str], fault: Any, check: str) -> None:
-    code, report = run(capsys, capture_fault=fault)
+    code, report = run(capsys, capture_fault=fault, **STREAM_ONLY)
     assert_fails(code, report, f"aesgcm/llm: {check}")
     failure = next(f for f in report["policy"]["failures"] if check in f)
     assert "llm session 0 127.0.0.1:" in failure  # names the session and the connection
 
 
 def test_an_empty_diffusion_capture_fails_the_run(capsys: pytest.CaptureFixture[str]) -> None:
-    code, report = run(capsys, capture_fault=plants.empty_diffusion, diffusion=True, diffusion_steps=1)
+    code, report = run(
+        capsys, capture_fault=plants.empty_diffusion, diffusion=True, diffusion_steps=1, **STREAM_ONLY
+    )
     assert_fails(code, report, "aesgcm/diffusion: capture complete: every client connection captured")
     assert all(c["passed"] for c in report["results"]["aesgcm"]["llm"]["checks"])
 
@@ -188,7 +194,9 @@ LLM_LEAKS = {
 @pytest.mark.parametrize("name", sorted(LLM_LEAKS))
 def test_hidden_states_in_another_encoding_are_named(capsys: pytest.CaptureFixture[str], name: str) -> None:
     encode, check = LLM_LEAKS[name]
-    code, report = run(capsys, transport_wrapper=lambda t: plants.SideChannel(t, plants.hidden_leak(encode)))
+    code, report = run(
+        capsys, transport_wrapper=lambda t: plants.SideChannel(t, plants.hidden_leak(encode)), **STREAM_ONLY
+    )
     assert_fails(code, report, f"aesgcm/llm: {check}", "aesgcm/llm: wire allowlist")
 
 
@@ -210,7 +218,9 @@ def test_the_prompt_and_its_ids_in_other_encodings_are_named(
         "space-separated ids": " ".join(map(str, ids)).encode(),
         "base64 ids": base64.b64encode(np.asarray(ids, "<i4").tobytes()),
     }[name]
-    code, report = run(capsys, transport_wrapper=lambda t: plants.SideChannel(t, plants.fixed_leak({}, body)))
+    code, report = run(
+        capsys, transport_wrapper=lambda t: plants.SideChannel(t, plants.fixed_leak({}, body)), **STREAM_ONLY
+    )
     assert_fails(code, report, f"aesgcm/llm: {check}")
 
 
@@ -250,7 +260,7 @@ def test_diffusion_leaks_are_named(
         "image base64 PNG": plants.png_base64(diffusion_image.image),
         "prompt token ids": np.asarray(diffusion_image.prompt_ids, "<i4").tobytes(),
     }[name]
-    code, report = run(capsys, diffusion=True, diffusion_steps=1,
+    code, report = run(capsys, diffusion=True, diffusion_steps=1, **STREAM_ONLY,
                        transport_wrapper=lambda t: plants.SideChannel(t, plants.fixed_leak({}, body)))  # fmt: skip
     assert_fails(code, report, f"aesgcm/diffusion: {check}")
 

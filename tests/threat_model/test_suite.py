@@ -252,6 +252,9 @@ def test_command_line_options_map_onto_the_suite() -> None:
 def test_smollm2_plain_capture_inverts_a_short_prompt_and_replays_the_answer(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """The attacks on a real model. One session on the default path is all they read: the traffic
+    analysis over several sessions, the HTTP path and the curious server are the tiny model's
+    (full_run above)."""
     code, report = run_json(
         capsys,
         security="plain",
@@ -261,6 +264,8 @@ def test_smollm2_plain_capture_inverts_a_short_prompt_and_replays_the_answer(
         max_new_tokens=4,
         diffusion=False,
         sweep=False,
+        sessions=1,
+        transports=("stream",),
     )
     assert code == 0, report["policy"]["failures"]
     attacks = report["results"]["plain"]["llm"]["attacks"]
