@@ -27,7 +27,7 @@ def spans(smollm2: Checkpoint) -> list[tuple[Any, dict[str, Any]]]:
     return [load_llm_service(smollm2, span, security="plain") for span in SPANS]
 
 
-@pytest.mark.heavy
+@pytest.mark.exhaustive  # the tiny model's three-hop chain runs in every mode on every run (tests/test_chain.py)
 @pytest.mark.parametrize("mode", MODES)
 def test_three_smollm2_spans_give_the_monolithic_tokens(
     smollm2: Checkpoint, spans: list[tuple[Any, dict[str, Any]]], tmp_path: Path, mode: str
