@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lambda_split import Checkpoint
+from lambda_split._audit import audit as audit_library
 from lambda_split._replica import ReplicaMismatch, connect_replica
 from lambda_split.cli import main
 from tests.secure_channel.conftest import PKI
@@ -59,6 +60,10 @@ def test_an_honest_replica_passes_an_honest_server_online_and_offline(
     assert report["verdict"] == "pass" and report["audited_steps"] == report["steps"] == 5
     assert report["auditor"] == f"replica {replica.url}"
     assert replica.service.open_sessions == 0
+    # Each replica session ends with its audited session's replay, not only when the replica is closed.
+    with connect_replica(replica.url, security="tls+aesgcm", keys=replica.keys) as remote:
+        assert audit_library(transcript, MODEL, replica=remote)["verdict"] == "pass"
+        assert remote.steps == 5 and remote.open_sessions == 0 and replica.service.open_sessions == 0
 
 
 def test_a_cheating_server_is_caught_by_an_honest_replica(
