@@ -144,6 +144,7 @@ def audit(
     ca_pem: bytes | None = None,
     trunk: Trunk | None = None,
     tolerance: dict[str, float] | None = None,
+    replica: Any = None,
 ) -> dict[str, Any]:
     """Audit the transcript at ``path`` with ``model``'s weights and return the report; the CA is
     ``ca_pem`` if given (a deployment's ca.pem), else the one the transcript carries.
@@ -151,6 +152,11 @@ def audit(
     Raises TranscriptError (unreadable), ReceiptError (a signature or the chain does not verify:
     nothing in the file can be attributed to the server) or FingerprintMismatch (another model).
     The report's ``verdict`` is ``pass`` or ``fail``; it never raises for a mismatch.
+
+    With ``replica`` (a :class:`~lambda_split._replica.RemoteReplayer`), the steps are replayed on
+    that audit replica instead of local weights: ``model`` is only hashed for the fingerprint check
+    (the trunk is not built here), the replica must serve each session's fingerprint and split
+    (else ReplicaMismatch), and each replica session is closed after its session's replay.
     """
     from lambda_split._errors import FingerprintMismatch
     from lambda_split._models import fingerprint, resolve
@@ -168,12 +174,17 @@ def audit(
     for item in verified:
         ctx = item.session.context
         split = (int(ctx["split"][0]), int(ctx["split"][1]))
-        if trunk is None:
+        if trunk is None or replica is not None:
             checkpoint = resolve(model)
             if fingerprint(checkpoint, split) != ctx["fingerprint"]:
                 raise FingerprintMismatch(f"{model} is not the model {ctx['model']} the server signed for")
-            trunk = load_trunk(model, split)
-        replay = Replayer(trunk)
+        replay: Any = replica
+        if replica is not None:
+            replica.check(ctx)
+        else:
+            if trunk is None:
+                trunk = load_trunk(model, split)
+            replay = Replayer(trunk)
         wire = str(ctx["wire"])
         verdicts: list[dict[str, Any]] = []
         for step, value in zip(item.session.steps, item.chain, strict=True):
@@ -188,6 +199,7 @@ def audit(
                 failed += dev > bounds[wire]
             verdict.update(chain=value.hex(), signature=base64.b64encode(step.signature).decode())
             verdicts.append(verdict)
+        replay.forget(item.session.session_id)
         sessions.append({"session_id": item.session.session_id, "context": ctx, "steps": verdicts})
     audited = sum(bool(v["audited"]) for s in sessions for v in s["steps"])
     return {
@@ -199,5 +211,6 @@ def audit(
         "ca_sha256": hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest(),
         "ca_source": "given" if ca_pem is not None else "transcript",
         "tolerance": dict(bounds),
+        "auditor": "local" if replica is None else f"replica {replica.url}".strip(),
         "sessions": sessions,
     }

@@ -18,7 +18,9 @@ from cryptography import x509
 
 from lambda_split._audit import TOLERANCE, AuditFailed, Replayer, judge, load_trunk
 from lambda_split._receipts import ChainObserver, ClientChain, ReceiptError, ReceiptPolicy, StepRecord
+from lambda_split._replica import RemoteReplayer, connect_replica
 from lambda_split._transcript import TranscriptWriter
+from secure_channel import Transport
 
 __all__ = ["SpotChecker", "Verification", "enable_verification", "load_ca"]
 
@@ -40,7 +42,9 @@ class SpotChecker:
     local trunk (its KV cache needs them all); a ``rate`` fraction of steps, drawn at random, have
     their output compared with the server's, and a mismatch raises :class:`AuditFailed`."""
 
-    def __init__(self, replayer: Replayer, rate: float, rng: random.Random | None = None) -> None:
+    def __init__(self, replayer: Replayer | Any, rate: float, rng: random.Random | None = None) -> None:
+        """``replayer`` is a :class:`Replayer` (local weights) or an audit replica's
+        :class:`~lambda_split._replica.RemoteReplayer`."""
         if not 0.0 < rate <= 1.0:
             raise ValueError("verify rate must be in (0, 1]")
         self.replayer = replayer
@@ -79,8 +83,13 @@ class Verification:
     observers: list[Any] = field(default_factory=list)
 
     def close(self) -> None:
-        if self.transcript is not None:
-            self.transcript.close()
+        try:
+            if self.transcript is not None:
+                self.transcript.close()
+        finally:
+            replayer = None if self.checker is None else self.checker.replayer
+            if replayer is not None and hasattr(replayer, "close"):
+                replayer.close()  # an audit replica: its sessions and transport
 
 
 def enable_verification(
@@ -91,18 +100,41 @@ def enable_verification(
     verify_rate: float = 0.0,
     audit_rate: float = 1.0,
     rng: random.Random | None = None,
+    audit_server: str | Transport | None = None,
+    timeout: float = 60.0,
 ) -> Verification:
     """Ask ``client``'s server to sign every step (checked against the CA in ``keys``); keep a
     transcript at ``transcript`` (its outputs for an ``audit_rate`` fraction of steps); recompute a
-    ``verify_rate`` fraction of steps locally (this loads the trunk span on the client)."""
+    ``verify_rate`` fraction of steps locally (this loads the trunk span on the client), or, with
+    ``audit_server`` (a URL reached in the client's security mode with ``keys``, or an open
+    transport), on that audit replica: it must serve the same fingerprint and split, and it sees
+    every hidden state (SECURITY.md, "Audit replicas")."""
     ca = load_ca(keys)
     observers: list[ChainObserver] = []
     checker = None
     if verify_rate > 0:
         spec = client.info.split
-        checker = SpotChecker(Replayer(load_trunk(client.model.checkpoint, spec)), verify_rate, rng)
+        if audit_server is None:
+            replayer: Replayer | RemoteReplayer = Replayer(load_trunk(client.model.checkpoint, spec))
+        else:
+            expected = {"fingerprint": client.info.fingerprint, "split": spec}
+            replayer = connect_replica(
+                audit_server,
+                security=client.transport.security,
+                keys=keys,
+                expected=expected,
+                timeout=timeout,
+            )
+        checker = SpotChecker(replayer, verify_rate, rng)
         observers.append(checker)
-    writer = TranscriptWriter(transcript, ca, audit_rate=audit_rate, rng=rng) if transcript else None
+    elif audit_server is not None:
+        raise ValueError("an audit server is for spot checks: give it a verify_rate above 0")
+    try:
+        writer = TranscriptWriter(transcript, ca, audit_rate=audit_rate, rng=rng) if transcript else None
+    except BaseException:
+        if checker is not None and isinstance(checker.replayer, RemoteReplayer):
+            checker.replayer.close()
+        raise
     if writer is not None:
         observers.insert(0, writer)  # a step is on file before a spot check can stop the generation
     info = {"model": client.info.model, "fingerprint": client.info.fingerprint, "split": client.info.split}

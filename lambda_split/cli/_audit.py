@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from secure_channel import SECURITY_MODES
+
 #: ``audit`` found a signed step that the trunk's weights do not reproduce (also ``generate --verify-rate``).
 EXIT_AUDIT_FAILED = 5
 
@@ -42,13 +44,24 @@ def add_generate_options(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="R",
         help="recompute a random fraction R of the steps on a local copy of the trunk and stop on a "
-        "mismatch (exit 5; implies --receipts; loads the trunk span here)",
+        "mismatch (exit 5; implies --receipts; loads the trunk span here unless --audit-server)",
+    )
+    parser.add_argument(
+        "--audit-server",
+        metavar="URL",
+        help="recompute the --verify-rate steps on this audit replica (same --security and --keys, same "
+        "model and split) instead of locally; it receives every hidden state: trust it like the server",
     )
 
 
 @contextlib.contextmanager
 def verification(args: argparse.Namespace, client: Any, progress: Any) -> Iterator[Any]:
     """Turn on what ``generate``'s options ask for, for the life of ``client``."""
+    audit_server = getattr(args, "audit_server", None)
+    if audit_server and not args.verify_rate > 0:
+        from lambda_split.cli import UsageError
+
+        raise UsageError("--audit-server is where --verify-rate's spot checks run: give --verify-rate R > 0")
     if not (args.receipts or args.transcript or args.verify_rate > 0):
         yield None
         return
@@ -59,9 +72,15 @@ def verification(args: argparse.Namespace, client: Any, progress: Any) -> Iterat
 
         raise UsageError("--receipts, --transcript and --verify-rate need --keys DIR (its ca.pem)")
     if args.verify_rate > 0:
-        progress(f"loading the trunk span to spot-check {args.verify_rate:.0%} of the steps")
+        where = f"on the audit replica {audit_server}" if audit_server else "on the local trunk span"
+        progress(f"spot-checking {args.verify_rate:.0%} of the steps {where}")
     verified = enable_verification(
-        client, keys=args.keys, transcript=args.transcript, verify_rate=args.verify_rate
+        client,
+        keys=args.keys,
+        transcript=args.transcript,
+        verify_rate=args.verify_rate,
+        audit_server=audit_server,
+        timeout=getattr(args, "timeout", 60.0),
     )
     try:
         yield verified
@@ -74,7 +93,8 @@ def add_parser(commands: Any) -> None:
         "audit",
         help="check a transcript's signed receipts and replay its steps on the trunk's weights",
         description="Exit codes: 0 every audited step matches; 5 a signed step does not (the server did "
-        "not run the declared trunk); 4 the receipts do not verify (nothing can be attributed); 2, 1 as usual.",
+        "not run the declared trunk); 4 the receipts do not verify (nothing can be attributed), or the audit "
+        "replica (--server) is unreachable or serves another trunk; 3 it refuses our credentials; 2, 1 as usual.",
     )
     audit.add_argument("transcript", metavar="TRANSCRIPT", help="file written by generate --transcript")
     audit.add_argument("--model", required=True, help="the model the server declared (name or path)")
@@ -88,6 +108,13 @@ def add_parser(commands: Any) -> None:
         help="the largest honest deviation, for every wire encoding (default: the calibrated bounds, "
         "README); raise it for a server whose arithmetic differs from this machine's (a GPU, another dtype)",
     )
+    audit.add_argument(
+        "--server",
+        metavar="URL",
+        help="replay the steps on this audit replica (a trunk server of the same model and split) instead "
+        "of local weights; needs --security, and --keys DIR for its mode; it sees every hidden state",
+    )
+    audit.add_argument("--security", choices=SECURITY_MODES, help="the audit replica's security mode")
     audit.add_argument("--json", action="store_true", help="print the report as one JSON object")
     audit.set_defaults(run=cmd_audit)
 
@@ -111,7 +138,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
             raise UsageError("--tolerance must be a positive number")
         bounds = dict.fromkeys(TOLERANCE, args.tolerance)
-    report = audit(args.transcript, args.model, ca_pem=ca_pem, tolerance=bounds)
+    if args.server is None:
+        report = audit(args.transcript, args.model, ca_pem=ca_pem, tolerance=bounds)
+    else:
+        if args.security is None:
+            from lambda_split.cli import UsageError
+
+            raise UsageError(
+                "--server needs --security MODE (the audit replica's; never a fallback to plain)"
+            )
+        from lambda_split._replica import connect_replica
+
+        with connect_replica(args.server, security=args.security, keys=args.keys) as replica:
+            report = audit(args.transcript, args.model, ca_pem=ca_pem, tolerance=bounds, replica=replica)
     if args.json:
         print(json.dumps(report))
     else:
