@@ -138,16 +138,18 @@ def verify_signature(cert: x509.Certificate, chain_value: bytes, signature: byte
         raise ReceiptError("a receipt signature does not verify") from None
 
 
-def check_server_cert(pem: Any, ca: x509.Certificate) -> x509.Certificate:
-    """The server certificate from a session reply, checked against the pinned CA (valid, issued by
-    it, for serverAuth, ECDSA); ReceiptError otherwise."""
+def check_server_cert(pem: Any, ca: x509.Certificate, *, any_time: bool = False) -> x509.Certificate:
+    """The server certificate from a session reply, checked against the pinned CA (valid now, issued
+    by it, for serverAuth, ECDSA); ReceiptError otherwise. ``any_time`` skips the validity window
+    (an audit of an old transcript: it cannot know when the steps were signed)."""
     from secure_channel import CredentialsError, check_certificate
 
     if not isinstance(pem, str):
         raise ReceiptError("the session reply carries no receipt certificate")
     try:
         cert = x509.load_pem_x509_certificate(pem.encode())
-        check_certificate(cert, ca, "server", what="the server's receipt certificate")
+        when = cert.not_valid_before_utc if any_time else None
+        check_certificate(cert, ca, "server", what="the server's receipt certificate", now=when)
     except (ValueError, CredentialsError) as exc:
         raise ReceiptError(f"receipt certificate refused: {exc}") from None
     return cert

@@ -57,9 +57,15 @@ class Tamper(Transport):
 
 
 def client_for(
-    tiny: Checkpoint, keys: Path, *, wire: str = "fp32", signer_keys: Path | None = None, executor: Any = None
+    tiny: Checkpoint,
+    keys: Path,
+    *,
+    wire: str = "fp32",
+    signer_keys: Path | None = None,
+    executor: Any = None,
+    split: str = "2:-2",
 ) -> Any:
-    client, service = local_client(tiny, "2:-2", wire=wire)
+    client, service = local_client(tiny, split, wire=wire)
     if executor is not None:
         service.executor = executor(getattr(service.executor, "trunk"))  # noqa: B009
     credentials = load_credentials(signer_keys or keys, "server")
@@ -146,8 +152,10 @@ def test_a_certificate_from_another_ca_is_refused(tiny: Checkpoint, keys: Path, 
     assert service.open_sessions == 0, "the session opened before the refusal is closed"
 
 
-def record(tiny: Checkpoint, keys: Path, path: Path, *, wire: str = "fp32", executor: Any = None) -> Path:
-    client, _ = client_for(tiny, keys, wire=wire, executor=executor)
+def record(
+    tiny: Checkpoint, keys: Path, path: Path, *, wire: str = "fp32", executor: Any = None, split: str = "2:-2"
+) -> Path:
+    client, _ = client_for(tiny, keys, wire=wire, executor=executor, split=split)
     verification = enable_verification(client, keys=keys, transcript=path)
     client.generate("Tell me about rivers.", GenerationConfig(max_new_tokens=8, stop_on_eos=False))
     verification.close()
@@ -162,6 +170,30 @@ def test_audit_passes_an_honest_transcript(tiny: Checkpoint, keys: Path, tmp_pat
     assert report["audited_steps"] == report["steps"] == 8
     assert report["ca_source"] == "given"
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_each_session_is_audited_on_its_own_signed_span(tiny: Checkpoint, keys: Path, tmp_path: Path) -> None:
+    first = record(tiny, keys, tmp_path / "a.jsonl").read_text().splitlines()
+    second = record(tiny, keys, tmp_path / "b.jsonl", split="1:-1").read_text().splitlines()
+    both = tmp_path / "both.jsonl"
+    both.write_text("\n".join([*first, *second[1:]]) + "\n")  # one header, two sessions
+    report = audit(both, "tiny-random-llama", ca_pem=(keys / "ca.pem").read_bytes())
+    assert [s["context"]["split"] for s in report["sessions"]] == [[2, 6], [1, 7]]
+    assert report["verdict"] == "pass" and report["audited_steps"] == 16
+
+
+def test_an_expired_certificate_still_lets_its_signatures_be_audited(
+    tiny: Checkpoint, keys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime as dt
+
+    import secure_channel._keys
+
+    path = record(tiny, keys, tmp_path / "t.jsonl")
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3650)
+    monkeypatch.setattr(secure_channel._keys, "_now", lambda: later)  # long after the server cert expired
+    report = audit(path, "tiny-random-llama", ca_pem=(keys / "ca.pem").read_bytes())
+    assert report["verdict"] == "pass" and report["receipts"] == "valid"
 
 
 @pytest.mark.parametrize("cheat", ["skip", "int4", "perturb", "noise", "replay"])
