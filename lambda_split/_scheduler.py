@@ -15,9 +15,10 @@ one prefill batch.
 Gathering: clients in step with each other come back at about the same time, and the first to
 arrive would otherwise run alone while the others queue behind it. So a runner about to start a
 decode batch with fewer rows queued than the previous decode batch had waits for the rest, at most
-``gather_fraction`` of the previous forward's duration and never over ``max_gather_s``: a gather
-that fails costs at most that fraction of one step, one that succeeds saves a forward. A queued
-prefill, or :meth:`StepScheduler.drain`, does not wait.
+``gather_fraction`` (default 1) of the previous forward's duration and never over ``max_gather_s``
+(default 0.1 s): a gather that fails costs at most one forward's time, once (the next batch expects
+only the rows that came), one that succeeds saves a whole forward. A single session never waits (its
+one row is all that is expected). A queued prefill, or :meth:`StepScheduler.drain`, does not wait.
 
 Fairness: owners (authenticated identities) take turns, one step each per round, and an
 owner served moves to the back of the line, so many sessions of one identity cannot starve
@@ -48,8 +49,8 @@ class SchedulerConfig:
     max_rows: int = 32
     deadline_s: float = 30.0
     max_prefill_tokens: int = 4096
-    gather_fraction: float = 0.5
-    max_gather_s: float = 0.05
+    gather_fraction: float = 1.0
+    max_gather_s: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 1:
