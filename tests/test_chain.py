@@ -245,7 +245,11 @@ def test_generate_over_hops_prints_each_hop(
     assert code == 2 and "given twice" in err
     code, _, err = cli([*base, PROMPT], capsys)
     assert code == 2 and "give --server" in err
-    for option in (["--receipts"], ["--verify-rate", "1"], ["--transcript", "t.jsonl"]):  # not silently ignored
+    for option in (
+        ["--receipts"],
+        ["--verify-rate", "1"],
+        ["--transcript", "t.jsonl"],
+    ):  # not silently ignored
         code, _, err = cli([*base, "--hop", first.url, "--hop", last.url, *option, PROMPT], capsys)
         assert code == 2 and "not supported with --hop" in err
 
