@@ -12,8 +12,24 @@ Submodules (import the one you need; only :mod:`threat_model.attacks` and
 * :mod:`threat_model.sweep` — attack recovery and cost vs split depth and wire encoding.
 * :mod:`threat_model.suite` — ``lambda-split eavesdrop``: every mode against a live server,
   with policy, positive controls and the sweep; :mod:`threat_model.report` renders it.
+* :mod:`threat_model.frontier` — ``lambda-split frontier``: uplink defences against attacks adapted
+  to them, and what each costs the output.
+* :mod:`threat_model.cheats` — dishonest trunk executors (skipped layer, int4, perturbed weights,
+  noisy or replayed answers), for the tests and the benchmark of receipts and audits only.
 """
 
 from __future__ import annotations
 
-__all__ = ["attacks", "baselines", "capture", "detectors", "eavesdrop", "report", "suite", "sweep", "traffic"]
+__all__ = [
+    "attacks",
+    "baselines",
+    "capture",
+    "cheats",
+    "detectors",
+    "eavesdrop",
+    "frontier",
+    "report",
+    "suite",
+    "sweep",
+    "traffic",
+]
