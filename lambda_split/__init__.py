@@ -19,6 +19,7 @@ _EXPORTS = {
     "lambda_split._client": ("RemoteTrunk", "ServerInfo", "ServerLimits", "SplitClient", "fetch_info"),
     "lambda_split._codec": ("Encoding", "FrameError", "FrameKind", "FrameLimits"),
     "lambda_split._defences": ("Defence", "add_noise", "defended", "quantise_blockwise"),
+    "lambda_split._replica": ("RemoteReplayer", "ReplicaMismatch", "connect_replica"),
     "lambda_split._errors": (
         "FingerprintMismatch",
         "LimitExceeded",
@@ -282,6 +283,9 @@ if TYPE_CHECKING:
     from lambda_split._receipts import ReceiptError as ReceiptError
     from lambda_split._receipts import ReceiptPolicy as ReceiptPolicy
     from lambda_split._receipts import ReceiptSigner as ReceiptSigner
+    from lambda_split._replica import RemoteReplayer as RemoteReplayer
+    from lambda_split._replica import ReplicaMismatch as ReplicaMismatch
+    from lambda_split._replica import connect_replica as connect_replica
     from lambda_split._scheduler import SchedulerConfig as SchedulerConfig
     from lambda_split._service import BatchingExecutor as BatchingExecutor
     from lambda_split._service import (

@@ -50,6 +50,10 @@ def _error_code(response: Response) -> str:
     return code if isinstance(code, str) else "unknown"
 
 
+class _HandshakeLost(AuthenticationError):
+    """The server answered msg3 with ``401 unknown_handshake``: it does not hold the msg1 (any more)."""
+
+
 class AESGCMTransport(Transport):
     """Application-layer AES-256-GCM with mutual authentication, over any inner transport.
 
@@ -141,9 +145,19 @@ class AESGCMTransport(Transport):
 
     def _new_channel(self, route: str | None = None) -> ClientChannel:
         route = self.route if route is None else route
-        hs = ClientHandshake(self._creds, self._server_name, route=route)
-        msg3 = hs.process_msg2(self._handshake_step(hs.start(), route))
-        sid, c2s, s2c = hs.finish(self._handshake_step(msg3, route))
+        for attempt in (0, 1):
+            hs = ClientHandshake(self._creds, self._server_name, route=route)
+            msg3 = hs.process_msg2(self._handshake_step(hs.start(), route))
+            try:
+                sid, c2s, s2c = hs.finish(self._handshake_step(msg3, route))
+                break
+            except _HandshakeLost:
+                # The server no longer holds our msg1 (say, a replica restarted between the two
+                # round trips). The reply is unauthenticated, so it earns one fresh handshake, no more.
+                if attempt:
+                    raise
+        else:  # pragma: no cover - the loop breaks or raises
+            raise AuthenticationError("handshake failed")
         self.peer_identity = hs.peer_identity
         channel = ClientChannel(
             sid, c2s, s2c, rekey_after_messages=self._rekey[0], rekey_after_seconds=self._rekey[1]
@@ -180,6 +194,8 @@ class AESGCMTransport(Transport):
         seen = response.headers.get(ROUTE_HEADER)
         if (seen is not None and seen != route) or _error_code(response) == ROUTE_MISMATCH:
             raise _route_error(route, seen)
+        if response.status == 401 and _error_code(response) == "unknown_handshake":
+            raise _HandshakeLost("server refused the handshake (unknown_handshake)")
         if response.status != 200:
             raise AuthenticationError(f"server refused the handshake ({_error_code(response)})")
         return response.content

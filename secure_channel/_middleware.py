@@ -49,6 +49,10 @@ logger = logging.getLogger("secure_channel")
 HANDSHAKE_TTL_S = 30.0
 
 
+class _UnknownHandshake(Exception):
+    """A msg3 whose msg1 this server does not hold (never seen, expired, restarted, or in use)."""
+
+
 class _TooLarge(Exception):
     pass
 
@@ -255,6 +259,12 @@ class AESGCMMiddleware:
             logger.warning("aesgcm handshake routing key changed between msg1 and msg3")
             await _send_route_mismatch(send)
             return
+        except _UnknownHandshake:  # e.g. msg1 went to a replica that restarted since: start again
+            logger.warning("aesgcm handshake failed: unknown, expired or busy handshake")
+            await _error(
+                send, 401, "unknown_handshake", "unknown, expired or busy handshake; start a new one"
+            )
+            return
         except AuthenticationError as exc:
             logger.warning("aesgcm %s", exc)
             await _error(send, 401, "handshake_failed", "handshake failed")
@@ -277,7 +287,7 @@ class AESGCMMiddleware:
         sid = body[2 : 2 + SESSION_ID_SIZE]
         entry = self._pending.get(sid)
         if entry is None or sid in self._claimed:
-            raise AuthenticationError("handshake failed: unknown, expired or busy handshake")
+            raise _UnknownHandshake
         if entry[0].route != route:
             raise _RouteMismatch
         self._claimed.add(sid)

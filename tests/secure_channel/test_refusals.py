@@ -164,7 +164,7 @@ def test_aesgcm_replayed_and_swapped_handshake_messages(
     raw = PlainTransport(aes_server.url)
     # Replayed msg3: the half-open handshake was consumed.
     r = raw.exchange(Request("POST", "/v1/handshake", content=msg3))
-    assert r.status == 401 and r.json()["error"]["code"] == "handshake_failed"
+    assert r.status == 401 and r.json()["error"]["code"] == "unknown_handshake"
     # Replayed msg1 opens a new half-open handshake; the old msg3 does not complete it.
     msg2 = raw.exchange(Request("POST", "/v1/handshake", content=msg1)).content
     swapped = msg3[:2] + msg2[2:18] + msg3[18:]
@@ -192,6 +192,37 @@ def test_aesgcm_replayed_records(aes_server: EchoServer, client_creds: Credentia
         r = raw.exchange(sealed)
     assert r.status == 400 and r.json() == {"error": {"code": "invalid_record", "message": "record rejected"}}
     assert len(aes_server.calls) == before
+
+
+class LosesMsg1(Recorder):
+    """Sends the first ``times`` msg3 under a session id the server never issued, as if the replica
+    that took msg1 had restarted (or a proxy sent msg3 elsewhere) between the two round trips."""
+
+    def __init__(self, inner: Transport, times: int) -> None:
+        super().__init__(inner)
+        self.times = times
+
+    def exchange(self, request: Request) -> Response:
+        body = request.content
+        if request.path == "/v1/handshake" and len(body) > 18 and body[1] == 3 and self.times > 0:
+            self.times -= 1
+            request = Request(request.method, request.path, body[:2] + bytes(16) + body[18:], request.headers)
+        return super().exchange(request)
+
+
+def test_aesgcm_handshake_starts_again_once_when_the_server_lost_msg1(
+    aes_server: EchoServer, client_creds: Credentials
+) -> None:
+    lossy = LosesMsg1(PlainTransport(aes_server.url), times=1)
+    t = AESGCMTransport(lossy, client_creds)
+    assert t.exchange(Request("POST", "/echo", content=b"after a lost msg1")).content == b"after a lost msg1"
+    first_messages = [r for r in lossy.sent if r.path == "/v1/handshake" and r.content[1] == 1]
+    assert len(first_messages) == 2  # one fresh handshake after "unknown_handshake", no more
+    # Lost twice in a row: an authentication failure, not a loop (the reply is unauthenticated).
+    stubborn = LosesMsg1(PlainTransport(aes_server.url), times=2)
+    with pytest.raises(AuthenticationError, match="unknown_handshake"):
+        AESGCMTransport(stubborn, client_creds).handshake()
+    assert sum(r.path == "/v1/handshake" for r in stubborn.sent) == 4
 
 
 def test_aesgcm_reordered_outside_the_window(aes_server: EchoServer, client_creds: Credentials) -> None:
