@@ -27,7 +27,7 @@ from lambda_split._codec import (
     encode_frame,
 )
 from lambda_split._head_depth import HeadDepths
-from lambda_split._kvslots import PoolBatch, SlotPools, SlotState
+from lambda_split._kvslots import PoolBatch, SlotPool, SlotPools, SlotState
 from lambda_split._models import Checkpoint
 from lambda_split._parts import Trunk
 from lambda_split._scheduler import QueueTimeout, SchedulerConfig, Step, StepScheduler
@@ -149,6 +149,11 @@ class LLMExecutor:
             raise ValueError(f"the default depth {self.default_depth} is not in {self.head_depths}")
         self.pools = SlotPools(self.head_depths, trunk.stop)
         self.scheduler = StepScheduler(self._run, scheduling, clock=clock)
+
+    @property
+    def pool(self) -> SlotPool:
+        """The KV pool of sessions at the split's own depth."""
+        return self.pools[self.default_depth]
 
     def new_state(self, head_depth: int | None = None) -> SlotState:
         depth = self.default_depth if head_depth is None else head_depth

@@ -137,7 +137,15 @@ def enable_verification(
         raise
     if writer is not None:
         observers.insert(0, writer)  # a step is on file before a spot check can stop the generation
-    info = {"model": client.info.model, "fingerprint": client.info.fingerprint, "split": client.info.split}
+    info: dict[str, Any] = {
+        "model": client.info.model,
+        "fingerprint": client.info.fingerprint,
+        "split": client.info.split,
+    }
+    if getattr(client, "head_depth", None) is not None:  # fingerprints the client checked at connect
+        info.update(
+            head_depths=client.info.head_depths, head_depth_fingerprints=client.info.head_depth_fingerprints
+        )
     policy = ReceiptPolicy(ca, info, tuple(observers))
     client.receipts = policy
     return Verification(policy, writer, checker, list(observers))
