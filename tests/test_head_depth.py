@@ -245,3 +245,12 @@ def test_failover_replays_at_the_sessions_depth(tiny: Checkpoint) -> None:
     result = client.generate(PROMPT, GREEDY, chat=False)
     assert client.failovers == 1 and opened == [3]
     assert result.token_ids == fixed(tiny, 3).generate(PROMPT, GREEDY, chat=False).token_ids
+
+
+def test_spot_checks_recompute_each_session_at_its_depth(tiny: Checkpoint, keys: Path) -> None:
+    client, _ = signed_client(tiny, keys, "random")
+    verification = enable_verification(client, keys=keys, verify_rate=1.0)
+    for _ in range(3):
+        client.generate(PROMPT, GenerationConfig(max_new_tokens=3, stop_on_eos=False), chat=False)
+    assert verification.checker is not None and verification.checker.checked == 9
+    assert verification.checker.worst < 1e-4

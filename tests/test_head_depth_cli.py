@@ -59,7 +59,9 @@ def test_a_negative_b_is_checked_once_the_layer_count_is_read_before_any_weight(
     from server.run import load_service
 
     said: list[str] = []
-    config = load_config(None, {}, model="tiny-random-llama", split="2:-2", head_depths="1:6", security="plain")
+    config = load_config(
+        None, {}, model="tiny-random-llama", split="2:-2", head_depths="1:6", security="plain"
+    )
     with pytest.raises(ConfigError, match="must stay below the trunk's end 6"):  # B = 6 of tiny's 8 layers
         load_service(config.validate(), said.append)
     assert said == []  # "loading trunk layers ..." comes before the weights
@@ -98,7 +100,9 @@ def test_generate_json_reports_the_sessions_depth(
     argv += ["--transport", transport, "--head-depth", depth, "--max-new-tokens", "3", "--json", "hi"]
     assert main(argv) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["split"] == [2, 6] and data["stats"]["head_depth"] in ({1, 2, 3, 4} if depth == "random" else {3})
+    assert data["split"] == [2, 6] and data["stats"]["head_depth"] in (
+        {1, 2, 3, 4} if depth == "random" else {3}
+    )
 
 
 @pytest.mark.parametrize("kind", ["stream", "http"])
