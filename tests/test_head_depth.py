@@ -247,10 +247,19 @@ def test_failover_replays_at_the_sessions_depth(tiny: Checkpoint) -> None:
     assert result.token_ids == fixed(tiny, 3).generate(PROMPT, GREEDY, chat=False).token_ids
 
 
-def test_spot_checks_recompute_each_session_at_its_depth(tiny: Checkpoint, keys: Path) -> None:
+def test_spot_checks_recompute_each_session_at_its_depth(
+    tiny: Checkpoint, keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lambda_split._client
+
+    draws = iter([1, 3, 4])
+    monkeypatch.setattr(lambda_split._client, "choose_depth", lambda _depths: next(draws))
     client, _ = signed_client(tiny, keys, "random")
     verification = enable_verification(client, keys=keys, verify_rate=1.0)
+    used = []
     for _ in range(3):
         client.generate(PROMPT, GenerationConfig(max_new_tokens=3, stop_on_eos=False), chat=False)
+        used.append(client.last_head_depth)
+    assert used == [1, 3, 4]
     assert verification.checker is not None and verification.checker.checked == 9
     assert verification.checker.worst < 1e-4
