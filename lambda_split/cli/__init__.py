@@ -203,7 +203,7 @@ def _result_json(result: Any, client: Any, stats: Any) -> dict[str, Any]:
             "defence": client.defence.name if getattr(client, "defence", None) is not None else None,
             "failovers": client.failovers,
             "failover_s": round(client.failover_s, 4),
-            "head_depth": client.last_head_depth,
+            "head_depth": getattr(client, "last_head_depth", None),
         },
     }
 
@@ -217,6 +217,11 @@ def _summary(result: Any, client: Any, stats: Any) -> str:
         f"{client.info.split[0]}:{client.info.split[1]}, security {client.transport.security}, "
         f"wire {client.wire.wire_name}"
         + (f", {client.failovers} failover(s) in {client.failover_s:.2f} s" if client.failovers else "")
+        + (
+            f", head depth {client.last_head_depth}"
+            if getattr(client, "head_depth", None) is not None
+            else ""
+        )
     )
 
 
