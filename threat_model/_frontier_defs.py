@@ -1,7 +1,7 @@
 """The defence settings of the frontier sweep, and what the adapted attacker derives from each.
 
 ``noise`` and ``quant`` are the client's real options (:mod:`lambda_split._defences`), run
-through the same code. Two more are simulated here only:
+through the same code. Two more:
 
 * ``permutation``: a secret per-session permutation of the hidden dimensions. An unmodified
   trunk cannot undo it, so as a client option it is meaningless (the trunk would compute on
