@@ -263,3 +263,14 @@ def test_spot_checks_recompute_each_session_at_its_depth(
     assert used == [1, 3, 4]
     assert verification.checker is not None and verification.checker.checked == 9
     assert verification.checker.worst < 1e-4
+
+
+def test_the_frontier_draws_each_sessions_depth_with_the_clients_draw() -> None:
+    import random
+
+    from threat_model._frontier_defs import parse_setting
+
+    setting = parse_setting("depth:1-4")
+    drawn = [setting.session(2, seed, 64).depth for seed in range(40)]
+    assert drawn == [choose_depth(HeadDepths(1, 4), random.Random(seed)) for seed in range(40)]
+    assert set(drawn) == {1, 2, 3, 4}
