@@ -19,6 +19,7 @@ _EXPORTS = {
     "lambda_split._client": ("RemoteTrunk", "ServerInfo", "ServerLimits", "SplitClient", "fetch_info"),
     "lambda_split._codec": ("Encoding", "FrameError", "FrameKind", "FrameLimits"),
     "lambda_split._defences": ("Defence", "add_noise", "defended", "quantise_blockwise"),
+    "lambda_split._head_depth": ("HeadDepths", "choose_depth", "parse_head_depth"),
     "lambda_split._replica": ("RemoteReplayer", "ReplicaMismatch", "connect_replica"),
     "lambda_split._errors": (
         "FingerprintMismatch",
@@ -198,6 +199,9 @@ if TYPE_CHECKING:
     from lambda_split._generate import (
         generate_tokens as generate_tokens,
     )
+    from lambda_split._head_depth import HeadDepths as HeadDepths
+    from lambda_split._head_depth import choose_depth as choose_depth
+    from lambda_split._head_depth import parse_head_depth as parse_head_depth
     from lambda_split._local import (
         LocalTransport as LocalTransport,
     )

@@ -66,6 +66,12 @@ class Replayer:
         self.trunk = trunk
         self.dtype = next(iter(trunk.parameters()), torch.empty(0)).dtype
         self._states: dict[str, PartState] = {}
+        self._starts: dict[str, int] = {}  # sessions that enter the trunk deeper (their head depth)
+
+    def begin(self, session_id: str, start: int) -> None:
+        """Replay ``session_id`` from trunk layer ``start`` (its head depth; ValueError if not held)."""
+        self.trunk.skip(start)
+        self._starts[session_id] = start
 
     def run(self, session_id: str, step_frame: bytes) -> tuple[torch.Tensor, torch.Tensor]:
         """``(local output (B, T, C) fp32, mask (B, T))`` for one step frame."""
@@ -75,11 +81,13 @@ class Replayer:
         hidden, mask = frame.tensor("hidden", rank=3), frame.tensor("mask", rank=2)
         state = self._states.setdefault(session_id, self.trunk.new_state())
         with torch.inference_mode():
-            out = self.trunk(hidden.to(self.dtype), mask.long(), state)  # (B, T, C)
+            start = self._starts.get(session_id)
+            out = self.trunk(hidden.to(self.dtype), mask.long(), state, start=start)  # (B, T, C)
         return out.float(), mask
 
     def forget(self, session_id: str) -> None:
         self._states.pop(session_id, None)
+        self._starts.pop(session_id, None)
 
 
 def judge(local: torch.Tensor, mask: torch.Tensor, result_frame: bytes, wire: str) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,17 @@ from lambda_split._generate import (
     encode_prompts,
     generate_tokens,
 )
+from lambda_split._head_depth import RANDOM, HeadDepthChoice, choose_depth
 from lambda_split._models import Checkpoint, fingerprint, resolve
-from lambda_split._parts import SplitModel, SplitSpec, load_parts
+from lambda_split._parts import Head, SplitModel, SplitSpec, load_parts
 from lambda_split._receipts import ReceiptPolicy
-from lambda_split._session import RemoteSession, check_reply, connect_verified
+from lambda_split._server_info import ServerInfo as ServerInfo
+from lambda_split._server_info import ServerLimits as ServerLimits
+from lambda_split._server_info import _depths_used
+from lambda_split._server_info import fetch_info as fetch_info
+from lambda_split._session import RemoteSession, connect_verified
 from lambda_split._stream import HTTPLink, StreamLink, TransportKind, make_link
-from lambda_split.protocol import (
-    INFO_PATH,
-    PROTOCOL_VERSION,
-)
-from secure_channel import Request, SecurityMode, Transport, WireStats
+from secure_channel import SecurityMode, Transport, WireStats
 
 ProgressFn = Callable[[str], None]
 
@@ -47,56 +47,29 @@ LEGACY_MAX_STEP_TOKENS = 2048
 _FRAME_OVERHEAD = 4096  # header, tensor descriptors and the mask, with room to spare
 
 
-@dataclass(frozen=True)
-class ServerLimits:
-    """The limits a server advertises in /v1/info; None where an (older) server does not say."""
+class _AtDepth:
+    """A failover host (the client) whose sessions all open at one head depth."""
 
-    max_batch: int | None = None
-    max_step_tokens: int | None = None
-    max_tokens_per_session: int | None = None
-    max_frame_bytes: int | None = None
+    def __init__(self, client: SplitClient, head_depth: int | None) -> None:
+        self.client = client
+        self.head_depth = head_depth
 
-    @classmethod
-    def parse(cls, data: Any) -> ServerLimits:
-        if not isinstance(data, dict):
-            return cls()
-        values = {}
-        for name in ("max_batch", "max_step_tokens", "max_tokens_per_session", "max_frame_bytes"):
-            value = data.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                values[name] = value
-        return cls(**values)
+    @property
+    def url(self) -> str:
+        return self.client.url
 
+    @url.setter
+    def url(self, value: str) -> None:
+        self.client.url = value
 
-@dataclass(frozen=True)
-class ServerInfo:
-    model: str
-    fingerprint: str
-    split: tuple[int, int]
-    num_layers: int
-    hidden_size: int
-    security: str
-    protocol_version: int
-    kind: str = "llm"
-    limits: ServerLimits = ServerLimits()
+    def open_trunk(self) -> RemoteTrunk:
+        return self.client.open_trunk(self.head_depth)
 
-    @classmethod
-    def parse(cls, data: Any) -> ServerInfo:
-        try:
-            start, stop = data["split"]
-            return cls(
-                str(data["model"]),
-                str(data["fingerprint"]),
-                (int(start), int(stop)),
-                int(data["num_layers"]),
-                int(data["hidden_size"]),
-                str(data["security"]),
-                int(data["protocol_version"]),
-                str(data.get("kind", "llm")),
-                ServerLimits.parse(data.get("limits")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolMismatch(f"malformed /v1/info reply: {exc}") from None
+    def switch_to(self, url: str) -> None:
+        self.client.switch_to(url)
+
+    def replay_chunk(self, request: tuple[int, int, int]) -> int:
+        return self.client.replay_chunk(request)
 
 
 class RemoteTrunk(RemoteSession):
@@ -131,9 +104,13 @@ class SplitClient(_FailoverMixin):
         prompt_bucket: int = 0,
         defence: Defence | None = None,
         transport_kind: TransportKind | None = None,
+        head_depth: HeadDepthChoice | None = None,
     ) -> None:
         """``transport_kind`` is ``stream`` (one persistent stream for all sessions; None means this
-        when the transport can stream) or ``http`` (one request per step)."""
+        when the transport can stream) or ``http`` (one request per step). ``head_depth`` is each
+        session's head depth: a layer number, ``"random"`` (drawn per session, with ``secrets``, in
+        the server's ``head_depths``) or None (the split's own, and the server is not told);
+        ``model.head`` must then hold the layers of the deepest depth used."""
         if not isinstance(transport, Transport):
             raise TypeError("transport must be a secure_channel.Transport")
         if model.head is None or model.tail is None:
@@ -141,8 +118,22 @@ class SplitClient(_FailoverMixin):
         self.transport = transport
         self.link = make_link(transport, transport_kind)
         self.model = model
-        self.head, self.tail = model.head, model.tail
         self.info = info
+        #: what each session's head depth is (see above), and the depth of the last session opened
+        self.head_depth = head_depth
+        self.last_head_depth: int | None = None
+        deepest = info.depths.hi if head_depth == RANDOM else head_depth
+        if isinstance(deepest, int) and deepest not in info.depths:
+            raise LimitExceeded(
+                f"head depth {deepest}; this server allows {info.depths} (head_depths in /v1/info)"
+            )
+        self._full_head = model.head
+        # ``head`` is the split's own (what code that opens plain sessions pairs with them)
+        start = info.split[0]
+        self.head, self.tail = (
+            (model.head if len(model.head.layers) == start else model.head.up_to(start)),
+            model.tail,
+        )
         self.wire = Encoding.parse(wire)
         if prompt_bucket < 0:
             raise ValueError("prompt_bucket must be >= 0")
@@ -181,6 +172,7 @@ class SplitClient(_FailoverMixin):
         defence: Defence | None = None,
         split: str | None = None,
         transport_kind: TransportKind | None = None,
+        head_depth: HeadDepthChoice | None = None,
     ) -> SplitClient:
         """Open a transport in the named security mode and verify the server. ``security`` has no default.
 
@@ -192,6 +184,8 @@ class SplitClient(_FailoverMixin):
         the others (see :class:`FailoverPolicy`; ``on_failover`` receives each :class:`FailoverEvent`).
         When none answers: :class:`TrunkUnavailable`. ``transport_factory(url)``, if given, builds
         each transport instead of ``secure_channel.connect_transport`` in ``security`` mode.
+        ``head_depth`` (a layer number or ``"random"``; None: the split's own) is each session's
+        head depth, within the server's ``head_depths`` (else :class:`LimitExceeded`).
         """
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
@@ -222,6 +216,7 @@ class SplitClient(_FailoverMixin):
                     defence=defence,
                     split=split,
                     transport_kind=transport_kind,
+                    head_depth=head_depth,
                 ),
                 factory,
             ),
@@ -242,6 +237,7 @@ class SplitClient(_FailoverMixin):
         defence: Defence | None = None,
         split: str | None = None,
         transport_kind: TransportKind | None = None,
+        head_depth: HeadDepthChoice | None = None,
     ) -> SplitClient:
         """A client for the server behind ``transport``, verified (see :meth:`connect`). Failover
         needs a ``reconnector`` (how to reach a server by URL) and the ``url`` of this one."""
@@ -280,8 +276,21 @@ class SplitClient(_FailoverMixin):
                 f"server trunk {info.model} [{spec}] has fingerprint {info.fingerprint}, "
                 f"the local model {local}; refusing to send hidden states"
             )
+        used = _depths_used(info, head_depth)
+        for depth in used:  # the layers [d, B) a session may run there are the local model's too
+            if depth != spec.start and fingerprint(checkpoint, (depth, spec.stop)) != info.fingerprint_at(
+                depth
+            ):
+                raise FingerprintMismatch(
+                    f"server trunk {info.model} [{depth}:{spec.stop}] (head depth {depth}) has fingerprint "
+                    f"{info.fingerprint_at(depth)}, the local model another; refusing to send hidden states"
+                )
+        if head_depth == RANDOM and len(used) == 1:
+            say(f"the server allows only head depth {used[0]}: every session uses it")
         say(f"loading head and tail of {checkpoint.name}")
-        parts = load_parts(checkpoint, spec, ("head", "tail"))
+        # the head of the deepest depth used (and of A, which plain sessions of this client use)
+        held = SplitSpec(max(*used, spec.start), spec.stop, spec.num_layers)
+        parts = load_parts(checkpoint, held, ("head", "tail"))
         return cls(
             transport,
             parts,
@@ -292,6 +301,7 @@ class SplitClient(_FailoverMixin):
             prompt_bucket=prompt_bucket,
             defence=defence,
             transport_kind=transport_kind,
+            head_depth=head_depth,
         )
 
     @property
@@ -323,15 +333,17 @@ class SplitClient(_FailoverMixin):
         keep_logits: bool = False,
     ) -> GenerationResult:
         chunk = self.check_limits(input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
+        depth = self.session_depth()
+        self.last_head_depth = self.info.split[0] if depth is None else depth
         trunk: RemoteTrunk | ResilientTrunk
         if self.reconnector is None:
-            trunk = RemoteTrunk(self.link, self.wire, receipts=self.receipts)
+            trunk = self.open_trunk(depth)
         else:
             request = (input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
-            trunk = ResilientTrunk(self, self.reconnector, self.wire, request)
+            trunk = ResilientTrunk(_AtDepth(self, depth), self.reconnector, self.wire, request)
         try:
             return generate_tokens(
-                self.head,
+                self.head_at(depth),
                 defended(trunk, self.defence),  # the trunk itself when no defence is set
                 self.tail,
                 self.tokenizer,
@@ -349,6 +361,18 @@ class SplitClient(_FailoverMixin):
                 if isinstance(trunk, ResilientTrunk):
                     self.failovers += trunk.failovers
                     self.failover_s += trunk.failover_s
+
+    def session_depth(self) -> int | None:
+        """The head depth of the next session: drawn afresh for ``"random"``; None if not chosen."""
+        if self.head_depth == RANDOM:
+            return choose_depth(self.info.depths)
+        return None if self.head_depth is None else int(self.head_depth)
+
+    def head_at(self, depth: int | None) -> Head:
+        """The head that stops at ``depth`` (None: the split's own)."""
+        if depth is None or depth == self.info.split[0]:
+            return self.head
+        return self._full_head.up_to(depth)
 
     def check_limits(self, batch: int, prompt_tokens: int, max_new_tokens: int) -> int:
         """Refuse, before anything is sent, what the server's limits cannot hold; return the prefill
@@ -407,12 +431,3 @@ class SplitClient(_FailoverMixin):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def fetch_info(transport: Transport) -> ServerInfo:
-    info = ServerInfo.parse(check_reply(transport.exchange(Request("GET", INFO_PATH)), 200).json())
-    if info.protocol_version != PROTOCOL_VERSION:
-        raise ProtocolMismatch(
-            f"server speaks protocol {info.protocol_version}, this client {PROTOCOL_VERSION}"
-        )
-    return info

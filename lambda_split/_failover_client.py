@@ -41,13 +41,13 @@ class _FailoverMixin:
     def check_limits(self, batch: int, prompt_tokens: int, max_new_tokens: int) -> int:
         raise NotImplementedError
 
-    def open_trunk(self) -> RemoteTrunk:
-        """Open a trunk session on the current server."""
+    def open_trunk(self, head_depth: int | None = None) -> RemoteTrunk:
+        """Open a trunk session on the current server (at ``head_depth``; None: the split's own)."""
         from lambda_split._client import RemoteTrunk
 
         with self._switching:
             link = self.link
-        return RemoteTrunk(link, self.wire, receipts=getattr(self, "receipts", None))
+        return RemoteTrunk(link, self.wire, receipts=getattr(self, "receipts", None), head_depth=head_depth)
 
     def replay_chunk(self, request: tuple[int, int, int]) -> int:
         """The prefill chunk on the current server (its limits may differ) for a generation of
@@ -91,6 +91,11 @@ class _FailoverMixin:
             ours.num_layers,
             ours.hidden_size,
         )
+        if getattr(self, "head_depth", None) is not None:  # sessions replay at their own head depth there
+            same = same and (info.depths, info.head_depth_fingerprints) == (
+                ours.depths,
+                ours.head_depth_fingerprints,
+            )
         if not same:
             raise FingerprintMismatch(
                 f"the server at {url} runs {info.model} [{info.split[0]}:{info.split[1]}] with fingerprint "

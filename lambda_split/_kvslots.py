@@ -12,6 +12,7 @@ step; attention's read of the batch's keys and values is one gather per layer (t
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,10 +109,48 @@ class SlotPool:
         state.slots, state.mask, state.seen = None, None, 0
 
 
+class SlotPools:
+    """One :class:`SlotPool` per layer a session may enter the trunk at (its head depth): a session
+    entering at layer ``d`` keeps keys and values of layers ``[d, stop)`` only, so no cache is held
+    for layers it does not run, and its bytes per token are those of its own layers."""
+
+    def __init__(self, starts: Iterable[int], stop: int) -> None:
+        self.pools = {start: SlotPool(stop - start) for start in starts}
+        if not self.pools or min(self.pools) > stop:
+            raise ValueError("a trunk needs at least one entry layer at or before its end")
+
+    def __getitem__(self, start: int) -> SlotPool:
+        return self.pools[start]
+
+    def of(self, state: SlotState) -> SlotPool:
+        return self.pools[state.start]
+
+    @property
+    def used(self) -> int:
+        return sum(pool.used for pool in self.pools.values())
+
+    @property
+    def capacity(self) -> int:
+        return sum(pool.capacity for pool in self.pools.values())
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(pool.used * pool.bytes_per_token for pool in self.pools.values())
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(pool.capacity * pool.bytes_per_token for pool in self.pools.values())
+
+    def state_bytes(self, state: SlotState) -> int:
+        return state.seen * (state.rows or 0) * self.of(state).bytes_per_token
+
+
 @dataclass(eq=False)
 class SlotState:
-    """One session's rows: their slots, and the 0/1 mask of every position seen (padding is 0)."""
+    """One session's rows: their slots, and the 0/1 mask of every position seen (padding is 0).
+    ``start`` is the trunk layer the session enters at (its head depth), which names its pool."""
 
+    start: int = 0
     rows: int | None = None
     seen: int = 0
     slots: torch.Tensor | None = None  # (B, capacity) slot ids, the first ``seen`` in use

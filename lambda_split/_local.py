@@ -43,9 +43,9 @@ class LocalTransport(Transport):
             if route == ("POST", SESSIONS_PATH):
                 body = json.loads(request.content or b"{}")
                 receipts = body.get("receipts") is True
+                wire, depth = str(body.get("wire", "fp32")), body.get("head_depth")
                 return _json(
-                    201,
-                    self.service.open_session(self.owner, str(body.get("wire", "fp32")), receipts=receipts),
+                    201, self.service.open_session(self.owner, wire, receipts=receipts, head_depth=depth)
                 )
             match = _SESSION.match(request.path)
             if match and request.method == "POST" and match[2]:

@@ -110,28 +110,31 @@ class _LayerStack(nn.Module):
     def new_state(self) -> PartState:
         return PartState(cache=DynamicCache(config=self.config))
 
-    def run(self, hidden: torch.Tensor, mask: torch.Tensor, state: PartState) -> torch.Tensor:
-        """Run the layers on ``hidden`` (B, T, C) whose positions are the last T of ``mask`` (B, S)."""
+    def run(self, hidden: torch.Tensor, mask: torch.Tensor, state: PartState, skip: int = 0) -> torch.Tensor:
+        """Run the layers (but the first ``skip``) on ``hidden`` (B, T, C) whose positions are the
+        last T of ``mask`` (B, S)."""
         length = hidden.shape[1]
-        if len(self.layers) == 0:
+        if len(self.layers) <= skip:
             return hidden
         position_ids = positions_from_mask(mask)[:, -length:]  # (B, T)
-        return self._layers(hidden, mask, position_ids, state.cache)
+        return self._layers(hidden, mask, position_ids, state.cache, skip)
 
     def _layers(
-        self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: Any
+        self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: Any, skip: int = 0
     ) -> torch.Tensor:
-        """The layers on ``hidden`` (B, T, C); ``mask`` (B, S) covers the cache's keys, ``position_ids`` is (B, T)."""
+        """The layers from the ``skip``-th on ``hidden`` (B, T, C); ``mask`` (B, S) covers the cache's
+        keys, ``position_ids`` is (B, T)."""
+        layers, kinds = list(self.layers)[skip:], self.kinds[skip:]
         masks: dict[str, Any] = {}
-        for kind in dict.fromkeys(self.kinds):
-            # Sized against this part's first layer of that kind: a sliding layer's cache keeps
+        for kind in dict.fromkeys(kinds):
+            # Sized against the first layer of that kind that runs: a sliding layer's cache keeps
             # only the window, a full layer's keeps everything.
             mask_args: dict[str, Any] = dict(
                 config=self.config,
                 inputs_embeds=hidden,
                 attention_mask=mask,
                 position_ids=position_ids,
-                layer_idx=self.first + self.kinds.index(kind),
+                layer_idx=self.first + skip + kinds.index(kind),
             )
             mask_args[_MASK_CACHE_KWARG] = cache
             build = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
@@ -139,7 +142,7 @@ class _LayerStack(nn.Module):
         extra: dict[str, Any] = {}
         if self.rotary_emb is not None:
             extra["position_embeddings"] = self.rotary_emb(hidden, position_ids=position_ids)
-        for layer, kind in zip(self.layers, self.kinds, strict=True):
+        for layer, kind in zip(layers, kinds, strict=True):
             hidden = layer(
                 hidden,
                 attention_mask=masks[kind],
@@ -200,23 +203,53 @@ class Head(_LayerStack):
             hidden = hidden + self.embed_positions(positions_from_mask(mask)[:, -input_ids.shape[1] :])
         return self.run(hidden, mask, state)
 
+    def up_to(self, depth: int) -> Head:
+        """This head stopped after layer ``depth - 1`` (a session's own split depth; shares the weights)."""
+        if not 1 <= depth <= len(self.layers):
+            raise ValueError(f"head depth {depth} is outside 1..{len(self.layers)}")
+        layers = list(self.layers)[:depth]
+        return Head(
+            self.config, self.family, self.embed_tokens, layers, self.rotary_emb, self.embed_positions
+        )
+
 
 class Trunk(_LayerStack):
-    """Layers ``[A, B)``: hidden states in, hidden states out. Runs on the server."""
+    """Layers ``[A, B)``: hidden states in, hidden states out. Runs on the server.
+
+    ``start`` (default A) enters the trunk at a deeper layer: a session whose head ran layers
+    ``[0, start)`` runs layers ``[start, B)`` here, exactly the trunk of split ``start:B``."""
 
     def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, state: PartState | None = None
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        state: PartState | None = None,
+        *,
+        start: int | None = None,
     ) -> torch.Tensor:
         state = state if state is not None else self.new_state()
         new_mask = attention_mask if attention_mask is not None else _ones(hidden)
-        return self.run(hidden, _advance(state, new_mask), state)
+        return self.run(hidden, _advance(state, new_mask), state, self.skip(start))
 
-    def forward_batch(self, hidden: torch.Tensor, batch: Any) -> torch.Tensor:
+    def forward_batch(self, hidden: torch.Tensor, batch: Any, *, start: int | None = None) -> torch.Tensor:
         """Run rows of several sessions at once; ``batch`` is a :class:`~lambda_split._kvslots.PoolBatch`
-        that supplies their KV cache, key mask (R, L) and position ids (R, T)."""
-        if len(self.layers) == 0:
+        that supplies their KV cache, key mask (R, L) and position ids (R, T). Every row enters at ``start``."""
+        skip = self.skip(start)
+        if len(self.layers) <= skip:
             return hidden
-        return self._layers(hidden, batch.mask, batch.positions, batch)  # (R, T, C)
+        return self._layers(hidden, batch.mask, batch.positions, batch, skip)  # (R, T, C)
+
+    @property
+    def stop(self) -> int:
+        return self.first + len(self.layers)
+
+    def skip(self, start: int | None) -> int:
+        """How many of this trunk's layers a session entering at layer ``start`` skips."""
+        if start is None:
+            return 0
+        if not self.first <= start <= self.stop:
+            raise ValueError(f"layer {start} is outside this trunk's layers {self.first}..{self.stop}")
+        return start - self.first
 
 
 class Tail(_LayerStack):

@@ -7,6 +7,11 @@ stream). The server then answers with its certificate (PEM, issued by the deploy
 
     h_0 = SHA256("lambda-split/receipts/v1\\0" || canonical JSON of the context)
           context = {"cert_sha256", "fingerprint", "model", "session_id", "split", "wire"}
+
+A session that entered the trunk at head depth ``d`` (``lambda_split._head_depth``) is signed for
+the trunk it ran: ``split`` is ``[d, B]`` and ``fingerprint`` that of split ``d:B`` (the server's
+``head_depth_fingerprints``), so its receipts verify at no other depth and an audit replays it there;
+at the split's own depth A the context is the split's, as for a server without a range.
     h_i = SHA256(h_{i-1} || session id (16 bytes) || seq (u64 LE)
                  || SHA256(step frame bytes) || SHA256(result frame bytes without the receipt))
     signature_i = ECDSA-P256-SHA256("lambda-split/receipt/v1\\0" || h_i)
@@ -81,6 +86,19 @@ def context(info: dict[str, Any], session_id: str, wire: str, cert: x509.Certifi
         "split": [int(info["split"][0]), int(info["split"][1])],
         "wire": wire,
     }
+
+
+def at_depth(info: dict[str, Any], head_depth: int | None) -> dict[str, Any]:
+    """``info`` (model, fingerprint, split; head_depths and head_depth_fingerprints if the server has
+    them) as seen by a session at ``head_depth``: split ``[d, B]`` with that split's fingerprint."""
+    start, stop = int(info["split"][0]), int(info["split"][1])
+    if head_depth is None or head_depth == start:
+        return info
+    lo, hi = (int(v) for v in info.get("head_depths", (start, start)))
+    prints = info.get("head_depth_fingerprints") or []
+    if not lo <= head_depth <= hi or len(prints) != hi - lo + 1:
+        raise ReceiptError(f"no fingerprint for head depth {head_depth}")
+    return {**info, "split": [head_depth, stop], "fingerprint": str(prints[head_depth - lo])}
 
 
 def chain_start(ctx: dict[str, Any]) -> bytes:
@@ -177,10 +195,13 @@ class ReceiptSigner:
         self._credentials = credentials
         self._info = info
 
-    def open(self, session_id: bytes, wire: str) -> tuple[ServerChain, dict[str, Any]]:
-        """A chain for a new session, and what the session reply carries under ``receipts``."""
+    def open(
+        self, session_id: bytes, wire: str, head_depth: int | None = None
+    ) -> tuple[ServerChain, dict[str, Any]]:
+        """A chain for a new session (at ``head_depth``, None: the split's), and what the session
+        reply carries under ``receipts``."""
         creds = self._credentials()
-        ctx = context(self._info, session_id.hex(), wire, creds.cert)
+        ctx = context(at_depth(self._info, head_depth), session_id.hex(), wire, creds.cert)
         pem = creds.cert.public_bytes(serialization.Encoding.PEM).decode()
         chain = ServerChain(creds.private_key, session_id, chain_start(ctx))
         return chain, {"version": RECEIPTS_VERSION, "cert": pem}
@@ -215,6 +236,7 @@ class ClientChain:
         session_reply: Any,
         wire: str,
         observers: tuple[ChainObserver, ...] = (),
+        head_depth: int | None = None,
     ) -> None:
         receipts = session_reply.get("receipts") if isinstance(session_reply, dict) else None
         if not isinstance(receipts, dict) or receipts.get("version") != RECEIPTS_VERSION:
@@ -222,7 +244,7 @@ class ClientChain:
         self.cert = check_server_cert(receipts.get("cert"), ca)
         self.session_id = str(session_reply["session_id"])
         self.cert_pem = str(receipts["cert"])
-        self.context = context(info, self.session_id, wire, self.cert)
+        self.context = context(at_depth(info, head_depth), self.session_id, wire, self.cert)
         self.value = chain_start(self.context)
         self._raw_id = bytes.fromhex(self.session_id)
         self._observers = observers
@@ -248,10 +270,14 @@ class ReceiptPolicy:
     ) -> None:
         self.ca = ca
         self.info = {"model": info["model"], "fingerprint": info["fingerprint"], "split": list(info["split"])}
+        for name in ("head_depths", "head_depth_fingerprints"):  # sessions at other head depths
+            if info.get(name) is not None:
+                self.info[name] = list(info[name])
         self.observers = observers
 
-    def start(self, session_reply: Any, wire: str) -> ClientChain:
-        chain = ClientChain(self.ca, self.info, session_reply, wire, self.observers)
+    def start(self, session_reply: Any, wire: str, head_depth: int | None = None) -> ClientChain:
+        """The chain of a session just opened (at ``head_depth``; None: the split's own)."""
+        chain = ClientChain(self.ca, self.info, session_reply, wire, self.observers, head_depth)
         for observer in self.observers:
             observer.opened(chain)
         return chain

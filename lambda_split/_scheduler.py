@@ -20,6 +20,9 @@ decode batch with fewer rows queued than the previous decode batch had waits for
 only the rows that came), one that succeeds saves a whole forward. A single session never waits (its
 one row is all that is expected). A queued prefill, or :meth:`StepScheduler.drain`, does not wait.
 
+Groups: a step may name a group (the trunk layer its session enters at); a batch holds steps of
+one group only, the group of the step whose owner's turn comes first.
+
 Fairness: owners (authenticated identities) take turns, one step each per round, and an
 owner served moves to the back of the line, so many sessions of one identity cannot starve
 another. A step not taken within ``deadline_s`` fails with :class:`QueueTimeout`.
@@ -78,6 +81,7 @@ class Step:
     tokens: int
     payload: Any
     submitted: float
+    group: Any = None  # only steps of one group share a batch
     done: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -163,12 +167,12 @@ class StepScheduler:
     def queued(self) -> int:
         return len(self._queue)
 
-    def submit(self, owner: str, rows: int, tokens: int, payload: Any) -> Any:
+    def submit(self, owner: str, rows: int, tokens: int, payload: Any, *, group: Any = None) -> Any:
         """Queue a step and wait for its result (raising its error, or :class:`QueueTimeout`)."""
-        return self.wait(self.enqueue(owner, rows, tokens, payload))
+        return self.wait(self.enqueue(owner, rows, tokens, payload, group=group))
 
-    def enqueue(self, owner: str, rows: int, tokens: int, payload: Any) -> Step:
-        step = Step(owner, rows, tokens, payload, self._clock())
+    def enqueue(self, owner: str, rows: int, tokens: int, payload: Any, *, group: Any = None) -> Step:
+        step = Step(owner, rows, tokens, payload, self._clock(), group)
         with self._cond:
             self._queue.append(step)
             self._turns.setdefault(owner, None)
@@ -246,6 +250,9 @@ class StepScheduler:
             self.stats.prefills += len(batch)
             self.stats.prefill_batches += 1
         else:
+            if decodes:
+                first = min(decodes, key=lambda s: order[s.owner])
+                decodes = [s for s in decodes if s.group == first.group]
             batch = self._round_robin(decodes)
         self._last_prefill = bool(batch) and batch[0].is_prefill
         for step in batch:
@@ -265,7 +272,9 @@ class StepScheduler:
         """The first prefill in turn order, and after it the queued prefills of the same length (taken
         in turns, one per owner per round, as decodes are) that fit in ``max_rows`` and ``max_prefill_tokens``."""
         first = min(prefills, key=lambda s: order[s.owner])
-        same = self._round_robin([s for s in prefills if s.tokens == first.tokens], limit=False)
+        same = self._round_robin(
+            [s for s in prefills if s.tokens == first.tokens and s.group == first.group], limit=False
+        )
         batch, rows = [first], first.rows
         for step in same[1:]:  # same[0] is first: its owner's turn comes first
             if rows + step.rows > self.config.max_rows:

@@ -26,7 +26,8 @@ from lambda_split._codec import (
     decode_frame,
     encode_frame,
 )
-from lambda_split._kvslots import PoolBatch, SlotPool, SlotState
+from lambda_split._head_depth import HeadDepths
+from lambda_split._kvslots import PoolBatch, SlotPool, SlotPools, SlotState
 from lambda_split._models import Checkpoint
 from lambda_split._parts import Trunk
 from lambda_split._scheduler import QueueTimeout, SchedulerConfig, Step, StepScheduler
@@ -120,8 +121,10 @@ class _Work:
 class LLMExecutor:
     """Runs a decoder trunk: hidden (B, T, C) and mask (B, T) in, hidden (B, T, C) out.
 
-    Steps of different sessions are batched by a :class:`StepScheduler`; their KV caches
-    live in one :class:`SlotPool`.
+    Steps of different sessions are batched by a :class:`StepScheduler`; their KV caches live in
+    :class:`SlotPools`. With ``head_depths`` (a :class:`HeadDepths` within the trunk's layers), a
+    session may enter the trunk at any layer of that range (:mod:`lambda_split._head_depth`); only
+    steps entering at the same layer share a forward, and each depth has a pool of its own layers.
     """
 
     step_kinds = frozenset({FrameKind.LLM_STEP})
@@ -133,14 +136,34 @@ class LLMExecutor:
         scheduling: SchedulerConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        head_depths: HeadDepths | None = None,
+        default_depth: int | None = None,
     ) -> None:
         self.trunk = trunk
         self.hidden_size = int(trunk.config.hidden_size)
-        self.pool = SlotPool(len(trunk.layers))
+        self.head_depths = head_depths or HeadDepths(trunk.first, trunk.first)
+        self.default_depth = trunk.first if default_depth is None else default_depth
+        if self.head_depths.lo < trunk.first or self.head_depths.hi > trunk.stop:
+            raise ValueError(f"head depths {self.head_depths} lie outside the trunk's layers")
+        if self.default_depth not in self.head_depths:
+            raise ValueError(f"the default depth {self.default_depth} is not in {self.head_depths}")
+        self.pools = SlotPools(self.head_depths, trunk.stop)
         self.scheduler = StepScheduler(self._run, scheduling, clock=clock)
 
-    def new_state(self) -> SlotState:
-        return SlotState()
+    @property
+    def pool(self) -> SlotPool:
+        """The KV pool of sessions at the split's own depth."""
+        return self.pools[self.default_depth]
+
+    def new_state(self, head_depth: int | None = None) -> SlotState:
+        depth = self.default_depth if head_depth is None else head_depth
+        if depth not in self.head_depths:
+            raise ServiceError(
+                400,
+                "bad_head_depth",
+                f"head_depth must be a whole number in {self.head_depths} (/v1/info head_depths)",
+            )
+        return SlotState(start=depth)
 
     def prepare(self, state: SlotState, frame: Frame, limits: ServiceLimits) -> _Work:
         """Check a step's frame against the session and the limits, before it is queued."""
@@ -175,27 +198,34 @@ class LLMExecutor:
         self, owner: str, state: SlotState, frame: Frame, limits: ServiceLimits
     ) -> dict[str, torch.Tensor]:
         work = self.prepare(state, frame, limits)
-        self.pool.hold(state)
+        pool = self.pools.of(state)
+        pool.hold(state)
         try:
-            out = self.scheduler.submit(owner, work.hidden.shape[0], work.hidden.shape[1], work)
+            rows, tokens = work.hidden.shape[:2]
+            out = self.scheduler.submit(owner, rows, tokens, work, group=state.start)
         except QueueTimeout as exc:
             raise ServiceError(
                 503, "step_timeout", f"the server is overloaded: {exc}", retry_after=1
             ) from None
         finally:
-            self.pool.finish(state)
+            pool.finish(state)
         return {"hidden": out.float()}
 
     def _run(self, steps: Sequence[Step]) -> list[Any]:
-        """One forward over the rows of ``steps`` (decode steps, or prefills of one length)."""
+        """One forward over the rows of ``steps`` (decode steps, or prefills of one length), all
+        entering the trunk at the same layer (the scheduler batches one group at a time)."""
         results: list[Any] = [_gone() if s.payload.state.released else None for s in steps]
         works: list[_Work] = [s.payload for s, r in zip(steps, results, strict=True) if r is None]
         if not works:
             return results
+        start = works[0].state.start
+        if any(w.state.start != start for w in works):  # pragma: no cover - the scheduler groups by start
+            raise RuntimeError("a batch mixes sessions of different head depths")
         with torch.inference_mode():
-            batch = PoolBatch(self.pool, self.trunk.first, [(w.state, w.mask) for w in works])
+            batch = PoolBatch(self.pools[start], start, [(w.state, w.mask) for w in works])
             try:
-                out = self.trunk.forward_batch(torch.cat([w.hidden for w in works]), batch)  # (R, T, C)
+                hidden = torch.cat([w.hidden for w in works])  # (R, T, C)
+                out = self.trunk.forward_batch(hidden, batch, start=start)  # (R, T, C)
             except BaseException:
                 batch.abort()
                 raise
@@ -208,24 +238,23 @@ class LLMExecutor:
         return next(iter(self.trunk.parameters()), torch.empty(0)).dtype
 
     def release(self, state: SlotState) -> None:
-        self.pool.release(state)
+        self.pools.of(state).release(state)
 
     def state_bytes(self, state: SlotState) -> int:
-        return state.seen * (state.rows or 0) * self.pool.bytes_per_token
+        return self.pools.state_bytes(state)
 
     def state_tokens(self, state: SlotState) -> int:
         return state.seen
 
     def stats(self) -> dict[str, Any]:
-        """Batch sizes, queue waits and KV pool occupancy, for /metrics."""
-        per_token = self.pool.bytes_per_token
+        """Batch sizes, queue waits and KV pool occupancy (over every depth's pool), for /metrics."""
         return {
             **self.scheduler.stats.snapshot(),
             "queued": self.scheduler.queued,
-            "slots_used": self.pool.used,
-            "slots_total": self.pool.capacity,
-            "slot_bytes_used": self.pool.used * per_token,
-            "slot_bytes_total": self.pool.capacity * per_token,
+            "slots_used": self.pools.used,
+            "slots_total": self.pools.capacity,
+            "slot_bytes_used": self.pools.bytes_used,
+            "slot_bytes_total": self.pools.bytes_total,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -301,11 +330,21 @@ class TrunkService:
         return raw, session
 
     # -- operations -----------------------------------------------------------------------------
-    def open_session(self, owner: str, wire: str, *, receipts: bool = False) -> dict[str, Any]:
+    def open_session(
+        self, owner: str, wire: str, *, receipts: bool = False, head_depth: Any = None
+    ) -> dict[str, Any]:
+        """Open a session; ``head_depth`` (a trunk that allows a range of them) is the layer the
+        session enters the trunk at, None for the split's own (else 400 ``bad_head_depth``)."""
         try:
             encoding = Encoding.parse(wire)
         except ValueError as exc:
             raise ServiceError(400, "bad_wire_encoding", str(exc)) from None
+        depths = getattr(self.executor, "head_depths", None)
+        if head_depth is not None and (depths is None or head_depth not in depths):
+            where = (
+                f"in {depths} (/v1/info head_depths)" if depths is not None else "absent: this trunk has none"
+            )
+            raise ServiceError(400, "bad_head_depth", f"head_depth must be a whole number {where}")
         if receipts and self.receipts is None:
             raise ServiceError(
                 400, "receipts_unavailable", "this server has no signing key (serve it with --keys DIR)"
@@ -323,16 +362,20 @@ class TrunkService:
                     retry_after=5,
                 )  # fmt: skip
             raw = secrets.token_bytes(SESSION_ID_BYTES)
-            chain, signed = self.receipts.open(raw, encoding.wire_name) if receipts else (None, None)
-            self._sessions[raw] = _Session(
-                owner, encoding, self.executor.new_state(), last_used=self._clock(), chain=chain
-            )
+            # (an executor with head_depths takes a depth: the check above refused it otherwise)
+            executor: Any = self.executor
+            state = executor.new_state() if head_depth is None else executor.new_state(head_depth)
+            depth = getattr(state, "start", None) if depths is not None else None
+            chain, signed = self.receipts.open(raw, encoding.wire_name, depth) if receipts else (None, None)
+            self._sessions[raw] = _Session(owner, encoding, state, last_used=self._clock(), chain=chain)
         reply = {
             "session_id": raw.hex(),
             "wire": encoding.wire_name,
             "max_tokens": self.limits.max_tokens_per_session,
             "idle_timeout_s": self.limits.idle_timeout_s,
         }
+        if depth is not None:
+            reply["head_depth"] = depth
         return reply if signed is None else {**reply, "receipts": signed}
 
     def step(self, owner: str, session_id: str, body: bytes) -> bytes:
@@ -415,9 +458,12 @@ def load_llm_service(
     limits: ServiceLimits | None = None,
     scheduling: SchedulerConfig | None = None,
     progress: Any = None,
+    head_depths: str | None = None,
 ) -> tuple[TrunkService, dict[str, Any]]:
     """Load only the trunk of ``model`` and wrap it in a service; also return the /v1/info body.
-    ``scheduling`` sets how steps of different sessions are batched (None: the defaults)."""
+    ``scheduling`` sets how steps of different sessions are batched (None: the defaults).
+    ``head_depths`` (``LO:HI``, None: only A) lets sessions choose their head depth in that range
+    (:mod:`lambda_split._head_depth`): the trunk then holds layers ``[LO, B)``."""
     from lambda_split._models import fingerprint, resolve
     from lambda_split._parts import SplitSpec, load_parts
     from lambda_split.protocol import PROTOCOL_VERSION, WIRE_ENCODINGS
@@ -425,15 +471,23 @@ def load_llm_service(
     say = progress or (lambda _message: None)
     checkpoint = resolve(model) if isinstance(model, str) else model
     spec = SplitSpec.parse(split, int(checkpoint.config.num_hidden_layers))
-    say(f"loading trunk layers {spec} of {checkpoint.name}")
-    trunk = load_parts(checkpoint, spec, ("trunk",)).trunk
+    depths = HeadDepths(spec.start, spec.start) if head_depths is None else HeadDepths.parse(head_depths)
+    depths.check_split(spec.start, spec.stop)
+    held = SplitSpec(depths.lo, spec.stop, spec.num_layers)  # every session's layers, and no more
+    say(f"loading trunk layers {held} of {checkpoint.name}")
+    trunk = load_parts(checkpoint, held, ("trunk",)).trunk
     if trunk is None:  # pragma: no cover - load_parts always builds what it is asked for
         raise RuntimeError("trunk was not built")
-    service = TrunkService(LLMExecutor(trunk, scheduling), limits=limits)
+    executor = LLMExecutor(trunk, scheduling, head_depths=depths, default_depth=spec.start)
+    service = TrunkService(executor, limits=limits)
+    prints = {d: fingerprint(checkpoint, (d, spec.stop)) for d in depths}
     info = {
         "model": checkpoint.name,
-        "fingerprint": fingerprint(checkpoint, (spec.start, spec.stop)),
+        "fingerprint": prints[spec.start],
         "split": [spec.start, spec.stop],
+        "head_depths": [depths.lo, depths.hi],
+        # the fingerprint of split d:B for each allowed d (the one a session at depth d is signed for)
+        "head_depth_fingerprints": [prints[d] for d in depths],
         "num_layers": spec.num_layers,
         "hidden_size": int(checkpoint.config.hidden_size),
         "security": security,

@@ -25,17 +25,23 @@ class RemoteSession:
     :class:`HTTPLink`; a bare transport means one HTTP request per operation."""
 
     def __init__(
-        self, link: Transport | Link, wire: Encoding, *, receipts: ReceiptPolicy | None = None
+        self,
+        link: Transport | Link,
+        wire: Encoding,
+        *,
+        receipts: ReceiptPolicy | None = None,
+        head_depth: int | None = None,
     ) -> None:
         """With ``receipts``, the session asks the server to sign every step and checks each receipt
-        (:mod:`lambda_split._receipts`) before a result is used; a bad one raises ReceiptError."""
+        (:mod:`lambda_split._receipts`) before a result is used; a bad one raises ReceiptError.
+        ``head_depth`` (None: the split's own) is the layer the session enters the trunk at."""
         self.link: Link = HTTPLink(link) if isinstance(link, Transport) else link
         self.wire = wire
-        reply = (
-            self.link.open(wire.wire_name)
-            if receipts is None
-            else self.link.open(wire.wire_name, {"receipts": True})
-        )
+        self.head_depth = head_depth
+        options: dict[str, object] = {} if receipts is None else {"receipts": True}
+        if head_depth is not None:
+            options["head_depth"] = head_depth
+        reply = self.link.open(wire.wire_name, options) if options else self.link.open(wire.wire_name)
         try:
             self.session_id = str(reply["session_id"])
             self._raw_id = bytes.fromhex(self.session_id)
@@ -44,7 +50,11 @@ class RemoteSession:
         self.seq = 0
         self.closed = False
         try:
-            self.chain = None if receipts is None else receipts.start(reply, wire.wire_name)
+            if head_depth is not None and reply.get("head_depth", head_depth) != head_depth:
+                raise ProtocolMismatch(
+                    f"the server opened the session at another head depth than {head_depth}"
+                )
+            self.chain = None if receipts is None else receipts.start(reply, wire.wire_name, head_depth)
         except BaseException:  # a refused receipt certificate: the session opened must not linger
             self.close()
             raise

@@ -55,6 +55,8 @@ class SpotChecker:
 
     def opened(self, chain: ClientChain) -> None:
         self.replayer.forget(chain.session_id)
+        if isinstance(self.replayer, Replayer):  # a session at its own head depth enters deeper
+            self.replayer.begin(chain.session_id, int(chain.context["split"][0]))
 
     def step(self, chain: ClientChain, record: StepRecord) -> None:
         local, mask = self.replayer.run(chain.session_id, record.step_frame)
@@ -112,8 +114,13 @@ def enable_verification(
     ca = load_ca(keys)
     observers: list[ChainObserver] = []
     checker = None
+    depth = getattr(client, "head_depth", None)
     if verify_rate > 0:
         spec = client.info.split
+        if depth is not None:  # the trunk from the shallowest depth a session may enter at
+            if audit_server is not None:
+                raise ValueError("spot checks on an audit replica are not supported with a head depth yet")
+            spec = (client.info.depths.lo if depth == "random" else int(depth), spec[1])
         if audit_server is None:
             replayer: Replayer | RemoteReplayer = Replayer(load_trunk(client.model.checkpoint, spec))
         else:
@@ -137,7 +144,15 @@ def enable_verification(
         raise
     if writer is not None:
         observers.insert(0, writer)  # a step is on file before a spot check can stop the generation
-    info = {"model": client.info.model, "fingerprint": client.info.fingerprint, "split": client.info.split}
+    info: dict[str, Any] = {
+        "model": client.info.model,
+        "fingerprint": client.info.fingerprint,
+        "split": client.info.split,
+    }
+    if depth is not None:  # fingerprints the client checked at connect
+        info.update(
+            head_depths=client.info.head_depths, head_depth_fingerprints=client.info.head_depth_fingerprints
+        )
     policy = ReceiptPolicy(ca, info, tuple(observers))
     client.receipts = policy
     return Verification(policy, writer, checker, list(observers))

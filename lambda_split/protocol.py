@@ -4,9 +4,12 @@ HTTP API (protocol version 1)::
 
     GET    /healthz                         200 {"status": "ok"}
     GET    /v1/info                         200 {"model", "fingerprint", "split", "num_layers", "hidden_size",
-                                                 "security", "protocol_version", "wire_encodings", "limits"}
-    POST   /v1/sessions                     201 {"session_id", "wire", "max_tokens", "idle_timeout_s"}
-                                                body: {"wire": "fp32"|"fp16"|"bf16"|"int8", "receipts": bool}
+                                                 "security", "protocol_version", "wire_encodings", "limits",
+                                                 "head_depths": [LO, HI], "head_depth_fingerprints": [...]}
+    POST   /v1/sessions                     201 {"session_id", "wire", "max_tokens", "idle_timeout_s", "head_depth"}
+                                                body: {"wire": "fp32"|"fp16"|"bf16"|"int8", "receipts": bool,
+                                                       "head_depth": int (optional, in head_depths; else
+                                                       400 bad_head_depth; absent: the split's A)}
     POST   /v1/sessions/{id}/step           200 frame(LLM_RESULT)   body: frame(LLM_STEP)
     DELETE /v1/sessions/{id}                200 {"closed": true}
     GET    /metrics                         Prometheus text

@@ -80,12 +80,15 @@ class TrunkEndpoints:
             body = json.loads(await request.body() or b"{}")
             wire = body.get("wire", "fp32") if isinstance(body, dict) else None
             receipts = body.get("receipts", False) if isinstance(body, dict) else None
+            head_depth = body.get("head_depth") if isinstance(body, dict) else None
         except (ValueError, UnicodeDecodeError):
-            wire = receipts = None
+            wire = receipts = head_depth = None
         if not isinstance(wire, str) or not isinstance(receipts, bool):
             return error(400, "bad_request", 'body must be JSON like {"wire": "fp16", "receipts": false}')
         self.drain.check()
-        reply = self.service.open_session(owner_of(request.scope), wire, receipts=receipts)
+        reply = self.service.open_session(
+            owner_of(request.scope), wire, receipts=receipts, head_depth=head_depth
+        )
         LOGGER.info("session opened", extra={"fields": {"client": owner_of(request.scope), "wire": wire}})
         return JSONResponse(reply, status_code=201)
 

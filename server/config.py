@@ -13,6 +13,7 @@ from typing import Any
 
 from lambda_split import SchedulerConfig, ServiceLimits, SplitSpec
 from lambda_split._codec import FrameLimits
+from lambda_split._head_depth import HeadDepths
 from secure_channel import check_security_mode
 
 ENV_PREFIX = "LAMBDA_SPLIT_"
@@ -32,6 +33,8 @@ class ConfigError(ValueError):
 class ServerConfig:
     model: str = "smollm2-135m"
     split: str = "2:-2"
+    # LO:HI: sessions may choose their head depth in [LO, HI] (LO <= A <= HI < B); "" means only A
+    head_depths: str = ""
     security: str = ""
     keys: str | None = None
     host: str = "127.0.0.1"
@@ -91,6 +94,8 @@ class ServerConfig:
             SplitSpec.parse(self.split, num_layers=_ANY_DEPTH)
         except ValueError as exc:
             raise ConfigError(str(exc).replace(f" <= {_ANY_DEPTH}", "")) from None
+        if self.head_depths:
+            self.split_depths(_ANY_DEPTH)
         if self.security != "plain" and not self.keys:
             raise ConfigError(
                 f"--security {self.security} needs --keys DIR (create one with: lambda-split keys init DIR)"
@@ -135,6 +140,19 @@ class ServerConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return self
+
+    def split_depths(self, num_layers: int) -> HeadDepths | None:
+        """The head depths allowed (None: only the split's own), checked against the split of a
+        model of ``num_layers`` layers (``_ANY_DEPTH``: as far as a negative B allows); ConfigError."""
+        if not self.head_depths:
+            return None
+        try:
+            depths = HeadDepths.parse(self.head_depths)
+            spec = SplitSpec.parse(self.split, num_layers)  # a negative B checks once num_layers is known
+            depths.check_split(spec.start, spec.stop)
+        except ValueError as exc:
+            raise ConfigError(f"head_depths: {exc}") from None
+        return depths
 
 
 def _is_loopback(host: str) -> bool:

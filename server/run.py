@@ -161,6 +161,9 @@ def load_service(
     if _is_diffusion(config.model):
         from lambda_split.diffusion import DiffusionLimits, load_diffusion_service
 
+        if config.head_depths:
+            raise ConfigError("head_depths is for language models; a diffusion trunk has no head depth")
+
         return load_diffusion_service(
             config.model,
             security=config.security,
@@ -169,10 +172,12 @@ def load_service(
             progress=progress,
         )
     checkpoint = resolve(config.model)  # reads the configuration, not the weights
+    layers = int(checkpoint.config.num_hidden_layers)
     try:
-        SplitSpec.parse(config.split, int(checkpoint.config.num_hidden_layers))
+        SplitSpec.parse(config.split, layers)
     except ValueError as exc:
         raise ConfigError(f"{exc} ({checkpoint.name})") from None
+    depths = config.split_depths(layers)
     return load_llm_service(
         checkpoint,
         config.split,
@@ -180,6 +185,7 @@ def load_service(
         limits=limits,
         scheduling=config.scheduler_config(),
         progress=progress,
+        head_depths=None if depths is None else str(depths),
     )
 
 

@@ -169,15 +169,16 @@ class TrunkStreamEndpoint:
                 request = json.loads(body or b"{}")
                 wire = request.get("wire", "fp32") if isinstance(request, dict) else None
                 receipts = request.get("receipts", False) if isinstance(request, dict) else None
+                head_depth = request.get("head_depth") if isinstance(request, dict) else None
             except (ValueError, UnicodeDecodeError):
-                wire = receipts = None
+                wire = receipts = head_depth = None
             if not isinstance(wire, str) or not isinstance(receipts, bool):
                 raise ServiceError(
                     400, "bad_request", 'body must be JSON like {"wire": "fp16", "receipts": false}'
                 )
             if self.drain is not None:
                 self.drain.check()
-            reply = self.service.open_session(owner, wire, receipts=receipts)
+            reply = self.service.open_session(owner, wire, receipts=receipts, head_depth=head_depth)
             sessions.add(reply["session_id"])
             LOGGER.info("session opened", extra={"fields": {"client": owner, "wire": wire, "path": "stream"}})
             return bytes((StreamOp.OPEN,)) + json.dumps(reply).encode()

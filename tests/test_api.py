@@ -35,6 +35,7 @@ INTERNAL = {
     "attach_receipt",
     "split_receipt",
     "verify_signature",
+    "at_depth",
     "check_server_cert",
     "ServerChain",
     "ClientChain",
@@ -46,6 +47,7 @@ INTERNAL = {
     "ServerThread",
     # the trunk's batching machinery, reached through LLMExecutor
     "SlotPool",
+    "SlotPools",
     "SlotState",
     "PoolBatch",
     "StepScheduler",

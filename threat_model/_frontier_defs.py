@@ -1,27 +1,32 @@
 """The defence settings of the frontier sweep, and what the adapted attacker derives from each.
 
 ``noise`` and ``quant`` are the client's real options (:mod:`lambda_split._defences`), run
-through the same code. Two more are simulated here only:
+through the same code. Two more:
 
 * ``permutation``: a secret per-session permutation of the hidden dimensions. An unmodified
   trunk cannot undo it, so as a client option it is meaningless (the trunk would compute on
   garbage); a server whose weights absorb it must know it. It is kept as the known-broken
   control: the sweep lets the trunk compute on the unpermuted state (utility as if absorbed)
   while the attacker sees the permuted one, and sorting the values of each row undoes it.
-* ``depth``: a split depth drawn per session from a range ``[lo, hi]`` (the server would hold
-  layers ``[lo, B)`` and each session would say where its head stops; the server side is not
-  implemented). Each session runs the head to its own depth.
+* ``depth``: a split depth drawn per session from a range ``[lo, hi]``, by the client's own draw
+  (:func:`lambda_split._head_depth.choose_depth`, seeded here so that a sweep repeats; ``generate
+  --head-depth random`` draws with ``secrets``). The server side is real (``serve --head-depths``:
+  a trunk holding layers ``[lo, B)`` that each session enters at its depth); the sweep runs each
+  session on the split ``d:B``, which is exactly what that trunk computes for it
+  (tests/test_head_depth.py). The frames are the same either way: what the attacker holds.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from lambda_split._defences import QUANT_LEVELS, Defence, quantise_blockwise
+from lambda_split._head_depth import HeadDepths, choose_depth
 from threat_model._adaptive import View, identity, sorted_view
 from threat_model.attacks import quantisation_bound
 
@@ -71,7 +76,10 @@ class Setting:
         """The defence of one session, with its secret randomness drawn from ``seed``."""
         generator = torch.Generator().manual_seed(seed)
         depths = self.depths(base)
-        depth = depths[int(torch.randint(len(depths), (1,), generator=generator))]
+        drawn = int(torch.randint(len(depths), (1,), generator=generator))  # (keeps the later draws)
+        if self.family == "depth":  # the client's own draw, seeded
+            drawn = choose_depth(HeadDepths(depths[0], depths[-1]), random.Random(seed)) - depths[0]
+        depth = depths[drawn]
         defence = self.defence
         if defence is not None:
             transform = Defence(defence.kind, defence.sigma, defence.levels, seed=seed).session()

@@ -106,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.config,
         model=args.model,
         split=args.split,
+        head_depths=args.head_depths,
         security=args.security,
         keys=args.keys,
         host=args.host,
@@ -151,6 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             defence=args.defence,
             split=args.split,
             transport_kind=args.transport,
+            head_depth=args.head_depth,
         ) as client,
         _audit_cli.verification(args, client, progress),
     ):
@@ -201,6 +203,7 @@ def _result_json(result: Any, client: Any, stats: Any) -> dict[str, Any]:
             "defence": client.defence.name if getattr(client, "defence", None) is not None else None,
             "failovers": client.failovers,
             "failover_s": round(client.failover_s, 4),
+            "head_depth": getattr(client, "last_head_depth", None),
         },
     }
 
@@ -214,6 +217,11 @@ def _summary(result: Any, client: Any, stats: Any) -> str:
         f"{client.info.split[0]}:{client.info.split[1]}, security {client.transport.security}, "
         f"wire {client.wire.wire_name}"
         + (f", {client.failovers} failover(s) in {client.failover_s:.2f} s" if client.failovers else "")
+        + (
+            f", head depth {client.last_head_depth}"
+            if getattr(client, "head_depth", None) is not None
+            else ""
+        )
     )
 
 
@@ -322,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the trunk server")
     serve.add_argument("--model", help="model name or path (default smollm2-135m)")
     serve.add_argument("--split", help="A:B, head [0,A) trunk [A,B) tail [B,N); default 2:-2")
+    serve.add_argument(
+        "--head-depths",
+        type=_args.head_depths,
+        metavar="LO:HI",
+        help="let each session choose its head depth in [LO, HI] (LO <= A <= HI < B; default: only A)",
+    )
     serve.add_argument("--security", **_security(required=False))  # or from --config / environment
     serve.add_argument("--keys", help="credentials directory from 'keys init'")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
@@ -365,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="uplink defence, off by default; measured, not guaranteed (SECURITY.md): "
         "noise:SIGMA (Gaussian, SIGMA x each position's RMS) or quant:int4|int2",
+    )
+    generate.add_argument(
+        "--head-depth",
+        type=_args.head_depth,
+        metavar="random|N",
+        help="the session's head depth: random (drawn per session in the server's head_depths) or a "
+        "layer N in it; default the split's A. The server always knows it (SECURITY.md)",
     )
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     generate.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")

@@ -92,6 +92,26 @@ def split(text: str) -> str:
     return text.strip()
 
 
+def head_depths(text: str) -> str:
+    """``LO:HI`` with ``1 <= LO <= HI`` (``serve --head-depths``); checked against the split in the config."""
+    from lambda_split._head_depth import HeadDepths
+
+    try:
+        return str(HeadDepths.parse(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def head_depth(text: str) -> int | str:
+    """``random`` or a layer number >= 1 (``generate --head-depth``)."""
+    from lambda_split._head_depth import parse_head_depth
+
+    try:
+        return parse_head_depth(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def version() -> str:
     try:
         return metadata.version("lambda-split")

@@ -62,6 +62,10 @@ def verification(args: argparse.Namespace, client: Any, progress: Any) -> Iterat
         from lambda_split.cli import UsageError
 
         raise UsageError("--audit-server is where --verify-rate's spot checks run: give --verify-rate R > 0")
+    if audit_server and getattr(args, "head_depth", None) is not None:
+        from lambda_split.cli import UsageError
+
+        raise UsageError("--audit-server is not supported with --head-depth yet (spot checks run locally)")
     if not (args.receipts or args.transcript or args.verify_rate > 0):
         yield None
         return

@@ -74,6 +74,10 @@ def run_chain(args: argparse.Namespace, usage_error: type[Exception], progress: 
     from lambda_split.cli import _generation_config, read_prompt
 
     hops, spans = hops_of(args, usage_error)
+    if getattr(args, "head_depth", None) is not None:
+        raise usage_error(
+            "--head-depth is not supported with --hop/--plan: a chain's first span fixes the depth"
+        )
     if (
         getattr(args, "receipts", False)
         or getattr(args, "transcript", None)
