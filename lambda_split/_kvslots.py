@@ -6,7 +6,9 @@ slots gathered right-aligned to the longest row, so that every row's newest toke
 same key index: the model's own mask builders (causal and sliding window) then hold for every
 row, and a left-padding mask hides the gap of shorter rows. Nothing persistent is copied per
 step; attention's read of the batch's keys and values is one gather per layer (the per-session
-``DynamicCache`` concatenated its whole cache per layer per step instead).
+``DynamicCache`` concatenated its whole cache per layer per step instead). A layer's store is
+laid out (H, capacity, D), so that a lone row whose slots are consecutive (a session running
+alone: the pool hands out the lowest free ids, ascending) is read as a view, with no gather.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class SlotPool:
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
-        self.keys: list[torch.Tensor | None] = [None] * num_layers  # each (capacity, H, D)
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # each (H, capacity, D)
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.capacity = 0
         self._free = torch.empty(0, dtype=torch.long)  # a stack of free slot ids
@@ -41,14 +43,18 @@ class SlotPool:
 
     @property
     def bytes_per_token(self) -> int:
-        return sum(t.element_size() * t[0].numel() for t in (*self.keys, *self.values) if t is not None)
+        return sum(t.element_size() * t[:, 0].numel() for t in (*self.keys, *self.values) if t is not None)
 
     def allocate(self, count: int) -> torch.Tensor:
-        """Take ``count`` free slots (growing the pool if needed); return their ids."""
+        """Take ``count`` free slots (growing the pool if needed); return their ids.
+
+        The top of the free stack holds the lowest ids, so the ids come out ascending (flipped):
+        a session that runs alone gets consecutive slots, which a forward reads without a gather.
+        """
         with self._lock:
             if self._free_count < count:
                 self._grow(count - self._free_count)
-            ids = self._free[self._free_count - count : self._free_count].clone()
+            ids = self._free[self._free_count - count : self._free_count].flip(0)
             self._free_count -= count
             return ids
 
@@ -72,14 +78,15 @@ class SlotPool:
             for index, tensor in enumerate(store):
                 if tensor is not None:
                     # Zeros, not garbage: padding reads of a gather must be finite under a mask.
-                    store[index] = torch.cat([tensor, tensor.new_zeros(new - old, *tensor.shape[1:])])
+                    heads, _, dim = tensor.shape
+                    store[index] = torch.cat([tensor, tensor.new_zeros(heads, new - old, dim)], dim=1)
         self.capacity = new
 
     def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (capacity, H, D) keys and values of layer ``index``, created on first use like ``like`` (B, H, T, D)."""
+        """The (H, capacity, D) keys and values of layer ``index``, created on first use like ``like`` (B, H, T, D)."""
         keys, values = self.keys[index], self.values[index]
         if keys is None or values is None:
-            shape = (self.capacity, like.shape[1], like.shape[3])
+            shape = (like.shape[1], self.capacity, like.shape[3])
             keys = self.keys[index] = like.new_zeros(shape)
             values = self.values[index] = like.new_zeros(shape)
         return keys, values
@@ -194,6 +201,9 @@ class PoolBatch:
     gather: torch.Tensor = field(init=False)  # (R, L) slot of each key position
     mask: torch.Tensor = field(init=False)  # (R, L) 0/1, left padding where a row is shorter
     positions: torch.Tensor = field(init=False)  # (R, T) position ids of the new tokens
+    span: tuple[int, int] | None = field(
+        init=False
+    )  # [first, last + 1) slot of a lone row in consecutive slots
 
     def __post_init__(self) -> None:
         self.tokens = self.parts[0][1].shape[1]
@@ -217,21 +227,31 @@ class PoolBatch:
             before = state.ones[:, None] if state.ones is not None else 0
             self.positions[rows_here] = (before + new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
             row += count
+        first = int(self.gather[0, 0])
+        consecutive = rows == 1 and int(self.gather[0, -1]) - first == self.length - 1
+        if consecutive and self.length > 1:
+            consecutive = bool((self.gather[0, 1:] - self.gather[0, :-1] == 1).all())
+        self.span = (first, first + self.length) if consecutive else None
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new (R, H, T, D) keys and values; return every row's (R, H, L, D)."""
         keys, values = self.pool.layer(layer_idx - self.first_layer, key)
+        if self.span is not None:  # one row in consecutive slots: write and read in place
+            start, end = self.span
+            keys[:, end - self.tokens : end] = key[0]
+            values[:, end - self.tokens : end] = value[0]
+            return keys[:, start:end].unsqueeze(0), values[:, start:end].unsqueeze(0)
         rows, heads, length, dim = key.shape
-        keys.index_copy_(0, self.write, key.transpose(1, 2).reshape(rows * length, heads, dim))
-        values.index_copy_(0, self.write, value.transpose(1, 2).reshape(rows * length, heads, dim))
+        keys.index_copy_(1, self.write, key.transpose(0, 1).reshape(heads, rows * length, dim))
+        values.index_copy_(1, self.write, value.transpose(0, 1).reshape(heads, rows * length, dim))
         return self._read(keys), self._read(values)
 
     def _read(self, store: torch.Tensor) -> torch.Tensor:
         rows, length = self.gather.shape
-        picked = store.index_select(0, self.gather.view(-1)).view(rows, length, *store.shape[1:])
-        return picked.transpose(1, 2).contiguous()  # (R, H, L, D), as attention kernels like it
+        picked = store.index_select(1, self.gather.view(-1))  # (H, R * L, D)
+        return picked.view(store.shape[0], rows, length, -1).transpose(0, 1).contiguous()  # (R, H, L, D)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.length, 0

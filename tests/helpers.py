@@ -42,3 +42,27 @@ def reference_tokens(
     out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
     rows = out[:, input_ids.shape[1] :].tolist()
     return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+
+
+def run_bench_captured(plan: Any, out: Any, messages: list[str] | None = None) -> tuple[int, list[str]]:
+    """``lambda-split bench --json --out OUT`` of ``plan`` in this process, on tiny-random-llama:
+    the exit code and the lines it printed; progress messages go to ``messages``."""
+    import pytest
+
+    from lambda_split.cli.bench import run_bench
+
+    printed: list[str] = []
+    capture = pytest.MonkeyPatch()
+    capture.setattr("builtins.print", lambda *args, **_kw: printed.append(" ".join(map(str, args))))
+    try:
+        code = run_bench(
+            out=str(out),
+            as_json=True,
+            quick=True,
+            model="tiny-random-llama",
+            progress=(messages if messages is not None else []).append,
+            plan=plan,
+        )
+    finally:
+        capture.undo()
+    return code, printed

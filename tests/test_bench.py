@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from lambda_split.cli.bench import DeployPlan, Plan, add_arguments, deploy_plan, run_bench
+from lambda_split.cli.bench import DeployPlan, Plan, add_arguments, deploy_plan
 from lambda_split.cli.bench._stats import ratios, rotated, summarize
 from secure_channel import SECURITY_MODES
+from tests.helpers import run_bench_captured
 
 TINY = "tiny-random-llama"
 ENCODINGS = ("fp32", "fp16", "bf16", "int8")
@@ -34,16 +35,7 @@ DEPLOY_PLAN = DeployPlan(model=TINY, modes=("tls+aesgcm",), transports=("stream"
 
 
 def _run(plan: Any, out: Path, messages: list[str]) -> tuple[int, list[str]]:
-    printed: list[str] = []
-    capture = pytest.MonkeyPatch()
-    capture.setattr("builtins.print", lambda *args, **_kw: printed.append(" ".join(map(str, args))))
-    try:
-        code = run_bench(
-            out=str(out), as_json=True, quick=True, model=TINY, progress=messages.append, plan=plan
-        )
-    finally:
-        capture.undo()
-    return code, printed
+    return run_bench_captured(plan, out, messages)
 
 
 @pytest.fixture(scope="module")

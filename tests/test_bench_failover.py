@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from lambda_split.cli.bench import DeployPlan, add_arguments, deploy_plan, run_bench
+from lambda_split.cli.bench import DeployPlan, add_arguments, deploy_plan
 from lambda_split.cli.bench._failover import PHASES, Replicas, history_prompt
 from lambda_split.cli.bench._procs import BenchError
+from tests.helpers import run_bench_captured
 
 TINY = "tiny-random-llama"
 HISTORY = 16
@@ -28,16 +29,8 @@ PLAN = DeployPlan(model=TINY, sections=("failover",), failover_modes=("tls+aesgc
 @pytest.fixture(scope="module")
 def failover_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("failover")
-    printed: list[str] = []
     messages: list[str] = []
-    capture = pytest.MonkeyPatch()
-    capture.setattr("builtins.print", lambda *args, **_kw: printed.append(" ".join(map(str, args))))
-    try:
-        code = run_bench(
-            out=str(out), as_json=True, quick=True, model=TINY, progress=messages.append, plan=PLAN
-        )
-    finally:
-        capture.undo()
+    code, printed = run_bench_captured(PLAN, out, messages)
     assert code == 0, messages
     assert len(printed) == 1, "--json prints exactly one JSON object"
     return json.loads(printed[0]), out

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from lambda_split.cli.bench import DeployPlan, add_arguments, deploy_plan, run_bench
+from lambda_split.cli.bench import DeployPlan, add_arguments, deploy_plan
+from tests.helpers import run_bench_captured
 
 TINY = "tiny-random-llama"
 CLIENTS, TOKENS = 2, 4
@@ -20,16 +21,8 @@ PLAN = DeployPlan(model=TINY, split="1:-1", sections=("replicas",), concurrency_
 def test_clients_run_on_one_replica_then_spread_over_two_with_their_solo_tokens(
     tmp_path: Any,
 ) -> None:
-    printed: list[str] = []
     messages: list[str] = []
-    capture = pytest.MonkeyPatch()
-    capture.setattr("builtins.print", lambda *args, **_kw: printed.append(" ".join(map(str, args))))
-    try:
-        code = run_bench(
-            out=str(tmp_path), as_json=True, quick=True, model=TINY, progress=messages.append, plan=PLAN
-        )
-    finally:
-        capture.undo()
+    code, printed = run_bench_captured(PLAN, tmp_path, messages)
     assert code == 0, messages
     results = json.loads(printed[0])
     assert results["failed_sections"] == [] and "concurrency" not in results, (

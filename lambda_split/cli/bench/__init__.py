@@ -29,7 +29,7 @@ from lambda_split.cli.bench._inprocess import Plan, full_plan, quick_plan
 ProgressFn = Callable[[str], None]
 MODES = ("plain", "tls", "aesgcm", "tls+aesgcm")
 TRANSPORTS = ("stream", "http")
-SECTIONS = ("decode", "wire", "concurrency", "failover", "replicas")
+SECTIONS = ("decode", "wire", "concurrency", "capacity", "failover", "replicas")
 DEFAULT_SECTIONS = ("decode", "wire", "concurrency")
 WIRES = ("fp32", "fp16", "bf16", "int8")
 
@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_choices(SECTIONS),
         metavar="S,..",
         help="sections of the deployment benchmark "
-        f"(default {','.join(DEFAULT_SECTIONS)}; failover and replicas run only when named: {','.join(SECTIONS)})",
+        f"(default {','.join(DEFAULT_SECTIONS)}; capacity, failover and replicas run only when named: "
+        f"{','.join(SECTIONS)})",
     )
     add(
         "--failover-modes",

@@ -13,6 +13,8 @@ Per security mode, one ``lambda-split serve`` child. Sections:
   detection, reconnection, replay and stall against history length, 2 replicas against 1 (:mod:`._failover`).
 - ``replicas`` (only when asked for): aggregate tokens/s of concurrent clients on 2 replicas against 1
   (:mod:`._replicas`).
+- ``capacity`` (only when asked for): the trunk server's own aggregate with 1, 2, 4, ... devices that
+  replay a recorded generation's trunk steps, so that no head or tail shares its cores (:mod:`._capacity`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lambda_split.cli.bench import _failover, _replicas
+from lambda_split.cli.bench import _capacity, _failover, _replicas
 from lambda_split.cli.bench._clients import (
     ClientModel,
     Connections,
@@ -33,7 +35,8 @@ from lambda_split.cli.bench._clients import (
     summary,
 )
 from lambda_split.cli.bench._procs import ClientPool, ServerProcess
-from lambda_split.cli.bench._stats import quantile, ratios, rotated, summarize
+from lambda_split.cli.bench._scaling import scaling_with_batching
+from lambda_split.cli.bench._stats import ratios, rotated, summarize
 from secure_channel import generate_credentials
 
 ProgressFn = Callable[[str], None]
@@ -96,6 +99,7 @@ def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> N
                 "decode": lambda: decode(plan, client, targets, progress),
                 "wire": lambda: wire_bytes(plan, client, targets, progress),
                 "concurrency": lambda: concurrency(plan, targets, progress, record, client, workdir),
+                "capacity": lambda: _capacity.collect(plan, targets, progress, record, client, workdir),
                 "failover": lambda: _failover.collect(plan, client, keys, workdir, progress),
                 "replicas": lambda: _replicas.collect(
                     plan, client, keys, _device_dir(client, workdir, progress), workdir, progress
@@ -113,7 +117,7 @@ def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> N
 def _shared_modes(plan: DeployPlan) -> list[str]:
     """The modes whose one server the decode, wire and concurrency sections share (failover has its own)."""
     modes = [*plan.modes] if {"decode", "wire"} & set(plan.sections) else []
-    modes += plan.concurrency_modes if "concurrency" in plan.sections else ()
+    modes += plan.concurrency_modes if {"concurrency", "capacity"} & set(plan.sections) else ()
     return list(dict.fromkeys(modes))
 
 
@@ -283,11 +287,10 @@ def concurrency(
         record.setdefault("processes", {}).setdefault("clients", {})[mode] = pool.pids
         try:
             for kind in plan.transports:
-                solo = _solo_tokens(plan, client, targets[mode], kind)
-                before = scrape(targets[mode])
-                entry = _scaling(plan, pool, kind, f"{mode}/{kind}", solo, progress)
-                entry["server_batching"] = batching_delta(before, scrape(targets[mode]))
-                out["by_variant"][f"{mode}/{kind}"] = entry
+                same = _same_tokens(_solo_tokens(plan, client, targets[mode], kind))
+                out["by_variant"][f"{mode}/{kind}"] = scaling_with_batching(
+                    plan, pool, targets[mode], kind, f"{mode}/{kind}", same, progress
+                )
         finally:
             pool.close()
     out["notes"] = [
@@ -302,46 +305,8 @@ def concurrency(
     return out
 
 
-_SCRAPED = ("lambda_split_batch_rows_bucket", "lambda_split_batch_rows_sum", "lambda_split_batch_rows_count",
-            "lambda_split_step_queue_wait_seconds_sum", "lambda_split_step_queue_wait_seconds_count",
-            "lambda_split_prefills_total", "lambda_split_prefill_batches_total")  # fmt: skip
-
-
-def scrape(target: Target) -> dict[str, float]:
-    """The server's batching counters from ``/metrics`` (over this mode's own authenticated channel)."""
-    from lambda_split.protocol import METRICS_PATH
-    from secure_channel import Request
-
-    conns = Connections(target)
-    try:
-        transport, _ = conns.get("http")
-        text = transport.exchange(Request("GET", METRICS_PATH)).content.decode()
-    finally:
-        conns.close()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(_SCRAPED):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
-def batching_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """What the server's scheduler did between two scrapes: decode batches by rows, queue waits."""
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    batches = delta.get("lambda_split_batch_rows_count", 0.0)
-    waits = delta.get("lambda_split_step_queue_wait_seconds_count", 0.0)
-    buckets = {k.split('le="')[1].rstrip('"}'): int(v) for k, v in delta.items() if "batch_rows_bucket" in k}
-    return {
-        "decode_batches": int(batches),
-        "mean_rows_per_decode_batch": round(delta.get("lambda_split_batch_rows_sum", 0.0) / batches, 2)
-        if batches else None,
-        "decode_batches_with_rows_at_most": buckets,
-        "prefills": int(delta.get("lambda_split_prefills_total", 0.0)),
-        "prefill_batches": int(delta.get("lambda_split_prefill_batches_total", 0.0)),
-        "mean_queue_wait_ms": round(1000 * delta.get("lambda_split_step_queue_wait_seconds_sum", 0.0) / waits, 3)
-        if waits else None,
-    }  # fmt: skip
+def _same_tokens(solo: list[int]) -> Callable[[dict[str, Any]], bool]:
+    return lambda run: bool(run["token_ids"] == solo)
 
 
 def _solo_tokens(plan: DeployPlan, client: ClientModel, target: Target, kind: str) -> list[int]:
@@ -352,39 +317,6 @@ def _solo_tokens(plan: DeployPlan, client: ClientModel, target: Target, kind: st
         return list(client.run(link, transport, plan.wire, plan.concurrency_tokens).result.token_ids[0])
     finally:
         conns.close()
-
-
-def _scaling(
-    plan: DeployPlan, pool: ClientPool, kind: str, variant: str, solo: list[int], progress: ProgressFn
-) -> dict[str, Any]:
-    pool.run(max(plan.clients), kind, plan.wire, 2)  # warm-up: every client connects and runs once
-    aggregate: dict[int, list[float]] = {n: [] for n in plan.clients}
-    latencies: dict[int, list[float]] = {n: [] for n in plan.clients}
-    decoding: dict[int, list[float]] = {n: [] for n in plan.clients}
-    unchanged: dict[int, bool] = dict.fromkeys(plan.clients, True)
-    for rep in range(plan.concurrency_reps):
-        for n in map(int, rotated([str(n) for n in plan.clients], rep)):
-            runs = pool.run(n, kind, plan.wire, plan.concurrency_tokens)
-            wall = max(r["ended"] for r in runs) - min(r["start"] for r in runs)
-            aggregate[n].append(sum(r["new_tokens"] for r in runs) / wall)
-            window = max(r["ended"] for r in runs) - min(r["first_decode"] for r in runs)
-            decoding[n].append(sum(r["new_tokens"] - 1 for r in runs) / max(window, 1e-9))
-            latencies[n].extend(lat for r in runs for lat in r["latencies_s"])
-            unchanged[n] = unchanged[n] and all(r["token_ids"] == solo for r in runs)
-            progress(f"concurrency {variant}: {n} client(s): {aggregate[n][-1]:.1f} tokens/s in aggregate")
-    base = aggregate[plan.clients[0]]
-    table: dict[str, Any] = {}
-    for n in plan.clients:
-        ms = [1000 * v for v in latencies[n]]
-        table[str(n)] = {
-            "aggregate_tokens_per_s": summarize(aggregate[n], 3),
-            "scaling_vs_first": summarize(ratios(aggregate[n], base), 3),
-            "aggregate_decode_tokens_per_s": summarize(decoding[n], 3),
-            "decode_scaling_vs_first": summarize(ratios(decoding[n], decoding[plan.clients[0]]), 3),
-            "token_latency_ms": {"p50": round(quantile(ms, 0.5), 2), "p99": round(quantile(ms, 0.99), 2), "n": len(ms)},
-            "tokens_unchanged": unchanged[n],
-        }  # fmt: skip
-    return {"by_clients": table}
 
 
 def goals(record: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,9 @@ def markdown(results: dict[str, Any]) -> str:
              f"Model {plan['model']}, split {plan['split']}. The trunk server is `lambda-split serve` in its own "
              "process (one per security mode); concurrent clients are processes of their own. Figures are "
              "median (min–max) of interleaved repetitions; ratios pair the runs of one repetition."]  # fmt: skip
-    return _writer.document(lines, results, (_goals, _decode, _wire, _concurrency, _failover, _replicas))
+    return _writer.document(
+        lines, results, (_goals, _decode, _wire, _concurrency, _capacity, _failover, _replicas)
+    )
 
 
 def _goals(results: dict[str, Any]) -> list[str]:
@@ -87,18 +89,28 @@ def _wire(results: dict[str, Any]) -> list[str]:
 
 
 def _concurrency(results: dict[str, Any]) -> list[str]:
-    c = _ok(results, "concurrency")
+    return _scaling_tables(results, "concurrency", "Concurrent client processes", "tokens_unchanged",
+                           "tokens unchanged")  # fmt: skip
+
+
+def _capacity(results: dict[str, Any]) -> list[str]:
+    return _scaling_tables(results, "capacity", "Trunk server capacity: devices replaying recorded steps",
+                           "outputs_match", "answers match")  # fmt: skip
+
+
+def _scaling_tables(results: dict[str, Any], name: str, title: str, key: str, label: str) -> list[str]:
+    c = _ok(results, name)
     if not c:
         return []
-    lines = [f"## Concurrent client processes — wire {c['wire']}, {c['new_tokens_per_client']} new tokens each, "
-             f"{c['reps']} reps"]  # fmt: skip
+    lines = [f"## {title} — wire {c['wire']}, {c['new_tokens_per_client']} new tokens each, {c['reps']} reps"]
     for variant, entry in c["by_variant"].items():
         rows = [[n, fmt(e["aggregate_tokens_per_s"], "", 1), fmt(e["scaling_vs_first"], "×", 2),
                  fmt(e["aggregate_decode_tokens_per_s"], "", 1), fmt(e["decode_scaling_vs_first"], "×", 2),
-                 e["token_latency_ms"]["p50"], e["token_latency_ms"]["p99"], e["tokens_unchanged"]]
+                 e["token_latency_ms"]["p50"], e["token_latency_ms"]["p99"],
+                 f"{e[key]} (worst {e['max_rel_diff']:.1e})" if "max_rel_diff" in e else e[key]]
                 for n, e in entry["by_clients"].items()]  # fmt: skip
         lines += ["", f"### {variant}", "", *_table(["clients", "aggregate tokens/s", "× first", "decode tokens/s", "× first", "p50 ms/token",
-                                                      "p99 ms/token", "tokens unchanged"], rows)]  # fmt: skip
+                                                      "p99 ms/token", label], rows)]  # fmt: skip
         if b := entry.get("server_batching"):
             lines += ["", f"Server, over this variant's runs: {b['decode_batches']} decode batches, "
                       f"{b['mean_rows_per_decode_batch']} rows each on average (batches by rows, at most: "

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -135,14 +135,14 @@ class ClientPool:
     """``count`` client processes (spawned) with the head and tail loaded, each connected to ``target``."""
 
     def __init__(self, count: int, model: str, split: str, target: Target, *, threads: int | None,
-                 startup_s: float = 900.0) -> None:  # fmt: skip
+                 startup_s: float = 900.0, worker: Callable[..., None] = worker_main) -> None:  # fmt: skip
         context = multiprocessing.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
         try:
             for _ in range(count):
                 mine, theirs = context.Pipe()
-                proc = context.Process(target=worker_main, args=(model, split, target, threads, theirs),
+                proc = context.Process(target=worker, args=(model, split, target, threads, theirs),
                                        daemon=True)  # fmt: skip
                 proc.start()
                 theirs.close()

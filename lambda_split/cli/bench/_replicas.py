@@ -91,7 +91,7 @@ def _measure(plan: Any, client: ClientModel, device_dir: str, targets: list[Targ
 
 
 def _prefills(target: Target) -> int:
-    from lambda_split.cli.bench._deploy import scrape  # imported here: _deploy imports this module
+    from lambda_split.cli.bench._scaling import scrape
 
     return int(scrape(target).get("lambda_split_prefills_total", 0.0))
 
