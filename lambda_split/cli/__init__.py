@@ -373,13 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _audit_cli.add_generate_options(generate)
 
-    generate.add_argument(
-        "--defence",
-        type=_defence,
-        metavar="SPEC",
-        help="uplink defence, off by default; measured, not guaranteed (SECURITY.md): "
-        "noise:SIGMA (Gaussian, SIGMA x each position's RMS) or quant:int4|int2",
-    )
+    _args.add_defence(generate)
     generate.add_argument(
         "--head-depth",
         type=_args.head_depth,
@@ -461,15 +455,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
     _args.finish(parser)
     return parser
-
-
-def _defence(text: str) -> Any:
-    from lambda_split._defences import Defence
-
-    try:
-        return Defence.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _decoding_options(parser: argparse.ArgumentParser) -> None:

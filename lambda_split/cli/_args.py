@@ -13,9 +13,13 @@ import re
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from lambda_split._names import BUILTIN_DIFFUSION_MODELS, BUILTIN_MODELS
+
+if TYPE_CHECKING:  # the parser loads no torch
+    from lambda_split._defences import Defence
 
 _SPLIT = re.compile(r"\s*(\d+)\s*:\s*(-?\d+)\s*")
 _TLS_MODES = ("tls", "tls+aesgcm")
@@ -238,3 +242,23 @@ def _problems(args: argparse.Namespace) -> list[str]:
     if getattr(args, "command", None) == "imagine":
         problems.append(out_problem(args.out))
     return [problem for problem in problems if problem]
+
+
+def defence(text: str) -> Defence:
+    """An uplink defence, ``noise:SIGMA`` or ``quant:int4|int2`` (lambda_split._defences)."""
+    from lambda_split._defences import Defence
+
+    try:
+        return Defence.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_defence(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--defence",
+        type=defence,
+        metavar="SPEC",
+        help="uplink defence, off by default; measured, not guaranteed (SECURITY.md): "
+        "noise:SIGMA (Gaussian, SIGMA x each position's RMS) or quant:int4|int2",
+    )

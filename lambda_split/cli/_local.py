@@ -31,6 +31,7 @@ def add_local_parser(commands: Any) -> None:
         "--split", help="A:B the server must run (optional: the split is read from the server)"
     )
     local.add_argument("--transport", choices=TRANSPORT_KINDS, help="link to the trunk (as for generate)")
+    _args.add_defence(local)
     local.add_argument(
         "--timeout", type=_args.positive_float, default=60.0, help="per-request timeout to the trunk, seconds"
     )
@@ -97,11 +98,14 @@ def cmd_local(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             progress=progress,
             split=args.split,
+            defence=args.defence,
             **options,
         )
     except BaseException:
         listener.close()
         raise
+    if args.defence is not None:
+        progress(f"uplink defence {args.defence.name}: measured, not guaranteed (SECURITY.md)")
     with client:
         engine = LocalEngine(
             client,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lambda_split._client import RemoteTrunk
+from lambda_split._defences import TrunkFn
 from lambda_split._parts import PartState
 
 
@@ -28,6 +29,9 @@ class Conversation:
     tail_state: PartState
     fed: list[int] = field(default_factory=list)
     last_used: float = 0.0
+    #: The trunk as the decoding loop calls it: through the client's uplink defence, if it has one
+    #: (one draw of noise for the whole conversation, every turn included). None: ``trunk`` itself.
+    send: TrunkFn | None = None
 
     def close(self) -> None:
         """Close the trunk session; a session the server already dropped is no error here."""

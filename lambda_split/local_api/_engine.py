@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lambda_split._client import RemoteTrunk, SplitClient
+from lambda_split._defences import defended
 from lambda_split._errors import LimitExceeded, ProtocolMismatch, ServerError
 from lambda_split._generate import GenerationConfig, generate_tokens
 from lambda_split.local_api._conversations import Conversation, ConversationCache
@@ -86,6 +87,7 @@ class LocalEngine:
             "security": self.client.transport.security,
             "split": list(self.client.info.split),
             "wire": self.client.wire.wire_name,
+            "defence": self.client.defence.name if self.client.defence is not None else None,
             "reuse": self.cache.capacity > 0,
         }
 
@@ -173,7 +175,7 @@ class LocalEngine:
         new = torch.tensor([job.ids[len(conversation.fed) :]])  # (1, T): only what the parts have not seen
         return generate_tokens(
             self.client.head,
-            conversation.trunk,
+            conversation.send or conversation.trunk,
             self.client.tail,
             self.client.tokenizer,
             new,
@@ -198,7 +200,12 @@ class LocalEngine:
                 if oldest is None:
                     raise
                 oldest.close()
-        return Conversation(trunk, self.client.head.new_state(), self.client.tail.new_state())
+        return Conversation(
+            trunk,
+            self.client.head.new_state(),
+            self.client.tail.new_state(),
+            send=defended(trunk, self.client.defence) if self.client.defence is not None else None,
+        )
 
     def _max_new_tokens(self, request: ChatRequest, prompt_tokens: int) -> int:
         room: list[int] = [self.context - prompt_tokens] if self.context else []
