@@ -24,6 +24,7 @@ from lambda_split._codec import Encoding, FrameError, FrameKind, decode_frame, w
 from lambda_split._errors import SplitError
 from lambda_split._models import Checkpoint
 from lambda_split._parts import PartState, Trunk
+from lambda_split.protocol import llm_step_inputs
 from lambda_split._receipts import (
     ReceiptError,
     chain_link,
@@ -72,7 +73,7 @@ class Replayer:
         frame = decode_frame(step_frame)
         if frame.kind is not FrameKind.LLM_STEP:
             raise FrameError("not a language-model step frame")
-        hidden, mask = frame.tensor("hidden", rank=3), frame.tensor("mask", rank=2)
+        hidden, mask = llm_step_inputs(frame)  # an absent mask is all ones
         state = self._states.setdefault(session_id, self.trunk.new_state())
         with torch.inference_mode():
             out = self.trunk(hidden.to(self.dtype), mask.long(), state)  # (B, T, C)

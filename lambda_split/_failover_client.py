@@ -37,6 +37,7 @@ class _FailoverMixin:
     _closed_stats: WireStats
 
     wire: Encoding
+    uplink: Encoding
 
     def check_limits(self, batch: int, prompt_tokens: int, max_new_tokens: int) -> int:
         raise NotImplementedError
@@ -47,7 +48,7 @@ class _FailoverMixin:
 
         with self._switching:
             link = self.link
-        return RemoteTrunk(link, self.wire, receipts=getattr(self, "receipts", None))
+        return RemoteTrunk(link, self.wire, receipts=getattr(self, "receipts", None), uplink=self.uplink)
 
     def replay_chunk(self, request: tuple[int, int, int]) -> int:
         """The prefill chunk on the current server (its limits may differ) for a generation of
