@@ -24,7 +24,6 @@ from lambda_split._codec import Encoding, FrameError, FrameKind, decode_frame, w
 from lambda_split._errors import SplitError
 from lambda_split._models import Checkpoint
 from lambda_split._parts import PartState, Trunk
-from lambda_split.protocol import llm_step_inputs
 from lambda_split._receipts import (
     ReceiptError,
     chain_link,
@@ -34,6 +33,7 @@ from lambda_split._receipts import (
     verify_signature,
 )
 from lambda_split._transcript import SessionEntry, Transcript, TranscriptError, read_transcript
+from lambda_split.protocol import llm_step_inputs
 
 #: The largest deviation an honest step may show, per wire encoding (see the module doc).
 TOLERANCE: dict[str, float] = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1.6e-2, "int8": 2e-2}

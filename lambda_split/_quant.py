@@ -30,11 +30,12 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 
 def scales_fp16(absmax: torch.Tensor, levels: int) -> torch.Tensor:
     """The fp16 scale of each block (as fp32 values): ``absmax / levels`` rounded up to fp16."""
-    exact = (absmax.to(torch.float32) / levels).numpy()
+    exact = absmax.to(torch.float32).numpy().astype(np.float64) / levels  # exact enough to round up
     if exact.size and float(exact.max()) > _FP16_MAX:
         raise ValueError(f"a value of magnitude {float(absmax.max()):.3g} is too large for the int wire")
     half = exact.astype(np.float16)
-    half = np.where(half.astype(np.float32) < exact, np.nextafter(half, np.float16(np.inf)), half)
+    with np.errstate(over="ignore"):  # 65504's successor is computed (inf) but never chosen
+        half = np.where(half.astype(np.float64) < exact, np.nextafter(half, np.float16(np.inf)), half)
     half = np.maximum(half, _TINY)
     return torch.from_numpy(half.astype(np.float32))
 
@@ -69,9 +70,9 @@ def encode(flat: torch.Tensor, name: str) -> bytes:
         return head + values.tobytes()
     per = PER_BYTE[name]
     bits = 8 // per
-    codes = np.zeros(math.ceil(count / per) * per, dtype=np.uint8)
-    codes[:count] = values.astype(np.int16) + LEVELS[name]  # offset binary: 0..2L
-    codes = codes.reshape(-1, per)
+    flat_codes = np.zeros(math.ceil(count / per) * per, dtype=np.uint8)
+    flat_codes[:count] = values.astype(np.int16) + LEVELS[name]  # offset binary: 0..2L
+    codes = flat_codes.reshape(-1, per)
     packed = np.zeros(codes.shape[0], dtype=np.uint8)
     for slot in range(per):  # value i sits in byte i // per, bits (i % per) * bits upward
         packed |= codes[:, slot] << np.uint8(slot * bits)

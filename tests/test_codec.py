@@ -29,6 +29,8 @@ def varint(value: int) -> bytes:
         out.append(value & 0x7F | 0x80)
         value >>= 7
     return bytes(out + bytes((value,)))
+
+
 FLOATS = [Encoding.FP32, Encoding.FP16, Encoding.BF16, Encoding.INT8]
 
 
@@ -63,7 +65,9 @@ def test_lossy_encodings_stay_within_their_rounding(encoding: Encoding, toleranc
 def test_int8_payload_size_matches_the_documented_format() -> None:
     x = torch.randn(1, 3, 576)
     # 1725 more int8 values, 26 more fp16 block scales, and 576 takes a 2-byte varint where 1 took one
-    assert len(frame(x, Encoding.INT8)) - len(frame(x[..., :1], Encoding.INT8)) == (1728 - 3) + 2 * (27 - 1) + 1
+    assert (
+        len(frame(x, Encoding.INT8)) - len(frame(x[..., :1], Encoding.INT8)) == (1728 - 3) + 2 * (27 - 1) + 1
+    )
 
 
 def test_encoder_refuses_nan() -> None:
