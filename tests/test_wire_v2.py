@@ -80,6 +80,12 @@ def test_sequence_numbers_in_a_long_or_overlong_form_are_refused(seq_bytes: byte
         decode_frame(good[:8] + seq_bytes + good[9:])
 
 
+def test_a_varint_is_read_no_further_than_its_longest_form() -> None:
+    good = encode_frame(FrameKind.LLM_STEP, None, 0, {"x": (torch.ones(1), Encoding.FP32)})
+    with pytest.raises(FrameError, match="too long"):  # refused at byte 10, not after the 200th
+        decode_frame(good[:8] + b"\x80" * 200 + good[9:])
+
+
 def test_the_largest_sequence_number_round_trips_and_a_larger_one_is_refused() -> None:
     tensors = {"x": (torch.ones(1), Encoding.FP32)}
     assert decode_frame(encode_frame(FrameKind.LLM_STEP, None, 2**64 - 1, tensors)).seq == 2**64 - 1
@@ -136,6 +142,7 @@ def test_quantised_round_trips_stay_within_half_a_level(
 def test_fp16_scales_never_overflow_or_vanish() -> None:
     tiny = torch.full((64,), 1e-30)
     assert float(scales_fp16(tiny.abs().amax().view(1), 127)[0]) == 2.0**-24  # fp16's smallest subnormal
+    assert float(scales_fp16(torch.zeros(1), 7)[0]) == 2.0**-24  # never 0 (0 / 0 would be NaN)
     huge = torch.full((64,), 65504.0 * 127)
     back = decode_frame(encode_frame(FrameKind.LLM_STEP, None, 0, {"x": (huge, Encoding.INT8)})).tensors["x"]
     assert torch.isfinite(back).all() and float((back - huge).abs().max() / huge[0]) < 1e-3
