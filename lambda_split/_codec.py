@@ -169,7 +169,7 @@ def _payload_size(encoding: Encoding, count: int) -> int:
     if encoding in (Encoding.FP16, Encoding.BF16):
         return 2 * count
     if encoding.quantised:
-        return _quant.payload_size(encoding.wire_name, count)
+        return _quant.blocks_payload_size(encoding.wire_name, count)
     return count  # U8
 
 
@@ -191,7 +191,7 @@ def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> bytes:
         return flat.to(torch.float16).numpy().astype("<f2").tobytes()
     if encoding is Encoding.BF16:
         return flat.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
-    return _quant.encode(flat, encoding.wire_name)
+    return _quant.encode_blocks(flat, encoding.wire_name)
 
 
 def wire_roundtrip(tensor: torch.Tensor, encoding: Encoding) -> torch.Tensor:
@@ -214,7 +214,7 @@ def _decode_tensor(payload: memoryview, encoding: Encoding, shape: tuple[int, ..
         tensor = torch.from_numpy(raw).view(torch.bfloat16).to(torch.float32)
     else:
         try:
-            tensor = _quant.decode(payload, count, encoding.wire_name)
+            tensor = _quant.decode_blocks(payload, count, encoding.wire_name)
         except ValueError as exc:
             raise FrameError(str(exc)) from None
     if not torch.isfinite(tensor).all():

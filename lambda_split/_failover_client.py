@@ -37,7 +37,6 @@ class _FailoverMixin:
     _closed_stats: WireStats
 
     wire: Encoding
-    uplink: Encoding
 
     def check_limits(self, batch: int, prompt_tokens: int, max_new_tokens: int) -> int:
         raise NotImplementedError
@@ -48,7 +47,8 @@ class _FailoverMixin:
 
         with self._switching:
             link = self.link
-        return RemoteTrunk(link, self.wire, receipts=getattr(self, "receipts", None), uplink=self.uplink)
+        uplink = getattr(self, "uplink", None)  # a quant: defence's encoding (SplitClient), else the wire
+        return RemoteTrunk(link, self.wire, receipts=getattr(self, "receipts", None), uplink=uplink)
 
     def replay_chunk(self, request: tuple[int, int, int]) -> int:
         """The prefill chunk on the current server (its limits may differ) for a generation of

@@ -55,12 +55,12 @@ def _blocks(flat: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, BLOCK)  # (nblocks, 64)
 
 
-def payload_size(name: str, count: int) -> int:
+def blocks_payload_size(name: str, count: int) -> int:
     """Bytes of ``count`` values in encoding ``name`` (int8, int4, int2): fp16 scales, then values."""
     return 2 * math.ceil(count / BLOCK) + math.ceil(count / PER_BYTE[name])
 
 
-def encode(flat: torch.Tensor, name: str) -> bytes:
+def encode_blocks(flat: torch.Tensor, name: str) -> bytes:
     """The payload of a flat fp32 tensor: all block scales (fp16), then the values (packed)."""
     count = flat.numel()
     scale, q = quantise(_blocks(flat), LEVELS[name])
@@ -79,7 +79,7 @@ def encode(flat: torch.Tensor, name: str) -> bytes:
     return head + packed.tobytes()
 
 
-def decode(payload: memoryview, count: int, name: str) -> torch.Tensor:
+def decode_blocks(payload: memoryview, count: int, name: str) -> torch.Tensor:
     """Values of a payload of the right length (checked by the caller); ValueError if malformed:
     a scale that is negative, not finite, or a code outside ``0..2L`` or in the padding."""
     blocks = math.ceil(count / BLOCK)
