@@ -33,6 +33,7 @@ from lambda_split._receipts import (
     verify_signature,
 )
 from lambda_split._transcript import SessionEntry, Transcript, TranscriptError, read_transcript
+from lambda_split.protocol import llm_step_inputs
 
 #: The largest deviation an honest step may show, per wire encoding (see the module doc).
 TOLERANCE: dict[str, float] = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1.6e-2, "int8": 2e-2}
@@ -78,7 +79,7 @@ class Replayer:
         frame = decode_frame(step_frame)
         if frame.kind is not FrameKind.LLM_STEP:
             raise FrameError("not a language-model step frame")
-        hidden, mask = frame.tensor("hidden", rank=3), frame.tensor("mask", rank=2)
+        hidden, mask = llm_step_inputs(frame)  # an absent mask is all ones
         state = self._states.setdefault(session_id, self.trunk.new_state())
         with torch.inference_mode():
             start = self._starts.get(session_id)

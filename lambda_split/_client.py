@@ -37,7 +37,8 @@ from lambda_split._server_info import ServerLimits as ServerLimits
 from lambda_split._server_info import _depths_used
 from lambda_split._server_info import fetch_info as fetch_info
 from lambda_split._session import RemoteSession, connect_verified
-from lambda_split._stream import HTTPLink, StreamLink, TransportKind, make_link
+from lambda_split._stream import HTTPLink, Link, StreamLink, TransportKind, make_link
+from lambda_split.protocol import llm_step_tensors
 from secure_channel import SecurityMode, Transport, WireStats
 
 ProgressFn = Callable[[str], None]
@@ -73,10 +74,24 @@ class _AtDepth:
 
 
 class RemoteTrunk(RemoteSession):
-    """One trunk session on the server, called like the local trunk: ``hidden, mask -> hidden``."""
+    """One trunk session on the server, called like the local trunk: ``hidden, mask -> hidden``.
+    ``uplink`` is the encoding of the hidden states sent (default: the session's wire; INT4 or INT2
+    under a ``quant:`` defence); the server answers in the session's wire."""
+
+    def __init__(
+        self,
+        link: Transport | Link,
+        wire: Encoding,
+        *,
+        receipts: ReceiptPolicy | None = None,
+        head_depth: int | None = None,
+        uplink: Encoding | None = None,
+    ) -> None:
+        super().__init__(link, wire, receipts=receipts, head_depth=head_depth)
+        self.uplink = uplink or wire
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        tensors = {"hidden": (hidden, self.wire), "mask": (mask.to(torch.uint8), Encoding.U8)}
+        tensors = llm_step_tensors(hidden, mask, self.uplink)  # no mask tensor when it is all ones
         result = self.exchange(FrameKind.LLM_STEP, tensors, FrameKind.LLM_RESULT)
         out = result.tensor("hidden", rank=3)
         if out.shape != hidden.shape:
@@ -142,6 +157,8 @@ class SplitClient(_FailoverMixin):
         self.prompt_bucket = prompt_bucket
         #: An uplink defence (None: off, the head's output is sent as it is). Measured, not guaranteed.
         self.defence = defence
+        #: The encoding of the hidden states sent: the wire's, or a ``quant:`` defence's own
+        self.uplink = Encoding[defence.levels.upper()] if defence and defence.kind == "quant" else self.wire
         #: Where the trunk is now (it changes on failover), and how to find another (None: failover off).
         self.url = url
         self.reconnector = reconnector
@@ -340,7 +357,7 @@ class SplitClient(_FailoverMixin):
             trunk = self.open_trunk(depth)
         else:
             request = (input_ids.shape[0], input_ids.shape[1], config.max_new_tokens)
-            trunk = ResilientTrunk(_AtDepth(self, depth), self.reconnector, self.wire, request)
+            trunk = ResilientTrunk(_AtDepth(self, depth), self.reconnector, self.uplink, request)
         try:
             return generate_tokens(
                 self.head_at(depth),

@@ -1,31 +1,48 @@
 """The tensor frame: the only binary format that crosses the wire.
 
-A frame is a versioned bundle of named tensors plus the session id and a sequence
-number. Everything is little-endian. No pickle, no ``torch.load``::
+A frame is a versioned bundle of named tensors plus a sequence number and, where the transport
+does not already bind the session, the session id. Everything is little-endian. No pickle, no
+``torch.load``::
 
-    header (32 bytes)
+    header (9 .. 34 bytes)
       0   4  magic            b"\\x89LSF"
-      4   1  version          1
+      4   1  version          2
       5   1  kind             FrameKind
       6   1  tensor count     1 .. limits.max_tensors
-      7   1  flags            0 (reserved)
-      8  16  session id       opaque bytes, chosen by the server
-     24   8  sequence number  u64, strictly increasing per session and direction
+      7   1  flags            bit 0: a session id follows; the other bits are 0
+      8  16  session id       opaque bytes chosen by the server (only with flag bit 0)
+      .. 1-10 sequence number  varint (u64), strictly increasing per session and direction
     then, per tensor
       1        name length n (1..32), then n bytes of ASCII [a-z0-9_]
       1        encoding        Encoding
       1        rank r          1 .. limits.max_rank
-      4*r      dims            u32 each, every dim >= 1
-      8        payload length  u64; must equal what the dims and encoding imply
-      payload
+      r varints dims           each 1 .. 2**32 - 1
+      payload                  exactly the length the dims and encoding imply (no length field)
 
-Encodings. ``INT8`` is blockwise absmax quantisation over the flattened tensor:
-for each block of 64 values, ``scale = max|x| / 127`` (fp32) and
-``q = round(x / scale)``. The payload is all scales, then all int8 values.
-Block size 64 divides the hidden sizes of every model family we target (576, 2048,
-4096, 8192) and the latent widths of SD/SDXL, so a block never straddles two token
-rows; it is small enough that the outlier channels of LLM activations spoil only
-their own block, and the fp32 scale costs 4/64 = 6.25 % over raw int8.
+A varint is unsigned LEB128: seven bits per byte, least significant first, the top bit set on
+every byte but the last; only the shortest form is accepted (no trailing 0x80 … 0x00 padding).
+
+Where the session id goes. Over HTTP a step's URL names the session, over the stream a one-byte
+handle does (``lambda_split.protocol``, ``BOUND_STEP``), so the client's frames leave it out and
+the server's result frames do the same as the step they answer. A frame that carries an id anyway
+must name the session its transport names. Receipts bind the session id and the sequence number in
+their hash chain separately (``lambda_split._receipts``), so leaving it out weakens nothing.
+
+Encodings. ``INT8``, ``INT4`` and ``INT2`` are blockwise absmax quantisation over the flattened
+tensor (:mod:`._quant`): per block of 64 values an fp16 scale ``max|x| / L`` (rounded up;
+``L`` = 127, 7, 1), then the values in ``-L..L``: INT8 one signed byte each, INT4 two per byte
+and INT2 four per byte as ``q + L`` (offset binary; the first value in the low bits; codes above
+``2L`` and non-zero padding bits are refused). The payload is all scales, then all values.
+Block size 64 divides the hidden sizes of every model family we target (576, 2048, 4096, 8192)
+and the latent widths of SD/SDXL, so a block never straddles two token rows; it is small enough
+that the outlier channels of LLM activations spoil only their own block, and the fp16 scale costs
+2/64 = 3.1 % over raw int8. INT4 and INT2 cross the uplink only (``--defence quant:int4|int2``);
+a session's ``wire`` (its downlink) is one of :data:`WIRE_ENCODINGS`.
+
+Version 1 frames (32-byte header with a mandatory session id and u64 sequence number, a u64
+payload length per tensor, fp32 int8 scales) are refused: protocol version 2 (``/v1/info``)
+announces the change, so a client and a server of different versions part with a clear error
+before any frame is sent.
 
 Any malformed input raises :class:`FrameError`, and nothing is returned.
 """
@@ -42,12 +59,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lambda_split import _quant
+
 MAGIC = b"\x89LSF"
-VERSION = 1
-INT8_BLOCK = 64
-_HEADER = struct.Struct("<4sBBBB16sQ")
+VERSION = 2
+INT8_BLOCK = _quant.BLOCK
+_HEADER = struct.Struct("<4sBBBB")
 _NAME = re.compile(rb"[a-z0-9_]{1,32}\Z")
 SESSION_ID_BYTES = 16
+FLAG_SESSION_ID = 0x01
+_MAX_DIM = 2**32 - 1
 
 
 class FrameError(ValueError):
@@ -60,6 +81,8 @@ class Encoding(enum.IntEnum):
     BF16 = 3
     INT8 = 4
     U8 = 5
+    INT4 = 6
+    INT2 = 7
 
     @classmethod
     def parse(cls, name: str) -> Encoding:
@@ -70,7 +93,16 @@ class Encoding(enum.IntEnum):
             raise ValueError(f"unknown wire encoding {name!r}; choose fp32, fp16, bf16 or int8") from None
         if encoding is cls.U8:
             raise ValueError("u8 is for masks, not a wire encoding for hidden states")
+        if encoding in (cls.INT4, cls.INT2):
+            raise ValueError(
+                f"{name} crosses the uplink only (--defence quant:{name}); choose fp32, fp16, bf16 or int8"
+            )
         return encoding
+
+    @property
+    def quantised(self) -> bool:
+        """INT8, INT4 or INT2: blockwise absmax quantisation (:mod:`._quant`)."""
+        return self in (Encoding.INT8, Encoding.INT4, Encoding.INT2)
 
     @property
     def wire_name(self) -> str:
@@ -115,7 +147,8 @@ DEFAULT_LIMITS = FrameLimits()
 @dataclass(frozen=True)
 class Frame:
     kind: FrameKind
-    session_id: bytes
+    #: None when the frame left it to the transport (see the module docstring)
+    session_id: bytes | None
     seq: int
     tensors: Mapping[str, torch.Tensor]
     encodings: Mapping[str, Encoding]
@@ -135,33 +168,9 @@ def _payload_size(encoding: Encoding, count: int) -> int:
         return 4 * count
     if encoding in (Encoding.FP16, Encoding.BF16):
         return 2 * count
-    if encoding is Encoding.INT8:
-        return 4 * math.ceil(count / INT8_BLOCK) + count
+    if encoding.quantised:
+        return _quant.blocks_payload_size(encoding.wire_name, count)
     return count  # U8
-
-
-def _quantize_int8(flat: torch.Tensor) -> bytes:
-    count = flat.numel()
-    blocks = math.ceil(count / INT8_BLOCK)
-    padded = torch.zeros(blocks * INT8_BLOCK, dtype=torch.float32)
-    padded[:count] = flat
-    padded = padded.view(blocks, INT8_BLOCK)  # (nblocks, 64)
-    scales = padded.abs().amax(dim=1) / 127.0  # (nblocks,)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(padded / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-    return scales.numpy().astype("<f4").tobytes() + q.view(-1)[:count].numpy().tobytes()
-
-
-def _dequantize_int8(payload: memoryview, count: int) -> torch.Tensor:
-    blocks = math.ceil(count / INT8_BLOCK)
-    scales = np.frombuffer(payload, dtype="<f4", count=blocks)
-    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-        raise FrameError("int8 block scales must be finite and non-negative")
-    q = np.frombuffer(payload, dtype=np.int8, count=count, offset=4 * blocks).astype(np.float32)
-    padded = np.zeros(blocks * INT8_BLOCK, dtype=np.float32)
-    padded[:count] = q
-    values = padded.reshape(blocks, INT8_BLOCK) * scales[:, None]
-    return torch.from_numpy(values.reshape(-1)[:count].copy())
 
 
 def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> bytes:
@@ -182,7 +191,7 @@ def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> bytes:
         return flat.to(torch.float16).numpy().astype("<f2").tobytes()
     if encoding is Encoding.BF16:
         return flat.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
-    return _quantize_int8(flat)
+    return _quant.encode_blocks(flat, encoding.wire_name)
 
 
 def wire_roundtrip(tensor: torch.Tensor, encoding: Encoding) -> torch.Tensor:
@@ -204,44 +213,61 @@ def _decode_tensor(payload: memoryview, encoding: Encoding, shape: tuple[int, ..
         raw = np.frombuffer(payload, dtype="<i2", count=count).astype(np.int16)
         tensor = torch.from_numpy(raw).view(torch.bfloat16).to(torch.float32)
     else:
-        tensor = _dequantize_int8(payload, count)
+        try:
+            tensor = _quant.decode_blocks(payload, count, encoding.wire_name)
+        except ValueError as exc:
+            raise FrameError(str(exc)) from None
     if not torch.isfinite(tensor).all():
         raise FrameError("tensor contains NaN or Inf")
     return tensor.view(shape)
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def tensor_record(name: str, encoding: Encoding, shape: tuple[int, ...], payload: bytes) -> bytes:
+    """One tensor as a frame carries it (name, encoding, rank, dims, payload); no checks."""
+    raw_name = name.encode("ascii")
+    dims = b"".join(_varint(d) for d in shape)
+    return bytes((len(raw_name),)) + raw_name + bytes((int(encoding), len(shape))) + dims + payload
+
+
 def encode_frame(
     kind: FrameKind,
-    session_id: bytes,
+    session_id: bytes | None,
     seq: int,
     tensors: Mapping[str, tuple[torch.Tensor, Encoding]],
     limits: FrameLimits = DEFAULT_LIMITS,
 ) -> bytes:
-    """Serialise named tensors, each with its encoding, into one frame.
+    """Serialise named tensors, each with its encoding, into one frame; ``session_id`` None leaves
+    the session to the transport (see the module docstring).
 
     Raises ValueError or TypeError for input the decoder would refuse, so a frame that
     encodes is a frame that decodes.
     """
-    if len(session_id) != SESSION_ID_BYTES:
+    if session_id is not None and len(session_id) != SESSION_ID_BYTES:
         raise ValueError(f"session id must be {SESSION_ID_BYTES} bytes")
     if not 0 <= seq < 2**64:
         raise ValueError("sequence number out of range")
     if not 1 <= len(tensors) <= limits.max_tensors:
         raise ValueError(f"a frame carries 1..{limits.max_tensors} tensors")
-    parts = [_HEADER.pack(MAGIC, VERSION, int(kind), len(tensors), 0, session_id, seq)]
+    flags = 0 if session_id is None else FLAG_SESSION_ID
+    parts = [_HEADER.pack(MAGIC, VERSION, int(kind), len(tensors), flags), session_id or b"", _varint(seq)]
     for name, (tensor, encoding) in tensors.items():
-        raw_name = name.encode("ascii")
-        if not _NAME.match(raw_name):
+        if not _NAME.match(name.encode("ascii")):
             raise ValueError(f"bad tensor name {name!r}")
         shape = tuple(tensor.shape)
-        if not 1 <= len(shape) <= limits.max_rank or min(shape) < 1:
+        if not 1 <= len(shape) <= limits.max_rank or min(shape) < 1 or max(shape) > _MAX_DIM:
             raise ValueError(f"tensor {name!r} has unsupported shape {shape}")
         if math.prod(shape) > limits.max_elements:
             raise ValueError(f"tensor {name!r} has more than {limits.max_elements} elements")
-        payload = encode_tensor(tensor, encoding)
-        parts.append(struct.pack("<B", len(raw_name)) + raw_name)
-        parts.append(struct.pack(f"<BB{len(shape)}IQ", int(encoding), len(shape), *shape, len(payload)))
-        parts.append(payload)
+        parts.append(tensor_record(name, encoding, shape, encode_tensor(tensor, encoding)))
     frame = b"".join(parts)
     if len(frame) > limits.max_bytes:
         raise ValueError(f"frame of {len(frame)} bytes exceeds the {limits.max_bytes}-byte limit")
@@ -264,6 +290,37 @@ class _Reader:
         layout = struct.Struct(fmt)
         return layout.unpack(self.take(layout.size))
 
+    def varint(self, limit: int) -> int:
+        """An unsigned LEB128 number in its shortest form, at most ``limit``."""
+        value = shift = 0
+        while True:
+            (byte,) = self.take(1)
+            value |= (byte & 0x7F) << shift
+            if value > limit:
+                raise FrameError("number out of range")
+            if not byte & 0x80:
+                if byte == 0 and shift:
+                    raise FrameError("number not in its shortest form")
+                return value
+            shift += 7
+            if shift >= limit.bit_length():
+                raise FrameError("number too long")
+
+
+def frame_session_id(data: bytes) -> bytes | None:
+    """The session id a frame carries, read from its header alone (None if it carries none);
+    FrameError if the header is not a version-2 frame's. The full check is :func:`decode_frame`'s."""
+    if len(data) < _HEADER.size:
+        raise FrameError("frame is truncated")
+    magic, version, _kind, _count, flags = _HEADER.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise FrameError("not a version-2 Λ-Split frame")
+    if not flags & FLAG_SESSION_ID:
+        return None
+    if len(data) < _HEADER.size + SESSION_ID_BYTES:
+        raise FrameError("frame is truncated")
+    return bytes(data[_HEADER.size : _HEADER.size + SESSION_ID_BYTES])
+
 
 def decode_frame(data: bytes, limits: FrameLimits = DEFAULT_LIMITS) -> Frame:
     """Parse and check a frame. Raises FrameError on anything malformed or over a limit."""
@@ -272,17 +329,19 @@ def decode_frame(data: bytes, limits: FrameLimits = DEFAULT_LIMITS) -> Frame:
     if len(data) > limits.max_bytes:
         raise FrameError(f"frame exceeds the {limits.max_bytes}-byte limit")
     reader = _Reader(bytes(data))
-    magic, version, kind, count, flags, session_id, seq = _HEADER.unpack(reader.take(_HEADER.size))
+    magic, version, kind, count, flags = _HEADER.unpack(reader.take(_HEADER.size))
     if magic != MAGIC:
         raise FrameError("not a Λ-Split frame (bad magic)")
     if version != VERSION:
         raise FrameError(f"unsupported frame version {version}; this side speaks {VERSION}")
     if kind not in FrameKind._value2member_map_:
         raise FrameError(f"unknown frame kind {kind}")
-    if flags != 0:
+    if flags & ~FLAG_SESSION_ID:
         raise FrameError("reserved flags must be zero")
     if not 1 <= count <= limits.max_tensors:
         raise FrameError(f"a frame carries 1..{limits.max_tensors} tensors")
+    session_id = bytes(reader.take(SESSION_ID_BYTES)) if flags & FLAG_SESSION_ID else None
+    seq = reader.varint(2**64 - 1)
     tensors: dict[str, torch.Tensor] = {}
     encodings: dict[str, Encoding] = {}
     for _ in range(count):
@@ -298,17 +357,14 @@ def decode_frame(data: bytes, limits: FrameLimits = DEFAULT_LIMITS) -> Frame:
             raise FrameError(f"unknown encoding {encoding_id}")
         if not 1 <= rank <= limits.max_rank:
             raise FrameError(f"rank {rank} outside 1..{limits.max_rank}")
-        shape = reader.unpack(f"<{rank}I")
-        (payload_len,) = reader.unpack("<Q")
+        shape = tuple(reader.varint(_MAX_DIM) for _ in range(rank))
         if min(shape) < 1:
             raise FrameError("every dimension must be at least 1")
         elements = math.prod(shape)
         if elements > limits.max_elements:
             raise FrameError(f"tensor {name!r} has more than {limits.max_elements} elements")
         encoding = Encoding(encoding_id)
-        if payload_len != _payload_size(encoding, elements):
-            raise FrameError(f"tensor {name!r}: payload length does not match its shape and encoding")
-        tensors[name] = _decode_tensor(reader.take(payload_len), encoding, shape)
+        tensors[name] = _decode_tensor(reader.take(_payload_size(encoding, elements)), encoding, shape)
         encodings[name] = encoding
     if reader.pos != len(data):
         raise FrameError("trailing bytes after the last tensor")

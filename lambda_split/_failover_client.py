@@ -47,7 +47,9 @@ class _FailoverMixin:
 
         with self._switching:
             link = self.link
-        return RemoteTrunk(link, self.wire, receipts=getattr(self, "receipts", None), head_depth=head_depth)
+        uplink = getattr(self, "uplink", None)  # a quant: defence's encoding (SplitClient), else the wire
+        receipts = getattr(self, "receipts", None)
+        return RemoteTrunk(link, self.wire, receipts=receipts, head_depth=head_depth, uplink=uplink)
 
     def replay_chunk(self, request: tuple[int, int, int]) -> int:
         """The prefill chunk on the current server (its limits may differ) for a generation of

@@ -35,7 +35,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from lambda_split._codec import Encoding, FrameError, decode_frame
+from lambda_split._codec import Encoding, FrameError, decode_frame, tensor_record
 from lambda_split._errors import ProtocolMismatch
 
 __all__ = [
@@ -59,7 +59,6 @@ RECEIPTS_VERSION = 1
 _CHAIN_DOMAIN = b"lambda-split/receipts/v1\0"
 _SIGN_DOMAIN = b"lambda-split/receipt/v1\0"
 _SEQ = struct.Struct("<Q")
-_RECORD_NAME = struct.pack("<B", len(RECEIPT_TENSOR)) + RECEIPT_TENSOR.encode("ascii")
 _MAX_SIGNATURE = 80  # DER ECDSA P-256 signatures are 70-72 bytes
 
 
@@ -117,9 +116,7 @@ def chain_link(prev: bytes, session_id: bytes, seq: int, step_frame: bytes, resu
 
 
 def _record(signature: bytes) -> bytes:
-    return (
-        _RECORD_NAME + struct.pack("<BBIQ", int(Encoding.U8), 1, len(signature), len(signature)) + signature
-    )
+    return tensor_record(RECEIPT_TENSOR, Encoding.U8, (len(signature),), signature)
 
 
 def attach_receipt(frame: bytes, signature: bytes) -> bytes:

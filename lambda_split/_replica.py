@@ -24,6 +24,7 @@ import torch
 from lambda_split._codec import Encoding, FrameError, FrameKind, decode_frame
 from lambda_split._errors import FingerprintMismatch, ModeMismatch, ProtocolMismatch, SplitError
 from lambda_split._stream import StreamLink, make_link
+from lambda_split.protocol import llm_step_inputs
 from secure_channel import SecurityMode, Transport, TransportError
 
 __all__ = ["RemoteReplayer", "ReplicaMismatch", "connect_replica"]
@@ -87,7 +88,7 @@ class RemoteReplayer:
         frame = decode_frame(step_frame)
         if frame.kind is not FrameKind.LLM_STEP:
             raise FrameError("not a language-model step frame")
-        hidden, mask = frame.tensor("hidden", rank=3), frame.tensor("mask", rank=2)
+        hidden, mask = llm_step_inputs(frame)  # an absent mask is all ones
         trunk = self._sessions.get(session_id)
         if trunk is None:
             while len(self._sessions) >= self.keep:

@@ -31,6 +31,7 @@ from lambda_split._kvslots import PoolBatch, SlotPool, SlotPools, SlotState
 from lambda_split._models import Checkpoint
 from lambda_split._parts import Trunk
 from lambda_split._scheduler import QueueTimeout, SchedulerConfig, Step, StepScheduler
+from lambda_split.protocol import llm_step_inputs
 
 
 class ServiceError(Exception):
@@ -167,15 +168,10 @@ class LLMExecutor:
 
     def prepare(self, state: SlotState, frame: Frame, limits: ServiceLimits) -> _Work:
         """Check a step's frame against the session and the limits, before it is queued."""
-        hidden = frame.tensor("hidden", rank=3)
-        mask = frame.tensor("mask", rank=2)
+        hidden, mask = llm_step_inputs(frame)  # an absent mask is all ones
         batch, length, width = hidden.shape
         if width != self.hidden_size:
             raise FrameError(f"hidden size {width} does not match the model's {self.hidden_size}")
-        if tuple(mask.shape) != (batch, length) or frame.encodings["mask"] is not Encoding.U8:
-            raise FrameError("mask must be U8 of shape (batch, tokens)")
-        if int(mask.max()) > 1:
-            raise FrameError("mask values must be 0 or 1")
         if state.rows is not None and state.rows != batch:
             raise FrameError(f"batch size changed from {state.rows} to {batch} within the session")
         if batch > limits.max_batch or length > limits.max_step_tokens:
@@ -400,8 +396,8 @@ class TrunkService:
             )
         try:
             frame = decode_frame(body, self.limits.frame)
-            if frame.session_id != raw:
-                raise FrameError("frame session id does not match the URL")
+            if frame.session_id is not None and frame.session_id != raw:
+                raise FrameError("frame session id does not match the session its transport names")
             if frame.kind not in self.executor.step_kinds:
                 raise FrameError(f"frame kind {frame.kind.name} is not served by this trunk")
             if frame.seq != session.next_seq:
@@ -420,7 +416,8 @@ class TrunkService:
                 self._sessions.move_to_end(raw)
             self._enforce_memory(keep=raw)
         tensors = {name: (value, session.wire) for name, value in outputs.items()}
-        result = encode_frame(self.executor.result_kind, raw, frame.seq, tensors, self.limits.frame)
+        sid = None if frame.session_id is None else raw  # the reply names the session as the step did
+        result = encode_frame(self.executor.result_kind, sid, frame.seq, tensors, self.limits.frame)
         return result if session.chain is None else session.chain.seal(frame.seq, body, result)
 
     def _enforce_memory(self, keep: bytes) -> None:

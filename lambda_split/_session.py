@@ -21,7 +21,8 @@ T = TypeVar("T")
 
 class RemoteSession:
     """A session opened on construction; each :meth:`exchange` sends one frame and checks the reply
-    answers it (kind, session id, sequence number). ``link`` is a :class:`StreamLink` or
+    answers it (kind, sequence number; the link names the session, so neither frame carries its id:
+    lambda_split._codec). ``link`` is a :class:`StreamLink` or
     :class:`HTTPLink`; a bare transport means one HTTP request per operation."""
 
     def __init__(
@@ -62,7 +63,7 @@ class RemoteSession:
     def exchange(
         self, kind: FrameKind, tensors: Mapping[str, tuple[torch.Tensor, Encoding]], expect: FrameKind
     ) -> Frame:
-        frame = encode_frame(kind, self._raw_id, self.seq, tensors)
+        frame = encode_frame(kind, None, self.seq, tensors)
         reply = self.link.step(self.session_id, frame)
         if self.chain is not None:
             reply = self.chain.check(self.seq, frame, reply)
@@ -70,7 +71,7 @@ class RemoteSession:
             result = decode_frame(reply)
         except FrameError as exc:
             raise ProtocolMismatch(f"bad frame from server: {exc}") from None
-        if result.kind is not expect or result.session_id != self._raw_id or result.seq != self.seq:
+        if result.kind is not expect or result.session_id is not None or result.seq != self.seq:
             raise ProtocolMismatch("server reply does not answer this step")
         self.seq += 1
         return result

@@ -79,7 +79,7 @@ class StreamLink:
         self.transport = transport
         self._stream: Stream | None = None
         self._generation = 0  # counts the streams opened; a session lives only on the one it was opened on
-        self._sessions: dict[str, int] = {}
+        self._sessions: dict[str, tuple[int, int]] = {}  # session id -> (generation, handle on that stream)
         self._lock = threading.Lock()
 
     def _call(self, op: StreamOp, body: bytes, *, reopen: bool = False) -> bytes:
@@ -130,18 +130,23 @@ class StreamLink:
             reply = self._call(StreamOp.OPEN, body, reopen=True)
         try:
             data = json.loads(reply)
-            self._sessions[str(data["session_id"])] = self._generation
+            handle = data["handle"]
+            if not isinstance(handle, int) or not 1 <= handle <= 255:
+                raise ValueError("bad handle")
+            self._sessions[str(data["session_id"])] = (self._generation, handle)
         except (ValueError, KeyError, TypeError):
             raise ProtocolMismatch("malformed session reply") from None
         return data
 
     def _alive(self, session_id: str) -> bool:
-        return self._stream is not None and self._sessions.get(session_id) == self._generation
+        bound = self._sessions.get(session_id)
+        return self._stream is not None and bound is not None and bound[0] == self._generation
 
     def step(self, session_id: str, frame: bytes) -> bytes:
+        """Run ``frame`` (without a session id) in the session its stream handle names."""
         if not self._alive(session_id):
             raise TransportError("the stream that carried this session has closed; so has the session")
-        return self._call(StreamOp.STEP, frame)
+        return self._call(StreamOp.BOUND_STEP, bytes((self._sessions[session_id][1],)) + frame)
 
     def close(self, session_id: str) -> None:
         """Close the session; a no-op once its stream is gone (the server closed the session then)."""

@@ -1,6 +1,6 @@
 """The wire protocol shared by client and server: paths, content types, error bodies and frames.
 
-HTTP API (protocol version 1)::
+HTTP API (protocol version 2: frame version 2, see lambda_split._codec)::
 
     GET    /healthz                         200 {"status": "ok"}
     GET    /v1/info                         200 {"model", "fingerprint", "split", "num_layers", "hidden_size",
@@ -14,9 +14,12 @@ HTTP API (protocol version 1)::
     DELETE /v1/sessions/{id}                200 {"closed": true}
     GET    /metrics                         Prometheus text
 
-A step frame carries ``hidden`` (B, T, C) in the session's wire encoding and ``mask``
-(B, T) as U8 0/1 for the new positions. The result frame carries ``hidden`` (B, T, C)
-in the same encoding, with the same session id and sequence number.
+A step frame carries ``hidden`` (B, T, C) in the session's wire encoding (or, for the uplink
+defences ``quant:int4|int2``, in INT4 or INT2) and ``mask`` (B, T) as U8 0/1 for the new
+positions; a frame without ``mask`` means all ones, which is what every decode step sends
+(:func:`llm_step_tensors`). The result frame carries ``hidden`` (B, T, C) in the session's wire
+encoding, with the same sequence number, and the session id if and only if the step frame had one
+(the client's frames leave it out: the URL names the session).
 
 With ``"receipts": true`` (a server with a key; else 400 ``receipts_unavailable``) the session reply
 adds ``"receipts": {"version": 1, "cert": PEM}`` and every result frame ends with a U8 tensor
@@ -31,8 +34,15 @@ message is binary, ``op (u8) || body``, one up and one down, strictly alternatin
     up                                      down
     OPEN  JSON {"wire": ...}                OPEN  JSON as POST /v1/sessions
     STEP  frame(LLM_STEP | DIFFUSION_*)     STEP  result frame
+          with its session id
+    BOUND_STEP handle (u8) || frame         BOUND_STEP result frame (no session id)
+          without a session id
     CLOSE session id (32 hex, ASCII)        CLOSE JSON {"closed": true}
                                             ERROR JSON {"status": int, "error": {"code", "message"}}
+
+The OPEN reply on a stream adds ``"handle": 1..255``, the session's number on that stream (unique
+among the stream's open sessions); ``BOUND_STEP`` names the session by it, which saves the 16-byte
+id on every step (the client always uses it).
 
 In the AES-GCM modes every message is a sealed record (see secure_channel._sealed_stream);
 sessions opened on a stream are closed when it ends. A refusal that ends the stream is a
@@ -43,6 +53,8 @@ from __future__ import annotations
 
 import enum
 import json
+
+import torch
 
 from lambda_split._codec import (
     DEFAULT_LIMITS,
@@ -57,10 +69,11 @@ from lambda_split._codec import (
     decode_frame,
     encode_frame,
     encode_tensor,
+    frame_session_id,
     wire_roundtrip,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 FRAME_CONTENT_TYPE = "application/vnd.lambda-split.frame"
 JSON_CONTENT_TYPE = "application/json"
 
@@ -77,6 +90,7 @@ class StreamOp(enum.IntEnum):
     OPEN = 1
     STEP = 2
     CLOSE = 3
+    BOUND_STEP = 4
 
 
 def session_path(session_id: str) -> str:
@@ -85,6 +99,32 @@ def session_path(session_id: str) -> str:
 
 def step_path(session_id: str) -> str:
     return f"{SESSIONS_PATH}/{session_id}/step"
+
+
+def llm_step_tensors(
+    hidden: torch.Tensor, mask: torch.Tensor, encoding: Encoding
+) -> dict[str, tuple[torch.Tensor, Encoding]]:
+    """The tensors of an LLM step frame: ``hidden`` (B, T, C) in ``encoding``, and ``mask`` (B, T)
+    as U8 unless it is all ones (every decode step), which the server assumes when it is absent."""
+    if bool(mask.bool().all()):
+        return {"hidden": (hidden, encoding)}
+    return {"hidden": (hidden, encoding), "mask": (mask.to(torch.uint8), Encoding.U8)}
+
+
+def llm_step_inputs(frame: Frame) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden (B, T, C), mask (B, T) of 0/1, uint8)`` of an LLM step frame, the mask all ones when
+    the frame carries none; FrameError if a tensor is missing, of the wrong rank, shape or values."""
+    hidden = frame.tensor("hidden", rank=3)
+    if hidden.dtype is not torch.float32:
+        raise FrameError("hidden must be a floating-point encoding")
+    if "mask" not in frame.tensors:
+        return hidden, torch.ones(hidden.shape[:2], dtype=torch.uint8)
+    mask = frame.tensor("mask", rank=2)
+    if tuple(mask.shape) != tuple(hidden.shape[:2]) or frame.encodings["mask"] is not Encoding.U8:
+        raise FrameError("mask must be U8 of shape (batch, tokens)")
+    if int(mask.max()) > 1:
+        raise FrameError("mask values must be 0 or 1")
+    return hidden, mask
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -115,6 +155,9 @@ __all__ = [
     "encode_frame",
     "encode_tensor",
     "error_body",
+    "frame_session_id",
+    "llm_step_inputs",
+    "llm_step_tensors",
     "session_path",
     "step_path",
     "wire_roundtrip",

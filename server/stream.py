@@ -22,7 +22,7 @@ from anyio import to_thread
 from starlette.types import Receive, Scope, Send
 
 from lambda_split import ServiceError, TrunkService
-from lambda_split.protocol import StreamOp
+from lambda_split.protocol import FrameError, StreamOp, frame_session_id
 from server.drain import DRAINING, DRAINING_MESSAGE, Drain
 from server.observability import LOGGER
 
@@ -105,7 +105,7 @@ class TrunkStreamEndpoint:
             )
             return
         self.open_streams[key] += 1
-        sessions: set[str] = set()
+        sessions: dict[str, int] = {}  # session id -> its handle on this stream
         try:
             await send({"type": "websocket.accept"})
             await self._serve(receive, send, owner, key, sessions)
@@ -136,9 +136,11 @@ class TrunkStreamEndpoint:
             raise _Closed(TOO_BIG, "message too large")
         return bytes(data)
 
-    async def _serve(self, receive: Receive, send: Send, owner: str, key: str, sessions: set[str]) -> None:
+    async def _serve(
+        self, receive: Receive, send: Send, owner: str, key: str, sessions: dict[str, int]
+    ) -> None:
         while (data := await self._next(receive)) is not None:
-            if not data or data[0] not in (StreamOp.OPEN, StreamOp.STEP, StreamOp.CLOSE):
+            if not data or data[0] not in (StreamOp.OPEN, StreamOp.STEP, StreamOp.CLOSE, StreamOp.BOUND_STEP):
                 raise _Closed(POLICY, "unknown message")
             wait = self._take(key)
             if wait is not None:
@@ -155,13 +157,11 @@ class TrunkStreamEndpoint:
                     reply = _error(500, "internal_error", "the server failed to handle this message")
             await send({"type": "websocket.send", "bytes": reply})
 
-    async def _handle(self, op: StreamOp, body: bytes, owner: str, sessions: set[str]) -> bytes:
-        if op is StreamOp.STEP:
-            if len(body) < 24:
-                raise ServiceError(400, "bad_frame", "frame too short")
-            session_id = body[8:24].hex()
-            out = await to_thread.run_sync(self.service.step, owner, session_id, body)
-            return bytes((StreamOp.STEP,)) + out
+    async def _handle(self, op: StreamOp, body: bytes, owner: str, sessions: dict[str, int]) -> bytes:
+        if op in (StreamOp.STEP, StreamOp.BOUND_STEP):
+            session_id, frame = _step_target(op, body, sessions)
+            out = await to_thread.run_sync(self.service.step, owner, session_id, frame)
+            return bytes((op,)) + out
         if op is StreamOp.OPEN:
             if len(sessions) >= self.limits.max_sessions_per_stream:
                 raise ServiceError(429, "too_many_sessions_on_stream", "close a session on this stream first")
@@ -179,12 +179,13 @@ class TrunkStreamEndpoint:
             if self.drain is not None:
                 self.drain.check()
             reply = self.service.open_session(owner, wire, receipts=receipts, head_depth=head_depth)
-            sessions.add(reply["session_id"])
+            handle = min(set(range(1, 256)) - set(sessions.values()))  # at most 4 are taken
+            sessions[reply["session_id"]] = handle
             LOGGER.info("session opened", extra={"fields": {"client": owner, "wire": wire, "path": "stream"}})
-            return bytes((StreamOp.OPEN,)) + json.dumps(reply).encode()
+            return bytes((StreamOp.OPEN,)) + json.dumps({**reply, "handle": handle}).encode()
         session_id = body.decode("ascii", "replace")
         self.service.close_session(owner, session_id)
-        sessions.discard(session_id)
+        sessions.pop(session_id, None)
         return bytes((StreamOp.CLOSE,)) + b'{"closed": true}'
 
     def _take(self, key: str) -> int | None:
@@ -199,3 +200,21 @@ class TrunkStreamEndpoint:
         while len(self._buckets) > 10_000:
             self._buckets.popitem(last=False)
         return None
+
+
+def _step_target(op: StreamOp, body: bytes, sessions: dict[str, int]) -> tuple[str, bytes]:
+    """``(session id, frame)`` of a STEP (the frame names its session) or BOUND_STEP (a handle of
+    this stream does, and the frame leaves the id out or repeats it) message."""
+    if op is StreamOp.BOUND_STEP:
+        handle = body[0] if body else 0
+        session_id = next((sid for sid, h in sessions.items() if h == handle), None)
+        if session_id is None:
+            raise ServiceError(404, "session_not_found", "no session with this handle on this stream")
+        return session_id, body[1:]
+    try:
+        raw = frame_session_id(body)
+    except FrameError as exc:
+        raise ServiceError(400, "bad_frame", str(exc)) from None
+    if raw is None:
+        raise ServiceError(400, "bad_frame", "a STEP frame must carry its session id (or use BOUND_STEP)")
+    return raw.hex(), body

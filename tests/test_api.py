@@ -43,6 +43,13 @@ INTERNAL = {
     "StepEntry",
     "SessionEntry",
     "Transcript",
+    # the wire's blockwise quantiser and tensor records, reached through the codec (frame version 2)
+    "tensor_record",
+    "scales_fp16",
+    "quantise",
+    "blocks_payload_size",
+    "encode_blocks",
+    "decode_blocks",
     # the thread that runs a server (BackgroundServer, BackgroundLocal) in tests and notebooks
     "ServerThread",
     # the trunk's batching machinery, reached through LLMExecutor

@@ -10,7 +10,7 @@ import torch
 import lambda_split.cli as cli
 from lambda_split import Checkpoint, GenerationConfig, LocalTransport, SplitClient
 from lambda_split._defences import Defence, add_noise, defended, quantise_blockwise
-from lambda_split.protocol import decode_frame
+from lambda_split.protocol import Encoding, decode_frame
 from secure_channel import Request, Response
 from tests.helpers import local_client
 
@@ -19,11 +19,16 @@ class SpyTransport(LocalTransport):
     """The local trunk, keeping every uplink hidden state the client sent."""
 
     sent: list[torch.Tensor]
+    encodings: list[tuple[Encoding, Encoding, int]]  # (uplink, downlink, step frame bytes)
 
     def exchange(self, request: Request) -> Response:
+        response = super().exchange(request)
         if request.path.endswith("/step"):
-            self.sent.append(decode_frame(request.content).tensors["hidden"])
-        return super().exchange(request)
+            step = decode_frame(request.content)
+            self.sent.append(step.tensors["hidden"])
+            back = decode_frame(response.content).encodings["hidden"]
+            self.encodings.append((step.encodings["hidden"], back, len(request.content)))
+        return response
 
 
 def spied(tiny: Checkpoint, defence: Defence | None = None) -> tuple[SplitClient, list[torch.Tensor]]:
@@ -31,7 +36,7 @@ def spied(tiny: Checkpoint, defence: Defence | None = None) -> tuple[SplitClient
     inner = client.transport
     assert isinstance(inner, LocalTransport)
     spy = SpyTransport(inner.service, inner.info)
-    spy.sent = []
+    spy.sent, spy.encodings = [], []
     kwargs: dict[str, Any] = {} if defence is None else {"defence": defence}
     return SplitClient(spy, client.model, client.info, **kwargs), spy.sent
 
@@ -89,6 +94,20 @@ def test_quantisation_sends_the_dequantised_blocks(tiny: Checkpoint, spec: str, 
         codes = block / scale
         assert torch.allclose(codes, codes.round(), atol=1e-4)
         assert len(set(codes.round().tolist())) <= 2 * levels + 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "uplink", "payload"), [("quant:int4", Encoding.INT4, 34), ("quant:int2", Encoding.INT2, 18)]
+)
+def test_quantisation_crosses_the_uplink_in_its_own_encoding_and_the_downlink_at_the_wire(
+    tiny: Checkpoint, spec: str, uplink: Encoding, payload: int
+) -> None:
+    client, _sent = spied(tiny, Defence.parse(spec))
+    run(client)
+    encodings = client.transport.encodings  # type: ignore[attr-defined]
+    assert {(up, down) for up, down, _ in encodings} == {(uplink, Encoding.FP32)}
+    # a decode step of the 64-wide tiny model: 9 + 13 bytes of headers (64 is a 1-byte varint: 12)
+    assert encodings[-1][2] == 9 + 12 + payload
 
 
 def test_quantise_blockwise_error_bound_and_padding() -> None:

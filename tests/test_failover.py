@@ -83,7 +83,7 @@ class _TripStream(Stream):
         self.inner, self.faults, self.stats = inner, faults, inner.stats
 
     def send(self, message: bytes) -> None:
-        if message[:1] == bytes((StreamOp.STEP,)):
+        if message[:1] in (bytes((StreamOp.STEP,)), bytes((StreamOp.BOUND_STEP,))):
             self.faults.before_step()
         self.inner.send(message)
 

@@ -27,7 +27,8 @@ class FakeStream(Stream):
         op = message[0]
         if op == StreamOp.OPEN:
             self.sessions += 1
-            self.reply = bytes((op,)) + json.dumps({"session_id": f"{self.sessions:032x}"}).encode()
+            reply = {"session_id": f"{self.sessions:032x}", "handle": self.sessions}
+            self.reply = bytes((op,)) + json.dumps(reply).encode()
         elif op == StreamOp.CLOSE:
             self.reply = bytes((op,)) + b'{"closed": true}'
         else:

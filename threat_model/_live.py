@@ -263,14 +263,17 @@ def diffusion_session(
 
 
 class RecordingStream(Stream):
-    """A stream that appends (message sent, reply), each without its op byte, to ``bodies``."""
+    """A stream that appends (message sent, reply), each without its op byte (and a step's stream
+    handle), to ``bodies``."""
 
     def __init__(self, inner: Stream, bodies: list[tuple[bytes, bytes]]) -> None:
         self.inner, self.stats, self.bodies, self._sent = inner, inner.stats, bodies, b""
 
     def send(self, message: bytes) -> None:
+        from lambda_split.protocol import StreamOp
+
         self.inner.send(message)
-        self._sent = message[1:]
+        self._sent = message[2:] if message[:1] == bytes((StreamOp.BOUND_STEP,)) else message[1:]
 
     def recv(self) -> bytes:
         reply = self.inner.recv()

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -101,9 +102,13 @@ def wire_roundtrip(tensor: torch.Tensor, encoding: str) -> torch.Tensor:
     padded = torch.zeros(blocks * 64)
     padded[: flat.numel()] = flat
     padded = padded.view(blocks, 64)  # (nblocks, 64)
-    scales = padded.abs().amax(dim=1) / 127.0
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(padded / safe[:, None]).clamp(-127, 127)
+    # each block's scale max|x| / 127 travels as fp16, rounded up, at least 2**-24 (frame version 2)
+    exact = padded.abs().amax(dim=1).numpy().astype(np.float64) / 127.0
+    half = exact.astype(np.float16)
+    with np.errstate(over="ignore"):
+        half = np.where(half < exact, np.nextafter(half, np.float16(np.inf)), half)
+    scales = torch.from_numpy(np.maximum(half, np.float16(2.0**-24)).astype(np.float32))
+    q = torch.round(padded / scales[:, None]).clamp(-127, 127)
     return (q * scales[:, None]).reshape(-1)[: flat.numel()].view_as(x)
 
 

@@ -1,7 +1,8 @@
 """What a passive eavesdropper can decode from captured streams: plaintext tensor frames.
 
 In ``plain`` mode every step request and result is an HTTP body, or a WebSocket message
-of the stream (an op byte, then the frame; masked client to server, which hides nothing),
+of the stream (an op byte, for a step a stream handle byte, then the frame; masked client to
+server, which hides nothing),
 holding a Λ-Split frame (see ``lambda_split.protocol``); anyone on the path can parse it
 and hand the tensors to :mod:`threat_model.attacks`. In every other mode nothing here decodes.
 """
@@ -41,8 +42,10 @@ def plaintext_frames(streams: Sequence[TcpStream]) -> list[CapturedFrame]:
             for name in names:
                 direction = stream.direction(name)
                 for ws in view.direction(name).messages:
-                    # a stream message is one op byte, then (for open/step/close) a frame
-                    body = ws.data[1:] if ws.data[1:5] == FRAME_MAGIC else ws.data
+                    # a stream message is one op byte, then a frame (STEP and its reply), or a
+                    # handle byte and a frame (BOUND_STEP), or JSON (open, close)
+                    skip = next((n for n in (1, 2) if ws.data[n : n + 4] == FRAME_MAGIC), 0)
+                    body = ws.data[skip:]
                     frame = _decode(body) if ws.opcode == BINARY else None
                     if frame is not None:
                         found.append(CapturedFrame(number, name, _time_at(direction, ws.offset), frame))

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lambda_split._client import RemoteTrunk, SplitClient
+from lambda_split._client import SplitClient
 from lambda_split._defences import defended
 from lambda_split._errors import LimitExceeded, ProtocolMismatch, ServerError
 from lambda_split._generate import GenerationConfig, generate_tokens
@@ -191,7 +191,7 @@ class LocalEngine:
     def _new_conversation(self) -> Conversation:
         while True:
             try:
-                trunk = RemoteTrunk(self.client.link, self.client.wire)
+                trunk = self.client.open_trunk()  # with a quant: defence, the uplink in its encoding
                 break
             except ServerError as exc:
                 # The trunk holds only so many sessions (per stream, per identity, in all): a kept

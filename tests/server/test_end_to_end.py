@@ -91,7 +91,7 @@ def test_sessions_are_bound_to_the_authenticated_client(
 ) -> None:
     """Bob, authenticated as himself, cannot step or close Alice's session (on either path)."""
     from lambda_split import RemoteTrunk, StreamLink, make_link
-    from lambda_split.protocol import Encoding
+    from lambda_split.protocol import Encoding, FrameKind, StreamOp, encode_frame
 
     for mode in ("tls", "aesgcm", "tls+aesgcm"):
         held = live[mode].service.open_sessions
@@ -103,9 +103,20 @@ def test_sessions_are_bound_to_the_authenticated_client(
             session = RemoteTrunk(own, Encoding.FP32)
             if isinstance(other, StreamLink):
                 # A hostile client skips the link's own check that a session was opened on its
-                # stream, so that the server's ownership check is what is tested here.
+                # stream, so that the server's ownership check is what is tested here: a handle
+                # names only sessions of its own stream (0 is never one), and a STEP frame that
+                # names alice's session by its id is refused like a missing one.
                 mine = other.open("fp32")["session_id"]
-                other._sessions[session.session_id] = other._generation
+                other._sessions[session.session_id] = (other._generation, 0)
+                named = encode_frame(
+                    FrameKind.LLM_STEP,
+                    bytes.fromhex(session.session_id),
+                    0,
+                    {"hidden": (torch.zeros(1, 1, tiny.config.hidden_size), Encoding.FP32)},
+                )
+                with pytest.raises(ServerError) as refused:
+                    other._call(StreamOp.STEP, named)
+                assert refused.value.status == 404
             stolen = RemoteTrunk.__new__(RemoteTrunk)
             stolen.__dict__.update(session.__dict__, link=other)
             hidden = torch.zeros(1, 1, tiny.config.hidden_size)

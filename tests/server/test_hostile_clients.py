@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import socket
-import struct
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
@@ -35,12 +34,23 @@ ERROR_STATUSES = {400, 404, 405, 408, 409, 413, 415, 422, 429, 503}
 FUZZ_BODY_BYTES = 256 * 1024  # the fuzzed server's body and frame limit: small, so fuzzing stays fast
 FUZZ_LIMITS = ServerConfig(max_body_bytes=FUZZ_BODY_BYTES).service_limits().frame
 FUZZ_ENCODINGS = list(Encoding)[:4]  # fp32, fp16, bf16, int8
-HIDDEN_OFFSET = 32 + 1 + len("hidden") + 2  # header, name, encoding and rank: then the dims
+#: header (8), session id (16), sequence number 0 (a 1-byte varint), name, encoding and rank: then the dims
+HIDDEN_OFFSET = 8 + 16 + 1 + 1 + len("hidden") + 2
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes((value,)))
 
 
 def frame_overhead(limits: FrameLimits) -> int:
     """Header bytes of a frame with as many tensors of as high a rank as ``limits`` allow."""
-    return 32 + limits.max_tensors * (1 + 32 + 2 + 4 * limits.max_rank + 8)
+    return (
+        8 + 16 + 10 + limits.max_tensors * (1 + 32 + 2 + 5 * limits.max_rank)
+    )  # varints: 10 and 5 bytes at most
 
 
 def element_budget(limits: FrameLimits) -> int:
@@ -231,7 +241,8 @@ def test_a_frame_claiming_too_many_elements_is_refused_before_allocation(http: h
     side = math.isqrt(FUZZ_LIMITS.max_elements) + 1  # side * side > max_elements
     with opened_session(http) as sid:
         frame = bytearray(small_frame(sid))
-        frame[HIDDEN_OFFSET : HIDDEN_OFFSET + 12] = struct.pack("<3I", side, side, 1)
+        assert frame[HIDDEN_OFFSET : HIDDEN_OFFSET + 3] == bytes((1, 1, 64))  # the dims, 1-byte varints
+        frame[HIDDEN_OFFSET : HIDDEN_OFFSET + 3] = varint(side) + varint(side) + varint(1)
         reply = http.post(
             f"/v1/sessions/{sid}/step", content=bytes(frame), headers={"content-type": FRAME_CONTENT_TYPE}
         )

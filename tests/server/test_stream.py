@@ -16,7 +16,16 @@ from lambda_split import (
     StreamLink,
     encode_prompts,
 )
-from lambda_split.protocol import ROUTE_HEADER, STREAM_PATH, Encoding, FrameKind, StreamOp, encode_frame
+from lambda_split.protocol import (
+    ROUTE_HEADER,
+    STREAM_PATH,
+    Encoding,
+    FrameKind,
+    StreamOp,
+    decode_frame,
+    encode_frame,
+    llm_step_tensors,
+)
 from secure_channel import connect_transport
 from tests.conftest import monolithic
 from tests.helpers import reference_tokens
@@ -125,3 +134,45 @@ def test_a_stream_the_server_closed_while_idle_is_reopened_for_the_next_session(
         gauge = lambda: httpx.get(server.url + "/metrics").text  # noqa: E731
         assert wait_for(lambda: "lambda_split_open_streams 0.0" in gauge())  # closed at the idle deadline
         assert client.generate("hello", GREEDY).token_ids == first
+
+
+def test_a_bound_step_names_its_session_by_handle_and_drops_the_id_and_the_all_ones_mask(
+    live: dict[str, LiveServer], tiny: Checkpoint
+) -> None:
+    """The client's decode step: op, handle, then a frame with neither session id nor mask."""
+    transport = connect_transport(live["plain"].url, "plain")
+    stream = transport.open_stream(STREAM_PATH, {ROUTE_HEADER: "0" * 32})
+
+    def ask(message: bytes) -> bytes:
+        stream.send(message)
+        return stream.recv()
+
+    try:
+        opened = [json.loads(ask(bytes((StreamOp.OPEN,)) + b'{"wire": "fp16"}')[1:]) for _ in range(2)]
+        assert [o["handle"] for o in opened] == [1, 2]
+        hidden, ones = torch.randn(1, 1, tiny.config.hidden_size), torch.ones(1, 1, dtype=torch.uint8)
+        bare = encode_frame(FrameKind.LLM_STEP, None, 0, llm_step_tensors(hidden, ones, Encoding.FP16))
+        masked = encode_frame(
+            FrameKind.LLM_STEP, None, 0, {"hidden": (hidden, Encoding.FP16), "mask": (ones, Encoding.U8)}
+        )
+        assert len(masked) - len(bare) == 1 + 4 + 1 + 1 + 2 + 1  # the mask tensor the decode step saves
+        before = (transport.stats.bytes_sent, transport.stats.bytes_received)
+        first = ask(bytes((StreamOp.BOUND_STEP, 1)) + bare)
+        # a client WebSocket header of 8 bytes (masked, 16-bit length), the op and the handle
+        assert transport.stats.bytes_sent - before[0] == 8 + 2 + len(bare)
+        assert transport.stats.bytes_received - before[1] == 4 + len(first)
+        second = ask(bytes((StreamOp.BOUND_STEP, 2)) + masked)
+        assert first[0] == StreamOp.BOUND_STEP and first == second  # an absent mask is all ones
+        result = decode_frame(first[1:])
+        assert result.session_id is None and result.seq == 0
+        for message, status, code in (
+            (bytes((StreamOp.BOUND_STEP, 3)) + bare, 404, "session_not_found"),
+            (bytes((StreamOp.BOUND_STEP,)), 404, "session_not_found"),
+            (bytes((StreamOp.STEP,)) + bare, 400, "bad_frame"),  # a STEP frame must name its session
+        ):
+            error = ask(message)
+            assert error[0] == StreamOp.ERROR
+            assert (json.loads(error[1:])["status"], json.loads(error[1:])["error"]["code"]) == (status, code)
+    finally:
+        stream.close()
+        transport.close()

@@ -82,7 +82,10 @@ def test_a_text_message_closes_the_stream(live: dict[str, LiveServer]) -> None:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=st.binary(max_size=512), op=st.sampled_from([StreamOp.OPEN, StreamOp.STEP, StreamOp.CLOSE]))
+@given(
+    body=st.binary(max_size=512),
+    op=st.sampled_from([StreamOp.OPEN, StreamOp.STEP, StreamOp.CLOSE, StreamOp.BOUND_STEP]),
+)
 def test_fuzzed_bodies_get_error_messages_and_the_stream_goes_on(
     live: dict[str, LiveServer], body: bytes, op: StreamOp
 ) -> None:

@@ -90,8 +90,12 @@ class _Tapped(Stream):
 
 
 def _as_request(message: bytes) -> Request:
-    """A stream message (op byte, then the frame) as the step request it replaces."""
-    return Request("POST", "/v1/stream", message[1:])
+    """A stream message (op byte, a step's stream handle, then the frame) as the step request it replaces."""
+    from lambda_split.protocol import StreamOp
+
+    return Request(
+        "POST", "/v1/stream", message[2:] if message[:1] == bytes((StreamOp.BOUND_STEP,)) else message[1:]
+    )
 
 
 class SideChannel(Transport):
@@ -266,7 +270,7 @@ class _LeakyStream(Stream):
 
     def send(self, message: bytes) -> None:
         self.inner.send(message)
-        if self.first_step is None and message[1:5] == b"\x89LSF":
+        if self.first_step is None and b"\x89LSF" in (message[1:5], message[2:6]):  # STEP or BOUND_STEP
             self.first_step = message
         if self.plant.how == "ping" and not self.pinged:
             self.pinged = True

@@ -149,6 +149,19 @@ def test_a_plaintext_frame_in_a_masked_stream_message_decodes() -> None:
     assert found.direction == "c2s" and torch.equal(found.frame.tensors["hidden"], hidden)
 
 
+def test_the_clients_bound_step_decodes_after_its_op_and_handle_bytes() -> None:
+    """What the client sends on the stream (frame version 2: no session id, no all-ones mask)."""
+    from lambda_split.protocol import Encoding, FrameKind, StreamOp, encode_frame
+
+    hidden = torch.randn(1, 1, 64)
+    body = encode_frame(FrameKind.LLM_STEP, None, 4, {"hidden": (hidden, Encoding.parse("fp16"))})
+    c2s = upgrade() + frame(Opcode.BINARY, bytes((StreamOp.BOUND_STEP, 1)) + body, client=True)
+    s2c = switched() + frame(Opcode.BINARY, bytes((StreamOp.BOUND_STEP,)) + body, client=False)
+    found = plaintext_frames([stream(c2s, s2c)])
+    assert [f.direction for f in found] == ["c2s", "s2c"] and all(f.frame.seq == 4 for f in found)
+    assert torch.equal(found[0].frame.tensors["hidden"], hidden.half().float())
+
+
 def test_traffic_analysis_delimits_websocket_messages() -> None:
     found = messages(stream(*honest(2)))
     kinds = [(m.direction, m.kind, m.detail) for m in found if m.kind == "ws-message"]

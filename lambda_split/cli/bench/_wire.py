@@ -17,7 +17,7 @@ import torch
 from lambda_split._codec import WIRE_ENCODINGS, Encoding, FrameKind, encode_frame, encode_tensor
 from lambda_split.cli.bench._harness import Bench, ProgressFn, Run
 from lambda_split.cli.bench._stats import summarize
-from lambda_split.protocol import HEALTH_PATH
+from lambda_split.protocol import HEALTH_PATH, llm_step_tensors
 from secure_channel import SECURITY_MODES, ClientChannel, Request, ServerChannel, connect_transport
 
 ACCURACY_MODE = "tls+aesgcm"
@@ -31,11 +31,11 @@ def payload_bytes(hidden_size: int, wire: str, tokens: int = 1) -> int:
 
 
 def step_frame(hidden_size: int, wire: str, tokens: int = 1) -> bytes:
-    """A real LLM step frame (hidden plus mask) for ``tokens`` positions."""
+    """A real LLM step frame for ``tokens`` new positions, as the client sends it (no session id;
+    no mask tensor, the mask being all ones)."""
     hidden = torch.randn(1, tokens, hidden_size, generator=torch.Generator().manual_seed(0))
     mask = torch.ones(1, tokens, dtype=torch.uint8)
-    tensors = {"hidden": (hidden, Encoding.parse(wire)), "mask": (mask, Encoding.U8)}
-    return encode_frame(FrameKind.LLM_STEP, bytes(16), 0, tensors)
+    return encode_frame(FrameKind.LLM_STEP, None, 0, llm_step_tensors(hidden, mask, Encoding.parse(wire)))
 
 
 def _median_int(values: list[int]) -> int:
