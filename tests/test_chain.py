@@ -173,11 +173,13 @@ def test_check_chain_refuses_what_is_not_one_trunk() -> None:
             check_chain(spans, 8)
 
 
+@pytest.mark.parametrize("transport_kind", ["http", "stream"])
 def test_killing_the_middle_span_fails_over_that_hop_only(
     servers: Callable[..., LiveServer],
     tiny: Checkpoint,
     monolithic_tokens: list[int],
     one_hop: GenerationResult,
+    transport_kind: str,
 ) -> None:
     first, middle, spare, last = servers("1:3"), servers("3:5"), servers("3:5"), servers("5:7")
     faults, events = Faults(), list[tuple[int, FailoverEvent]]()
@@ -189,7 +191,7 @@ def test_killing_the_middle_span_fails_over_that_hop_only(
         tiny,
         failover=FAST,
         transport_factory=factory(faults),
-        transport_kind="http",
+        transport_kind=transport_kind,
         on_failover=lambda index, event: events.append((index, event)),
     ) as client:
         result = run(client)
@@ -370,7 +372,10 @@ class SpanProcess:
             self.process.stdout.close()
 
 
-@pytest.mark.heavy
+# Four server processes: the hop's failover runs on every run in this process over both links
+# (test_killing_the_middle_span_fails_over_that_hop_only), and a SIGKILLed serve process is replayed
+# on every run in tests/test_failover.py (test_kill_9_mid_generation_costs_one_replay_and_no_token).
+@pytest.mark.exhaustive
 def test_kill_9_of_the_middle_span_costs_one_replay_on_that_hop(
     tiny: Checkpoint, monolithic_tokens: list[int], one_hop: GenerationResult
 ) -> None:

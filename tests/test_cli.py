@@ -254,6 +254,9 @@ def test_wrong_credentials_exit_3(served: tuple[subprocess.Popen[str], str], tmp
     assert out.stderr.splitlines()[-1].startswith("lambda-split: error:") and "Traceback" not in out.stderr
 
 
+# SIGTERM of a real serve exits 0 on every run in tests/server/test_serve_command.py
+# (test_readme_toml_and_systemd_command_line_serve, the same tls+aesgcm mode started from a config file).
+@pytest.mark.exhaustive
 def test_sigterm_shuts_the_server_down_with_exit_0(keys: Path) -> None:
     process = start_serve(keys)  # its own: the module's server stays up for the other tests
     try:

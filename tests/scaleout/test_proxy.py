@@ -117,7 +117,11 @@ def _holder(deployment: Deployment, opened_before: dict[str, int]) -> Replica:
     return grown[0]
 
 
-@pytest.mark.parametrize(("mode", "kind"), [("plain", "http"), ("aesgcm", "stream")])
+@pytest.mark.parametrize(
+    ("mode", "kind"),
+    # a replica's drain without a proxy: tests/scaleout/test_drain.py; through nginx: aesgcm-stream
+    [pytest.param("plain", "http", marks=pytest.mark.exhaustive), ("aesgcm", "stream")],
+)
 def test_sigterm_mid_generation_finishes_it_refuses_new_sessions_and_exits_0(
     make_deployment: object, tiny: Checkpoint, mode: str, kind: str
 ) -> None:

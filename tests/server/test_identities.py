@@ -154,13 +154,13 @@ def test_sighup_reloads_the_crl_of_a_running_serve(devices: Devices, tmp_path: P
         proc.wait(timeout=30)
 
 
-def test_keys_list_json_shows_states(devices: Devices) -> None:
+def test_keys_list_json_shows_states(devices: Devices, capsys: pytest.CaptureFixture[str]) -> None:
+    from lambda_split.cli import main
+
     CertificateAuthority.open(devices.ca).revoke("alice")
-    out = subprocess.run(
-        [sys.executable, "-m", "lambda_split", "keys", "list", str(devices.ca), "--json"],
-        capture_output=True, text=True, check=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    ).stdout  # fmt: skip
+    # in this process (a command's JSON on a real stdout: tests/test_cli.py)
+    assert main(["keys", "list", str(devices.ca), "--json"]) == 0
+    out = capsys.readouterr().out
     rows = {(r["role"], r["name"]): r for r in json.loads(out)["certificates"]}
     assert rows[("client", "alice")]["state"] == "revoked"
     assert rows[("client", "bob")]["state"] == "valid"

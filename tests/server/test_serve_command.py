@@ -3,6 +3,8 @@ real server; configuration errors and a port in use are refused before the model
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from lambda_split.cli import main
 from secure_channel import Request, connect_transport
+from server.observability import LOGGER
 from tests.secure_channel.conftest import PKI
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -44,10 +48,24 @@ def exec_start() -> list[str]:
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("LAMBDA_SPLIT_")}
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=300, env={**clean, **(env or {})}
-    )
+    """``lambda-split ARGS`` through :func:`main` in this process, with only ``env``'s LAMBDA_SPLIT_*
+    variables: a refusal before the model loads needs no interpreter of its own (the status a shell
+    sees for a refused serve: tests/test_cli.py::test_a_refused_serve_exits_2_in_a_process)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.MonkeyPatch.context() as mp:
+        # serve points the server's logger at this stderr: put it back afterwards
+        mp.setattr(LOGGER, "handlers", list(LOGGER.handlers))
+        mp.setattr(LOGGER, "propagate", LOGGER.propagate)
+        mp.setattr(LOGGER, "level", LOGGER.level)
+        for name in [k for k in os.environ if k.startswith("LAMBDA_SPLIT_")]:
+            mp.delenv(name)
+        for name, value in (env or {}).items():
+            mp.setenv(name, value)
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def test_readme_toml_and_systemd_command_line_serve(server_pki: PKI, tmp_path: Path) -> None:

@@ -74,7 +74,12 @@ def test_the_light_configuration_passes_when_nothing_is_planted(capsys: pytest.C
     [
         (plants.wrong_port, "capture complete: every client connection captured in both directions"),
         (plants.late_window, "capture complete: TCP handshake and close seen"),
-        (plants.one_direction, "capture complete: every client connection captured in both directions"),
+        # the same check as wrong_port, from another fault: test_a_broken_capture_fails_the_run[wrong_port] guards it
+        pytest.param(
+            plants.one_direction,
+            "capture complete: every client connection captured in both directions",
+            marks=pytest.mark.exhaustive,
+        ),
         (plants.dropped_segments, "capture complete: no sequence holes"),
     ],
 )
@@ -145,7 +150,15 @@ STREAM_LEAKS = {
 }
 
 
-@pytest.mark.parametrize("how", sorted(STREAM_LEAKS))
+# CI plants the prompt on the upgrade and an unsealed step; a ping and a text frame are further cases of
+# the same allowlist (their reasons: tests/threat_model/test_websocket.py, every run).
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param(how, marks=pytest.mark.exhaustive) if how in ("ping", "text") else how
+        for how in sorted(STREAM_LEAKS)
+    ],
+)
 def test_a_leak_hidden_in_the_stream_is_caught(capsys: pytest.CaptureFixture[str], how: str) -> None:
     """The prompt on the upgrade, in a ping or a text frame, or a step re-sent unsealed: each in the
     WebSocket connection of an aesgcm stream, next to the honest sealed records, fails the run
@@ -190,7 +203,11 @@ LLM_LEAKS = {
 }
 
 
-@pytest.mark.heavy
+# Further encodings of hidden states on the wire: every run plants fp16 big-endian base64 prefill states
+# (test_prefill_hidden_states_in_an_outer_header_fail_twice) and unsealed steps on the stream
+# (test_a_leak_hidden_in_the_stream_is_caught[plaintext]); the detector reads every float format and
+# armour in tests/threat_model/test_detectors.py.
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("name", sorted(LLM_LEAKS))
 def test_hidden_states_in_another_encoding_are_named(capsys: pytest.CaptureFixture[str], name: str) -> None:
     encode, check = LLM_LEAKS[name]
@@ -206,7 +223,8 @@ def test_hidden_states_in_another_encoding_are_named(capsys: pytest.CaptureFixtu
     [
         ("zlib prompt", "no prompt or output text on the wire"),
         ("space-separated ids", "no token-id sequences on the wire"),
-        ("base64 ids", "no token-id sequences on the wire"),
+        # the same check as space-separated ids; the encoding: test_detectors.py, every run
+        pytest.param("base64 ids", "no token-id sequences on the wire", marks=pytest.mark.exhaustive),
     ],
 )
 def test_the_prompt_and_its_ids_in_other_encodings_are_named(
@@ -247,7 +265,10 @@ def diffusion_image() -> Any:
 @pytest.mark.parametrize(
     ("name", "check"),
     [
-        ("image float32", "no pixels or encoded images on the wire"),
+        # the same check as the base64 PNG; images as floats: test_detectors.py, every run
+        pytest.param(
+            "image float32", "no pixels or encoded images on the wire", marks=pytest.mark.exhaustive
+        ),
         ("image base64 PNG", "no pixels or encoded images on the wire"),
         ("prompt token ids", "no prompt token ids on the wire"),
     ],
