@@ -130,9 +130,11 @@ def test_generate_json_matches_the_contract(served: tuple[subprocess.Popen[str],
         "failovers",
         "failover_s",
         "defence",
+        "head_depth",
     }
     assert data["stats"]["transport"] == "stream"  # the default path, in the mode that was asked for
     assert data["stats"]["failovers"] == 0 and data["stats"]["defence"] is None  # off unless asked for
+    assert data["stats"]["head_depth"] == 2  # the split's own: no range was asked for
     assert data["security"] == "tls+aesgcm" and data["split"] == [2, 6] and data["wire"] == "fp32"
     assert data["stats"]["bytes_sent"] > 12 * 64 * 4 and data["stats"]["bytes_received"] > 12 * 64 * 4
     client, _ = local_client(__import__("lambda_split").resolve("tiny-random-llama"), "2:-2")
