@@ -17,8 +17,12 @@ arrive would otherwise run alone while the others queue behind it. So a runner a
 decode batch with fewer rows queued than the previous decode batch had waits for the rest, at most
 ``gather_fraction`` (default 1) of the previous forward's duration and never over ``max_gather_s``
 (default 0.1 s): a gather that fails costs at most one forward's time, once (the next batch expects
-only the rows that came), one that succeeds saves a whole forward. A single session never waits (its
-one row is all that is expected). A queued prefill, or :meth:`StepScheduler.drain`, does not wait.
+only the rows that came), one that succeeds saves a whole forward. Steps that name their session
+(``key``) are also expected back once their last step finished, within two forwards and a gather of
+now: otherwise two sessions that fell out of step would run alone in turn for good, each batch
+expecting only the one row it had. A single session never waits (its one row is all that is
+expected); a closed session is forgotten (:meth:`StepScheduler.forget`). A queued prefill, or
+:meth:`StepScheduler.drain`, does not wait.
 
 Groups: a step may name a group (the trunk layer its session enters at); a batch holds steps of
 one group only, the group of the step whose owner's turn comes first.
@@ -82,6 +86,7 @@ class Step:
     payload: Any
     submitted: float
     group: Any = None  # only steps of one group share a batch
+    key: Any = None  # the session, expected back after this step (see the module doc); None: not tracked
     done: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -160,6 +165,7 @@ class StepScheduler:
         self._running = False
         self._last_prefill = False
         self._expected_rows = 0  # rows of the last decode batch, which will come back for their next step
+        self._recent: dict[Any, float] = {}  # session key -> when its last step finished (monotonic)
         self._last_forward_s = 0.0  # how long that batch took
         self._cond = threading.Condition()
 
@@ -167,12 +173,16 @@ class StepScheduler:
     def queued(self) -> int:
         return len(self._queue)
 
-    def submit(self, owner: str, rows: int, tokens: int, payload: Any, *, group: Any = None) -> Any:
+    def submit(
+        self, owner: str, rows: int, tokens: int, payload: Any, *, group: Any = None, key: Any = None
+    ) -> Any:
         """Queue a step and wait for its result (raising its error, or :class:`QueueTimeout`)."""
-        return self.wait(self.enqueue(owner, rows, tokens, payload, group=group))
+        return self.wait(self.enqueue(owner, rows, tokens, payload, group=group, key=key))
 
-    def enqueue(self, owner: str, rows: int, tokens: int, payload: Any, *, group: Any = None) -> Step:
-        step = Step(owner, rows, tokens, payload, self._clock(), group)
+    def enqueue(
+        self, owner: str, rows: int, tokens: int, payload: Any, *, group: Any = None, key: Any = None
+    ) -> Step:
+        step = Step(owner, rows, tokens, payload, self._clock(), group, key)
         with self._cond:
             self._queue.append(step)
             self._turns.setdefault(owner, None)
@@ -227,13 +237,29 @@ class StepScheduler:
         while True:
             if any(s.is_prefill for s in self._queue):
                 return
-            if sum(s.rows for s in self._queue) >= self._expected_rows or not self._queue:
+            if not self._queue:
+                return
+            if sum(s.rows for s in self._queue) >= self._expected_rows and not self._missing():
                 return
             remaining = end - time.monotonic()
             if remaining <= 0:
                 self.stats.gather_timeouts += 1
                 return
             self._cond.wait(remaining)
+
+    def _missing(self) -> bool:
+        """Under the lock: a session whose last step finished recently has no step queued."""
+        horizon = 2 * self._last_forward_s + self.config.max_gather_s
+        now = time.monotonic()
+        for key in [k for k, at in self._recent.items() if now - at > horizon]:
+            del self._recent[key]
+        queued = {s.key for s in self._queue}
+        return any(key not in queued for key in self._recent)
+
+    def forget(self, key: Any) -> None:
+        """``key``'s session is closed: no gather waits for it any more."""
+        with self._cond:
+            self._recent.pop(key, None)
 
     def _take(self) -> list[Step]:
         """Choose the next batch (under the lock) and remove it from the queue."""
@@ -312,6 +338,10 @@ class StepScheduler:
                 return
             results = [exc]
         with self._cond:
+            now = time.monotonic()
+            for step in batch:
+                if step.key is not None:
+                    self._recent[step.key] = now
             for step, result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
                     self._finish(step, error=result)

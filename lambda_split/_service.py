@@ -198,7 +198,7 @@ class LLMExecutor:
         pool.hold(state)
         try:
             rows, tokens = work.hidden.shape[:2]
-            out = self.scheduler.submit(owner, rows, tokens, work, group=state.start)
+            out = self.scheduler.submit(owner, rows, tokens, work, group=state.start, key=state)
         except QueueTimeout as exc:
             raise ServiceError(
                 503, "step_timeout", f"the server is overloaded: {exc}", retry_after=1
@@ -234,6 +234,7 @@ class LLMExecutor:
         return next(iter(self.trunk.parameters()), torch.empty(0)).dtype
 
     def release(self, state: SlotState) -> None:
+        self.scheduler.forget(state)
         self.pools.of(state).release(state)
 
     def state_bytes(self, state: SlotState) -> int:

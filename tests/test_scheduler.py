@@ -245,3 +245,36 @@ def test_a_gather_is_bounded_and_a_prefill_never_waits() -> None:
     sched._expected_rows = 2  # a row is missing, but a prefill is queued: no wait
     assert sched.submit("a", 1, 5, "prefill") == "prefill"
     assert not spy.gathering.is_set()
+
+
+def _out_of_step(max_gather_s: float) -> tuple[StepScheduler, Recorder, _SpyCondition]:
+    """Two sessions that fell out of step: each ran alone, so the last batch had one row."""
+    recorder = Recorder()
+    sched = StepScheduler(recorder, SchedulerConfig(8, 30.0, gather_fraction=1.0, max_gather_s=max_gather_s))
+    spy = _SpyCondition()
+    sched._cond = spy
+    for key in ("A", "B"):
+        sched.enqueue("owner", 1, 1, f"{key}0", key=key)
+        sched.drain()
+    sched._last_forward_s = 3600.0  # the budget is max_gather_s, and both sessions are recent
+    return sched, recorder, spy
+
+
+def test_sessions_that_fell_out_of_step_are_gathered_back_into_one_batch() -> None:
+    sched, runs, spy = _out_of_step(max_gather_s=600.0)
+    assert runs.batches == [["A0"], ["B0"]]
+    first = sched.enqueue("owner", 1, 1, "A1", key="A")
+    runner = threading.Thread(target=sched.wait, args=(first,))
+    runner.start()
+    assert spy.gathering.wait(10), "the runner waits for B, whose last step just finished"
+    second = sched.enqueue("owner", 1, 1, "B1", key="B")
+    runner.join(60)
+    sched.wait(second)
+    assert runs.batches[-1] == ["A1", "B1"] and sched.stats.gather_timeouts == 0
+
+
+def test_a_forgotten_session_is_not_waited_for() -> None:
+    sched, runs, spy = _out_of_step(max_gather_s=600.0)
+    sched.forget("B")  # B's session closed
+    assert sched.submit("owner", 1, 1, "A1", key="A") == "A1"
+    assert runs.batches[-1] == ["A1"] and not spy.gathering.is_set()
