@@ -49,7 +49,7 @@ class _Recorder:
         return out
 
 
-def record(client: ClientModel, target: Target, kind: str, wire: str, tokens: int, path: str) -> int:
+def record_steps(client: ClientModel, target: Target, kind: str, wire: str, tokens: int, path: str) -> int:
     """Run one greedy generation of ``tokens`` tokens through ``target`` and save its trunk steps
     to ``path`` (safetensors); return the number of steps."""
     head, tail = client.parts.head, client.parts.tail
@@ -141,7 +141,7 @@ def collect(
     plan: Any,
     targets: dict[str, Target],
     progress: ProgressFn,
-    record_: dict[str, Any],
+    record: dict[str, Any],
     client: ClientModel,
     workdir: str,
 ) -> dict[str, Any]:
@@ -153,12 +153,12 @@ def collect(
         for kind in plan.transports:
             path = str(Path(workdir) / f"capacity-{mode}-{kind}.safetensors".replace("+", "-"))
             progress(f"capacity: recording one generation's trunk steps ({mode}/{kind})")
-            record(client, targets[mode], kind, plan.wire, plan.concurrency_tokens, path)
+            record_steps(client, targets[mode], kind, plan.wire, plan.concurrency_tokens, path)
             progress(f"capacity: starting {max(plan.clients)} replaying device processes ({mode}/{kind})")
             pool = ClientPool(
                 max(plan.clients), path, plan.split, targets[mode], threads=1, worker=replay_main
             )
-            record_.setdefault("processes", {}).setdefault("capacity_clients", {})[f"{mode}/{kind}"] = (
+            record.setdefault("processes", {}).setdefault("capacity_clients", {})[f"{mode}/{kind}"] = (
                 pool.pids
             )
             try:
