@@ -66,3 +66,12 @@ def run_bench_captured(plan: Any, out: Any, messages: list[str] | None = None) -
     finally:
         capture.undo()
     return code, printed
+
+
+def varint(value: int) -> bytes:
+    """LEB128, written here independently of the codec's own encoder (frame version 2's varints)."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes((value,)))

@@ -18,17 +18,10 @@ from lambda_split.protocol import (
     decode_frame,
     encode_frame,
 )
+from tests.helpers import varint
 
 SID = bytes(range(16))
 HEADER = 8 + 16 + 1  # fixed header, session id, sequence number 7 as a one-byte varint
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    return bytes(out + bytes((value,)))
 
 
 FLOATS = [Encoding.FP32, Encoding.FP16, Encoding.BF16, Encoding.INT8]

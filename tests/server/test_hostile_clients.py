@@ -27,6 +27,7 @@ from lambda_split import Checkpoint, GenerationConfig, RemoteTrunk, SplitClient,
 from lambda_split._codec import FrameLimits
 from lambda_split.protocol import FRAME_CONTENT_TYPE, Encoding, FrameKind, encode_frame
 from server import ServerConfig
+from tests.helpers import varint
 from tests.secure_channel.conftest import PKI
 from tests.server.conftest import LiveServer, start_server, wait_for
 
@@ -36,14 +37,6 @@ FUZZ_LIMITS = ServerConfig(max_body_bytes=FUZZ_BODY_BYTES).service_limits().fram
 FUZZ_ENCODINGS = list(Encoding)[:4]  # fp32, fp16, bf16, int8
 #: header (8), session id (16), sequence number 0 (a 1-byte varint), name, encoding and rank: then the dims
 HIDDEN_OFFSET = 8 + 16 + 1 + 1 + len("hidden") + 2
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    return bytes(out + bytes((value,)))
 
 
 def frame_overhead(limits: FrameLimits) -> int:
