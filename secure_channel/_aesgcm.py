@@ -37,8 +37,9 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 ROUTE_MISMATCH = "route_mismatch"
 #: A handshake message refused for now (``503 overloaded``: the server's cap on handshakes in
 #: flight; ``429 rate_limited``: its per-source handshake rate) is sent again, at most this many
-#: more times, after the server's ``Retry-After`` (at most ``_BUSY_MAX_WAIT_S``) or, without one, a
-#: backoff from 0.1 s doubling; a quarter of jitter on top, so clients refused together part.
+#: more times, after the server's ``Retry-After`` or, without one, a backoff from 0.1 s doubling;
+#: a quarter of jitter on top, so clients refused together part. A server that asks for more than
+#: ``_BUSY_MAX_WAIT_S`` gets no retry: the caller hears ServerBusy at once.
 _BUSY_RETRIES = 4
 _BUSY_MAX_WAIT_S = 5.0
 _BUSY = {(503, "overloaded"), (429, "rate_limited")}
@@ -215,7 +216,7 @@ class AESGCMTransport(Transport):
             if (response.status, _error_code(response)) not in _BUSY:
                 break
             wait = _retry_after(response)
-            if attempt == _BUSY_RETRIES:
+            if attempt == _BUSY_RETRIES or (wait is not None and wait > _BUSY_MAX_WAIT_S):
                 raise ServerBusy(
                     f"the server refused the handshake for now ({_error_code(response)}, "
                     f"{_BUSY_RETRIES + 1} attempts); try again later",

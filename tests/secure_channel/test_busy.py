@@ -89,3 +89,29 @@ def test_a_server_that_stays_busy_gives_server_busy(
     assert not isinstance(caught.value, AuthenticationError)
     assert caught.value.retry_after == 1.0 and "overloaded" in str(caught.value)
     assert len(waits) == aesgcm_module._BUSY_RETRIES
+
+
+def test_a_server_that_asks_for_a_long_wait_gets_no_retry(
+    server_creds: Credentials, client_creds: Credentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sleeping a few seconds when the server asked for minutes only adds load: ServerBusy at once."""
+    waits: list[float] = []
+    monkeypatch.setattr(aesgcm_module, "_sleep", waits.append)
+    gate = middleware_module.AESGCMMiddleware(echo_app([]), server_creds, handshake_rate=(0.01, 1))
+    config = uvicorn_config(gate, host="127.0.0.1", port=0, security="aesgcm", credentials=server_creds,  # type: ignore[arg-type]
+                            log_level="critical", lifespan="off")  # fmt: skip
+    server, thread, port = _start(config)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with AESGCMTransport(PlainTransport(url), client_creds) as first:
+            first.handshake()  # the burst of one
+        with (
+            AESGCMTransport(PlainTransport(url), client_creds) as second,
+            pytest.raises(ServerBusy) as caught,
+        ):
+            second.handshake()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert "rate_limited" in str(caught.value) and caught.value.retry_after is not None
+    assert caught.value.retry_after > aesgcm_module._BUSY_MAX_WAIT_S and waits == []
