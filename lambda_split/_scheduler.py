@@ -25,7 +25,8 @@ expected); a closed session is forgotten (:meth:`StepScheduler.forget`). A queue
 :meth:`StepScheduler.drain`, does not wait.
 
 Groups: a step may name a group (the trunk layer its session enters at); a batch holds steps of
-one group only, the group of the step whose owner's turn comes first.
+one group only, the group of the step whose owner's turn comes first. A gather waits only for the
+rows and sessions of that group: a session of another group would not share the batch anyway.
 
 Fairness: owners (authenticated identities) take turns, one step each per round, and an
 owner served moves to the back of the line, so many sessions of one identity cannot starve
@@ -164,8 +165,10 @@ class StepScheduler:
         self._turns: dict[str, None] = {}  # owners with queued steps, next to be served first
         self._running = False
         self._last_prefill = False
-        self._expected_rows = 0  # rows of the last decode batch, which will come back for their next step
-        self._recent: dict[Any, float] = {}  # session key -> when its last step finished (monotonic)
+        # per group: rows of its last decode batch, which will come back for their next step
+        self._expected_rows: dict[Any, int] = {}
+        # session key -> (when its last step finished (monotonic), its group)
+        self._recent: dict[Any, tuple[float, Any]] = {}
         self._last_forward_s = 0.0  # how long that batch took
         self._cond = threading.Condition()
 
@@ -223,7 +226,7 @@ class StepScheduler:
                 started = time.monotonic()
                 self._run(batch)
                 if not batch[0].is_prefill:
-                    self._expected_rows = sum(s.rows for s in batch)
+                    self._expected_rows[batch[0].group] = sum(s.rows for s in batch)
                     self._last_forward_s = time.monotonic() - started
         finally:
             with self._cond:
@@ -231,7 +234,8 @@ class StepScheduler:
                 self._cond.notify_all()
 
     def _gather(self) -> None:
-        """Under the lock: wait (bounded, see the module doc) for the rows of the last decode batch."""
+        """Under the lock: wait (bounded, see the module doc) for the rows of the last decode batch
+        of the group that runs next."""
         budget = min(self.config.max_gather_s, self.config.gather_fraction * self._last_forward_s)
         end = time.monotonic() + budget
         while True:
@@ -239,7 +243,10 @@ class StepScheduler:
                 return
             if not self._queue:
                 return
-            if sum(s.rows for s in self._queue) >= self._expected_rows and not self._missing():
+            order = {owner: turn for turn, owner in enumerate(self._turns)}
+            group = min(self._queue, key=lambda s: order[s.owner]).group
+            rows = sum(s.rows for s in self._queue if s.group == group)
+            if rows >= self._expected_rows.get(group, 0) and not self._missing(group):
                 return
             remaining = end - time.monotonic()
             if remaining <= 0:
@@ -247,14 +254,14 @@ class StepScheduler:
                 return
             self._cond.wait(remaining)
 
-    def _missing(self) -> bool:
-        """Under the lock: a session whose last step finished recently has no step queued."""
+    def _missing(self, group: Any) -> bool:
+        """Under the lock: a session of ``group`` whose last step finished recently has no step queued."""
         horizon = 2 * self._last_forward_s + self.config.max_gather_s
         now = time.monotonic()
-        for key in [k for k, at in self._recent.items() if now - at > horizon]:
+        for key in [k for k, (at, _) in self._recent.items() if now - at > horizon]:
             del self._recent[key]
         queued = {s.key for s in self._queue}
-        return any(key not in queued for key in self._recent)
+        return any(key not in queued for key, (_, g) in self._recent.items() if g == group)
 
     def forget(self, key: Any) -> None:
         """``key``'s session is closed: no gather waits for it any more."""
@@ -341,7 +348,7 @@ class StepScheduler:
             now = time.monotonic()
             for step in batch:
                 if step.key is not None:
-                    self._recent[step.key] = now
+                    self._recent[step.key] = (now, step.group)
             for step, result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
                     self._finish(step, error=result)

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import random
 import threading
+import time
 from collections.abc import Mapping
 
 from secure_channel._base import Request, Response, SecurityMode, Stream, Transport, new_route
 from secure_channel._exceptions import (
     AuthenticationError,
     InvalidRecord,
+    ServerBusy,
     SessionLost,
     StreamClosed,
     TransportError,
@@ -32,6 +35,24 @@ _OUTER = {"plain": "aesgcm", "tls": "tls+aesgcm"}
 _RESPONSE_META = 64 * 1024  # status and headers inside a sealed response
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 ROUTE_MISMATCH = "route_mismatch"
+#: A handshake message refused for now (``503 overloaded``: the server's cap on handshakes in
+#: flight; ``429 rate_limited``: its per-source handshake rate) is sent again, at most this many
+#: more times, after the server's ``Retry-After`` or, without one, a backoff from 0.1 s doubling;
+#: a quarter of jitter on top, so clients refused together part. A server that asks for more than
+#: ``_BUSY_MAX_WAIT_S`` gets no retry: the caller hears ServerBusy at once.
+_BUSY_RETRIES = 4
+_BUSY_MAX_WAIT_S = 5.0
+_BUSY = {(503, "overloaded"), (429, "rate_limited")}
+_sleep = time.sleep  # tests replace it
+
+
+def _retry_after(response: Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < float("inf") else None
 
 
 def _route_error(sent: str, seen: str | None = None) -> AuthenticationError:
@@ -190,7 +211,19 @@ class AESGCMTransport(Transport):
             raise
 
     def _handshake_step(self, message: bytes, route: str) -> bytes:
-        response = self._post(HANDSHAKE_PATH, message, route, limit=MAX_MESSAGE)
+        for attempt in range(_BUSY_RETRIES + 1):
+            response = self._post(HANDSHAKE_PATH, message, route, limit=MAX_MESSAGE)
+            if (response.status, _error_code(response)) not in _BUSY:
+                break
+            wait = _retry_after(response)
+            if attempt == _BUSY_RETRIES or (wait is not None and wait > _BUSY_MAX_WAIT_S):
+                raise ServerBusy(
+                    f"the server refused the handshake for now ({_error_code(response)}, "
+                    f"{_BUSY_RETRIES + 1} attempts); try again later",
+                    retry_after=wait,
+                )
+            base = min(_BUSY_MAX_WAIT_S, 0.1 * 2.0**attempt if wait is None else wait)
+            _sleep(base * (1.0 + 0.25 * random.random()))
         seen = response.headers.get(ROUTE_HEADER)
         if (seen is not None and seen != route) or _error_code(response) == ROUTE_MISMATCH:
             raise _route_error(route, seen)

@@ -56,6 +56,16 @@ class StreamClosed(TransportError):
         self.reason = reason
 
 
+class ServerBusy(TransportError):
+    """The server refused for now (``503 overloaded`` or ``429 rate_limited``, both unauthenticated)
+    and kept refusing through the client's bounded retries. ``retry_after`` is its last
+    ``Retry-After`` in seconds, if it sent one: try again later, or at another replica."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class StreamUnsupported(TransportError):
     """This transport cannot open a persistent stream; use the request/response path instead."""
 

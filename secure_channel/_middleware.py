@@ -245,7 +245,8 @@ class AESGCMMiddleware:
                 )
                 return
         if self._handshakes >= self._max_handshakes:
-            await _error(send, 503, "overloaded", "too many handshakes in progress; retry shortly")
+            body = _error_body("overloaded", "too many handshakes in progress; retry shortly")
+            await _respond(send, 503, body, retry_after=1)
             return
         try:
             route = _request_route(scope)

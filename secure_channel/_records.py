@@ -201,6 +201,13 @@ class RecordOpener:
         self._frame_type = frame_type
         self._window = ReplayWindow(window)
 
+    @property
+    def expected(self) -> tuple[int, int]:
+        """``(epoch, sequence)`` of the next record in order: the current epoch, and one past the
+        highest sequence accepted (0 before any). Read-only; on an ordered stream the receiver
+        implies both instead of reading them (:mod:`secure_channel._sealed_stream`)."""
+        return self._epoch, self._window.highest + 1
+
     def _key_for(self, epoch: int) -> bytes | None:
         if epoch == self._epoch + 1:
             return _next_key(self._keys[self._epoch])
@@ -261,6 +268,11 @@ class ClientChannel:
     def exhausted(self) -> bool:
         return self._sealer.exhausted
 
+    @property
+    def expected_response(self) -> tuple[int, int]:
+        """``(epoch, sequence)`` of the next response in order (:attr:`RecordOpener.expected`)."""
+        return self._opener.expected
+
     def seal_request(self, plaintext: bytes) -> tuple[bytes, int]:
         return self._sealer.seal(plaintext)
 
@@ -296,6 +308,11 @@ class ServerChannel:
     @property
     def exhausted(self) -> bool:
         return self._sealer.exhausted
+
+    @property
+    def expected_request(self) -> tuple[int, int]:
+        """``(epoch, sequence)`` of the next request in order (:attr:`RecordOpener.expected`)."""
+        return self._opener.expected
 
     def open_request(self, record: bytes) -> tuple[bytes, int]:
         return self._opener.open(record)

@@ -5,8 +5,11 @@ channel session (``x-lambda-session``, from a handshake over HTTP); the first me
 the sealed opening that binds the path and the routing key (a key that differs from the
 upgrade's, which a proxy hashed on, closes the stream with 1008 ``route_mismatch``). Only then does the app see the
 stream, with the peer identity in its scope and every message already opened; whatever it
-sends is sealed and bound to the request it answers. The channel session belongs to the
-stream from then on (a sealed HTTP request naming it gets 409) and is dropped when it ends.
+sends is sealed and bound to the request it answers, and sent at once (a record sealed out of
+step with the stream fails loudly instead of going out). Any message that does not open (too
+short, an epoch byte out of step, a failed tag: a replayed, reordered, dropped or old-format
+message among them) closes the stream with 1008 ``invalid_record``. The channel session belongs
+to the stream from then on (a sealed HTTP request naming it gets 409) and is dropped when it ends.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from secure_channel._exceptions import InvalidRecord
+from secure_channel._exceptions import ChannelError, InvalidRecord
 from secure_channel._identity import AESGCM_EXTENSION
+from secure_channel._records import FRAME_REQUEST
 from secure_channel._routing import ROUTE_MISMATCH
-from secure_channel._sealed_stream import OPEN_ACK, _compact, _expand, _opening
+from secure_channel._sealed_stream import OPEN_ACK, _expand, _InStep, _opening
 from secure_channel._wire import ROUTE_HEADER, _error_body
 
 if TYPE_CHECKING:
@@ -62,8 +66,9 @@ async def _serve_sealed_stream(
     gate._streams[session.identity] += 1
     try:
         await send({"type": "websocket.accept"})
-        if await _check_opening(scope, receive, send, session, open_timeout_s):
-            await _run_app(gate, scope, receive, send, sid, session)
+        sent = _InStep()
+        if await _check_opening(scope, receive, send, session, sent, open_timeout_s):
+            await _run_app(gate, scope, receive, send, sid, session, sent)
     finally:
         session.busy = False
         gate._streams[session.identity] -= 1
@@ -76,8 +81,14 @@ async def _close(send: Send, code: int, reason: str) -> None:
     await send({"type": "websocket.close", "code": code, "reason": reason})
 
 
+def _open(session: _Session, data: bytes) -> tuple[bytes, int]:
+    """Open a stream message as the request record it stands for; InvalidRecord if it does not."""
+    channel = session.channel
+    return channel.open_request(_expand(data, FRAME_REQUEST, channel.session_id, channel.expected_request))
+
+
 async def _check_opening(
-    scope: Scope, receive: Receive, send: Send, session: _Session, timeout: float
+    scope: Scope, receive: Receive, send: Send, session: _Session, sent: _InStep, timeout: float
 ) -> bool:
     try:
         message = await asyncio.wait_for(receive(), timeout)
@@ -91,7 +102,7 @@ async def _check_opening(
         return False
     route = dict(scope["headers"]).get(ROUTE_HEADER.encode(), b"").decode("latin-1")
     try:
-        plaintext, sequence = session.channel.open_request(_expand(data, session.channel.session_id))
+        plaintext, sequence = _open(session, data)
     except InvalidRecord:
         logger.warning("aesgcm stream opening rejected")
         await _close(send, POLICY, "invalid_record")
@@ -103,14 +114,19 @@ async def _check_opening(
             send, POLICY, ROUTE_MISMATCH if same_path else "the opening does not match the upgrade request"
         )
         return False
-    await send(
-        {"type": "websocket.send", "bytes": _compact(session.channel.seal_response(OPEN_ACK, sequence))}
-    )
+    ack = sent.compact(session.channel.seal_response(OPEN_ACK, sequence))
+    await send({"type": "websocket.send", "bytes": ack})
     return True
 
 
 async def _run_app(
-    gate: AESGCMMiddleware, scope: Scope, receive: Receive, send: Send, sid: bytes, session: _Session
+    gate: AESGCMMiddleware,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    sid: bytes,
+    session: _Session,
+    sent: _InStep,
 ) -> None:
     waiting: deque[int] = deque()
     connected = False
@@ -132,7 +148,7 @@ async def _run_app(
             await _close(send, POLICY, "session revoked, expired or used up; open a new stream")
             return gone
         try:
-            plaintext, sequence = session.channel.open_request(_expand(data, sid))
+            plaintext, sequence = _open(session, data)
         except InvalidRecord:
             logger.warning("aesgcm stream record rejected")
             await _close(send, POLICY, "invalid_record")
@@ -167,7 +183,11 @@ async def _run_app(
             if message.get("bytes") is None or not waiting:
                 raise RuntimeError("a sealed stream only sends binary answers to requests")
             record = session.channel.seal_response(message["bytes"], waiting.popleft())
-            await send({"type": "websocket.send", "bytes": _compact(record)})
+            try:
+                data = sent.compact(record)
+            except ChannelError as exc:
+                raise RuntimeError("a sealed stream's records must be sent as they are sealed") from exc
+            await send({"type": "websocket.send", "bytes": data})
             return
         await send(message)
 

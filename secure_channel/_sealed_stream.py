@@ -1,17 +1,28 @@
 """AES-GCM records on a persistent stream: the client end, and the format both ends share.
 
-Every message on a sealed stream, in both directions, is one record of :mod:`._records` with
-the session id left out of the wire form (the stream is bound to one channel session when it
-opens, so the id is implied; it is put back before the record is opened, so the AAD, nonce,
-replay window and rekeying are exactly those of the HTTP path)::
+Every message on a sealed stream, in both directions, is one record of :mod:`._records` of the
+stream's own channel session, reduced to what the receiver cannot work out for itself::
 
     offset  size  field
-    0       1     version        0x01
-    1       1     frame type     0x01 request (client -> server), 0x02 response (server -> client)
-    2       4     epoch
-    6       8     sequence
-    14      n     ciphertext
-    14+n    16    GCM tag
+    0       1     epoch_low      the record's epoch mod 256
+    1       n     ciphertext
+    1+n     16    GCM tag
+
+The stream is ordered and reliable and its channel session belongs to it alone, so the rest of
+the record header is implied: version 0x01; frame type 0x01 request (client -> server) or 0x02
+response (server -> client), by direction; the stream's session id; the sequence the receiver
+expects next (one past the highest it accepted, 0 at the start); and the epoch, which is the
+receiver's current one if ``epoch_low`` matches it, else the next one if ``epoch_low`` matches
+that, else the message is refused before its tag is checked. The receiver rebuilds the full
+header (:func:`_expand`) and opens the record with the unchanged :class:`RecordOpener`, so the
+nonce, the AAD (the full header, the direction and, for a response, the request it answers),
+the replay window and rekeying are exactly those of the HTTP path.
+
+A replayed, reordered, dropped or duplicated message is opened under a sequence it was not
+sealed with: its tag fails and the stream ends. So each end sends a record as soon as it is
+sealed, and stops sending (the stream is closed) once one was sealed and not sent
+(:class:`_InStep`). An old-format (v1) message fails the same way, and its peer is closed with
+a reason.
 
 The first message is the sealed *opening*, ``OPENING_PREFIX || path || 0x00 || route key``:
 the server accepts nothing else first, and only if path and route key equal the upgrade
@@ -25,14 +36,22 @@ from __future__ import annotations
 from collections import deque
 
 from secure_channel._base import Stream
-from secure_channel._exceptions import AuthenticationError, InvalidRecord, TransportError
-from secure_channel._records import HEADER, SESSION_ID_SIZE, ClientChannel
+from secure_channel._exceptions import AuthenticationError, ChannelError, InvalidRecord, TransportError
+from secure_channel._records import (
+    FRAME_RESPONSE,
+    HEADER,
+    MAX_EPOCH,
+    RECORD_VERSION,
+    TAG_SIZE,
+    ClientChannel,
+)
 
-OPENING_PREFIX = b"lambda-split stream v1\x00"
+OPENING_PREFIX = b"lambda-split stream v2\x00"
 OPEN_ACK = b"lambda-split stream open"
-#: Header bytes on the stream: the record header without the 16-byte session id.
-COMPACT_HEADER = HEADER.size - SESSION_ID_SIZE
-_SID = slice(2, 2 + SESSION_ID_SIZE)
+#: Header bytes of a stream message: the low byte of its record's epoch.
+COMPACT_HEADER = 1
+#: Bytes a sealed stream message adds to its plaintext: the epoch byte and the GCM tag.
+STREAM_OVERHEAD = COMPACT_HEADER + TAG_SIZE
 
 
 def _opening(path: str, route: str) -> bytes:
@@ -41,41 +60,92 @@ def _opening(path: str, route: str) -> bytes:
 
 
 def _compact(record: bytes) -> bytes:
-    """The wire form of ``record`` on a stream: the session id removed."""
-    return record[: _SID.start] + record[_SID.stop :]
+    """The wire form of the full ``record`` on a stream: its epoch's low byte, ciphertext and tag."""
+    epoch = HEADER.unpack_from(record)[3]
+    return bytes((epoch & 0xFF,)) + record[HEADER.size :]
 
 
-def _expand(data: bytes, session_id: bytes) -> bytes:
-    """The full record of a stream message, the stream's session id put back."""
-    if len(data) < COMPACT_HEADER:
+def _expand(data: bytes, frame_type: int, session_id: bytes, expected: tuple[int, int]) -> bytes:
+    """The full record a stream message stands for, given the receiver's ``expected``
+    ``(epoch, sequence)`` (:attr:`RecordOpener.expected`). InvalidRecord if it is too short or its
+    epoch byte is neither the expected epoch's nor the next one's."""
+    epoch, sequence = expected
+    if len(data) < STREAM_OVERHEAD:
         raise InvalidRecord("record rejected")
-    return data[: _SID.start] + session_id + data[_SID.start :]
+    if data[0] != epoch & 0xFF:
+        epoch += 1  # the sender rekeyed with this record
+        if data[0] != epoch & 0xFF or epoch > MAX_EPOCH:
+            raise InvalidRecord("record rejected")
+    return HEADER.pack(RECORD_VERSION, frame_type, session_id, epoch, sequence) + data[COMPACT_HEADER:]
+
+
+class _InStep:
+    """One direction of a stream as its sender sees it: the wire form of each record, refused
+    (ChannelError) for a record sealed out of step, that is, whose sequence is not one past the
+    last one sent, since the receiver would open it under another sequence."""
+
+    def __init__(self) -> None:
+        self._next: int | None = None
+
+    def compact(self, record: bytes) -> bytes:
+        sequence = HEADER.unpack_from(record)[4]
+        if self._next is not None and sequence != self._next:
+            raise ChannelError("a record was sealed and not sent on this stream; it is out of step")
+        self._next = sequence + 1
+        return _compact(record)
 
 
 class SealedStream(Stream):
-    """A :class:`Stream` whose every message is an AES-GCM record of a dedicated channel session."""
+    """A :class:`Stream` whose every message is an AES-GCM record of a dedicated channel session.
+
+    ``channel`` must be fresh and used by nothing else (:meth:`AESGCMTransport.open_stream` runs
+    a handshake for each stream). A message that does not authenticate, or a send that breaks
+    off after its record was sealed, closes the stream: the sequences would be out of step.
+    """
 
     def __init__(self, inner: Stream, channel: ClientChannel, path: str, route: str) -> None:
         self.stats = inner.stats
         self.inner = inner
         self._channel = channel
+        self._sent = _InStep()
         self._waiting: deque[int] = deque()
+        self._broken = False
         self.send(_opening(path, route))
         if self.recv() != OPEN_ACK:
             raise AuthenticationError("the server did not acknowledge the sealed stream")
 
+    def _break(self) -> None:
+        self._broken = True
+        self.inner.close()
+
     def send(self, message: bytes) -> None:
+        if self._broken:
+            raise TransportError("the sealed stream is out of step and closed; open a new stream")
         if self._channel.exhausted:
             raise TransportError("the stream's channel keys are used up; open a new stream")
         record, sequence = self._channel.seal_request(message)
-        self.inner.send(_compact(record))
+        try:
+            self.inner.send(self._sent.compact(record))
+        except BaseException:
+            self._break()
+            raise
         self._waiting.append(sequence)
 
     def recv(self) -> bytes:
+        if self._broken:
+            raise TransportError("the sealed stream is out of step and closed; open a new stream")
         if not self._waiting:
             raise TransportError("nothing was sent that the server could answer")
         data = self.inner.recv()
-        return self._channel.open_response(_expand(data, self._channel.session_id), self._waiting.popleft())
+        channel = self._channel
+        try:
+            record = _expand(data, FRAME_RESPONSE, channel.session_id, channel.expected_response)
+            plaintext = channel.open_response(record, self._waiting[0])
+        except InvalidRecord:
+            self._break()
+            raise
+        self._waiting.popleft()
+        return plaintext
 
     def close(self) -> None:
         self.inner.close()

@@ -242,7 +242,7 @@ def test_a_gather_is_bounded_and_a_prefill_never_waits() -> None:
     assert sched.submit("a", 1, 1, "a1") == "a1"  # nobody else comes back: runs alone after the budget
     assert runs.batches[-1] == ["a1"] and sched.stats.gather_timeouts == 1
     spy.gathering.clear()
-    sched._expected_rows = 2  # a row is missing, but a prefill is queued: no wait
+    sched._expected_rows[None] = 2  # a row is missing, but a prefill is queued: no wait
     assert sched.submit("a", 1, 5, "prefill") == "prefill"
     assert not spy.gathering.is_set()
 
@@ -278,3 +278,28 @@ def test_a_forgotten_session_is_not_waited_for() -> None:
     sched.forget("B")  # B's session closed
     assert sched.submit("owner", 1, 1, "A1", key="A") == "A1"
     assert runs.batches[-1] == ["A1"] and not spy.gathering.is_set()
+
+
+def test_a_gather_waits_only_for_sessions_of_the_group_that_runs_next() -> None:
+    """Sessions at another head depth would not share the batch: waiting for them wastes the gather."""
+    recorder = Recorder()
+    sched = StepScheduler(recorder, SchedulerConfig(8, 30.0, gather_fraction=1.0, max_gather_s=600.0))
+    spy = _SpyCondition()
+    sched._cond = spy
+    sched.enqueue("a", 1, 1, "A0", group=2, key="A")
+    sched.enqueue("b", 1, 1, "B0", group=2, key="B")
+    sched.drain()  # two rows at depth 2, both recent
+    sched.enqueue("c", 1, 1, "C0", group=3, key="C")
+    sched.drain()  # one row at depth 3
+    sched._last_forward_s = 0.5  # a gather could wait half a second; A and B stay recent
+    assert sched.submit("c", 1, 1, "C1", group=3, key="C") == "C1"  # A and B are of depth 2
+    assert recorder.batches[-1] == ["C1"] and not spy.gathering.is_set()
+    sched._last_forward_s = 3600.0  # as before: that forward's real time would end the gather at once
+    first = sched.enqueue("a", 1, 1, "A1", group=2, key="A")
+    runner = threading.Thread(target=sched.wait, args=(first,))
+    runner.start()
+    assert spy.gathering.wait(10), "depth 2 ran two rows last time: the runner waits for B"
+    second = sched.enqueue("b", 1, 1, "B1", group=2, key="B")
+    runner.join(60)
+    sched.wait(second)
+    assert recorder.batches[-1] == ["A1", "B1"] and sched.stats.gather_timeouts == 0

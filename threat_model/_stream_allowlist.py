@@ -3,8 +3,9 @@
 Client to server: one HTTP upgrade request, ``GET /v1/stream``, whose header names and values
 belong to fixed shapes and all must be there (host, the four WebSocket headers, a
 32-hex-digit routing key and channel session id; nothing else, not even a user agent); then only masked frames: binary messages
-that are each one sealed *request* record in the stream's compact form (no session id), and
-a close with code 1000 or 1001 and no reason.
+that are each one sealed *request* record in the stream's compact form (``epoch_low ||
+ciphertext || tag``, :mod:`secure_channel._sealed_stream`), and a close with code 1000 or 1001
+and no reason.
 
 Server to client: ``HTTP/1.1 101 Switching Protocols`` whose ``sec-websocket-accept`` is
 exactly the one RFC 6455 derives from the client's key, then only unmasked frames: binary
@@ -12,9 +13,13 @@ messages that are each one sealed *response* record, and a close with a known co
 short ASCII reason (an unauthenticated hint, see SECURITY.md).
 
 No text frame, no ping or pong (the server sends no pings, the client none either; a ping's
-payload is free bytes), no extension (reserved bits), no fragment left open, no record of the wrong
-type, no byte after the framing stops parsing. Records go to the caller (with the session
-id of the upgrade put back) for the fresh-keys check.
+payload is free bytes), no extension (reserved bits), no fragment left open, no byte after the
+framing stops parsing. A record's only clear byte is its epoch's low byte, and an observer can
+track the epoch as the receiver does: it starts at 0 (each stream has a fresh channel session),
+and each record of a direction keeps it or moves it on by one (a rekey); any other byte there is
+not a sealed record. Frame type and sequence are implied by direction and order, so records go
+to the caller as full records (the upgrade's session id, the tracked epoch and the sequence put
+back) for the fresh-keys check.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import hashlib
 import re
 
 from lambda_split.protocol import ROUTE_HEADER, STREAM_PATH
-from secure_channel._records import FRAME_REQUEST, FRAME_RESPONSE, RECORD_VERSION, SESSION_ID_SIZE, TAG_SIZE
-from secure_channel._sealed_stream import COMPACT_HEADER
+from secure_channel._records import FRAME_REQUEST, FRAME_RESPONSE, HEADER, RECORD_VERSION, SESSION_ID_SIZE
+from secure_channel._sealed_stream import COMPACT_HEADER, STREAM_OVERHEAD
 from secure_channel._wire import SESSION_HEADER
 from threat_model._capture._reassembly import DirectionName, TcpStream
 from threat_model._websocket import BINARY, CLOSE, WsDirection, WsMessage, read_websocket
@@ -63,12 +68,14 @@ def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
 
 
-def _record(message: WsMessage, frame_type: int) -> str | None:
+def _record(message: WsMessage, frame_type: int, epoch: int) -> str | None:
+    """Why ``message`` is not the next sealed record of its direction, whose epoch was ``epoch``."""
     data = message.data
-    if len(data) < COMPACT_HEADER + TAG_SIZE:
+    if len(data) < STREAM_OVERHEAD:
         return f"stream message of {len(data)} bytes is shorter than a sealed record"
-    if data[0] != RECORD_VERSION or data[1] != frame_type:
-        return f"stream message is not a sealed {'request' if frame_type == FRAME_REQUEST else 'response'} record"
+    if data[0] not in (epoch & 0xFF, (epoch + 1) & 0xFF):
+        kind = "request" if frame_type == FRAME_REQUEST else "response"
+        return f"stream message is not a sealed {kind} record (epoch byte {data[0]}, the stream's epoch is {epoch})"
     return None
 
 
@@ -83,17 +90,21 @@ def _close(message: WsMessage, codes: tuple[int, ...], reason: bool) -> str | No
 
 def _frames(
     label: str, name: DirectionName, data: bytes, frames: WsDirection
-) -> tuple[list[Violation], list[bytes]]:
-    """Violations of one direction's frames, and its sealed records (compact form)."""
+) -> tuple[list[Violation], list[tuple[int, bytes]]]:
+    """Violations of one direction's frames, and its sealed records as ``(epoch, compact form)``
+    (their sequences are their positions)."""
     out = [_violation(label, name, data, at, problem) for at, problem in frames.problems]
-    records: list[bytes] = []
+    records: list[tuple[int, bytes]] = []
     client = name == "c2s"
+    epoch = 0
     for message in frames.messages:
         problem: str | None
         if message.opcode == BINARY:
-            problem = _record(message, FRAME_REQUEST if client else FRAME_RESPONSE)
+            problem = _record(message, FRAME_REQUEST if client else FRAME_RESPONSE, epoch)
             if problem is None:
-                records.append(message.data)
+                if message.data[0] != epoch & 0xFF:
+                    epoch += 1  # the sender rekeyed
+                records.append((epoch, message.data))
         elif message.opcode == CLOSE:
             problem = _close(message, CLIENT_CLOSE_CODES if client else SERVER_CLOSE_CODES, not client)
         else:
@@ -142,6 +153,8 @@ def websocket_violations(
         out.append(_violation(label, "s2c", s2c, view.s2c.head_end, "more sealed responses than requests"))
     if records is not None and session is not None:
         sid = bytes.fromhex(session)
-        for kind, compact in [(FRAME_REQUEST, r) for r in sent] + [(FRAME_RESPONSE, r) for r in answered]:
-            records.append((kind, compact[:2] + sid + compact[2:]))
+        for kind, found in ((FRAME_REQUEST, sent), (FRAME_RESPONSE, answered)):
+            for sequence, (epoch, compact) in enumerate(found):
+                header = HEADER.pack(RECORD_VERSION, kind, sid, epoch, sequence)
+                records.append((kind, header + compact[COMPACT_HEADER:]))
     return out

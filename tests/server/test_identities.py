@@ -19,6 +19,7 @@ from secure_channel import (
     AuthenticationError,
     CertificateAuthority,
     Request,
+    ServerBusy,
     Transport,
     TransportError,
     cert_identity,
@@ -213,9 +214,10 @@ def test_one_handshake_costs_one_token(tiny: Checkpoint, devices: Devices) -> No
             with connect_transport(server.url, "aesgcm", keys_dir=devices.alice) as alice:
                 assert info(alice) == 200
         with (
-            pytest.raises(AuthenticationError, match="rate_limited"),
+            pytest.raises(ServerBusy, match="rate_limited") as busy,
             connect_transport(server.url, "aesgcm", keys_dir=devices.bob) as bob,
         ):
             info(bob)  # the fourth handshake from this address is refused
+        assert busy.value.retry_after is not None and busy.value.retry_after > 5  # no retry
     finally:
         server.stop()

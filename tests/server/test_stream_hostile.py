@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,8 +25,9 @@ from secure_channel import (
     TransportError,
     connect_transport,
 )
-from secure_channel._sealed_stream import _compact, _opening
-from tests.server.conftest import LiveServer, wait_for
+from secure_channel._sealed_stream import SealedStream, _compact, _opening
+from tests.secure_channel.conftest import PKI
+from tests.server.conftest import LiveServer, start_server, wait_for
 
 GREEDY = GenerationConfig(max_new_tokens=8)
 
@@ -53,6 +54,15 @@ def error_code(reply: bytes) -> tuple[int, str]:
     data = json.loads(reply[1:])
     assert set(data) == {"status", "error"} and set(data["error"]) == {"code", "message"}
     return data["status"], data["error"]["code"]
+
+
+@pytest.fixture(scope="module")
+def sealed_server(tiny: Checkpoint, server_pki: PKI) -> Iterator[LiveServer]:
+    """An aesgcm server of this module's own, with a handshake budget (per source address) that the
+    many hostile streams below, each followed by an honest client, do not run out of."""
+    server = start_server(tiny, "aesgcm", server_pki.root, handshake_burst=10_000)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +152,27 @@ def test_an_upgrade_without_a_channel_session_is_refused(
     sealed.close()
 
 
-@pytest.mark.parametrize("first", ["unsealed", "garbage", "wrong route", "wrong path"])
+def _v1(record: bytes) -> bytes:
+    """A stream message of the old format (v1): the full record header less the session id."""
+    return record[:2] + record[18:]
+
+
+@pytest.mark.parametrize(
+    ("first", "reason"),
+    [
+        ("unsealed", "invalid_record"),
+        ("garbage", "invalid_record"),
+        ("wrong route", "route_mismatch"),
+        ("wrong path", "the opening does not match the upgrade request"),
+        ("v1 peer", "invalid_record"),  # the old wire form does not open
+        ("v1 opening", "the opening does not match the upgrade request"),
+        ("truncated", "invalid_record"),
+    ],
+)
 def test_a_stream_whose_first_message_is_not_the_sealed_opening_is_closed(
-    live: dict[str, LiveServer], tiny: Checkpoint, first: str
+    sealed_server: LiveServer, tiny: Checkpoint, first: str, reason: str
 ) -> None:
-    server = live["aesgcm"]
+    server = sealed_server
     sealed = connect_transport(server.url, "aesgcm", keys_dir=server.keys)
     assert isinstance(sealed, AESGCMTransport)
     with sealed:
@@ -154,17 +180,25 @@ def test_a_stream_whose_first_message_is_not_the_sealed_opening_is_closed(
         inner = sealed.inner.open_stream(
             STREAM_PATH, {"x-lambda-session": channel.session_id.hex(), ROUTE_HEADER: "a" * 32}
         )
+        v1_opening = b"lambda-split stream v1\x00" + STREAM_PATH.encode() + b"\x00" + b"a" * 32
+
+        def sealed(plaintext: bytes) -> bytes:  # the channel's first record: the stream's sequence 0
+            return channel.seal_request(plaintext)[0]
+
         message = {
-            "unsealed": bytes((StreamOp.OPEN,)) + b'{"wire": "fp32"}',
-            "garbage": os.urandom(80),
-            "wrong route": _compact(channel.seal_request(_opening(STREAM_PATH, "b" * 32))[0]),
-            "wrong path": _compact(channel.seal_request(_opening("/v1/other", "a" * 32))[0]),
-        }[first]
+            "unsealed": lambda: bytes((StreamOp.OPEN,)) + b'{"wire": "fp32"}',
+            "garbage": lambda: os.urandom(80),
+            "wrong route": lambda: _compact(sealed(_opening(STREAM_PATH, "b" * 32))),
+            "wrong path": lambda: _compact(sealed(_opening("/v1/other", "a" * 32))),
+            "v1 peer": lambda: _v1(sealed(v1_opening)),
+            "v1 opening": lambda: _compact(sealed(v1_opening)),
+            "truncated": lambda: _compact(sealed(_opening(STREAM_PATH, "a" * 32)))[:16],
+        }[first]()
         before = server.service.open_sessions
         with pytest.raises(StreamClosed) as closed:
             inner.send(message)
             inner.recv()
-        assert closed.value.code == 1008
+        assert (closed.value.code, closed.value.reason) == (1008, reason)
         assert server.service.open_sessions == before  # nothing ran
     assert honest_output(server, tiny) == honest_output(server, tiny)
 
@@ -182,6 +216,50 @@ def test_a_tampered_record_mid_stream_closes_it(live: dict[str, LiveServer], tin
             stream.inner.recv()  # type: ignore[attr-defined]
         assert (closed.value.code, closed.value.reason) == (1008, "invalid_record")
     honest_output(server, tiny)
+
+
+def _closed_after(inner: Stream, *messages: bytes) -> StreamClosed:
+    """Send ``messages``, then read until the server closes the stream (answers before it are read)."""
+    for message in messages:
+        inner.send(message)
+    with pytest.raises(StreamClosed) as closed:
+        for _ in range(len(messages) + 1):
+            inner.recv()
+    return closed.value
+
+
+@pytest.mark.parametrize(
+    "how", ["replayed", "duplicated", "swapped", "dropped", "epoch byte", "next epoch", "truncated", "empty"]
+)
+def test_a_sealed_message_out_of_place_closes_the_stream(
+    sealed_server: LiveServer, tiny: Checkpoint, reference: list[int], how: str
+) -> None:
+    """The server opens each message under the next sequence and the epoch its byte names: a message
+    re-sent, sent twice, out of order, after a gap, under a wrong epoch byte or cut short does not
+    open, and the stream is closed with a reason; an honest client is served as before."""
+    server = sealed_server
+    transport, stream = open_raw(server)
+    with transport:
+        assert isinstance(stream, SealedStream)
+        ask = bytes((StreamOp.CLOSE,)) + b"0" * 32  # answered with an error message; opens nothing
+        first, second = (_compact(stream._channel.seal_request(ask)[0]) for _ in range(2))
+        inner = stream.inner
+        if how == "replayed":
+            inner.send(first)
+            assert inner.recv()  # answered
+            closed = _closed_after(inner, first)
+        else:
+            closed = {
+                "duplicated": lambda: _closed_after(inner, first, first),
+                "swapped": lambda: _closed_after(inner, second, first),
+                "dropped": lambda: _closed_after(inner, second),
+                "epoch byte": lambda: _closed_after(inner, b"\x02" + first[1:]),
+                "next epoch": lambda: _closed_after(inner, b"\x01" + first[1:]),
+                "truncated": lambda: _closed_after(inner, first[:16]),
+                "empty": lambda: _closed_after(inner, b""),
+            }[how]()
+        assert (closed.code, closed.reason) == (1008, "invalid_record")
+    assert honest_output(server, tiny) == reference
 
 
 def test_a_plain_websocket_to_an_aesgcm_server_never_reaches_the_trunk(live: dict[str, LiveServer]) -> None:

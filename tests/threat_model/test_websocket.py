@@ -49,10 +49,9 @@ def frame(opcode: Opcode, data: bytes, *, client: bool, fin: bool = True) -> byt
     return Frame(opcode, data, fin=fin).serialize(mask=client)
 
 
-def sealed(kind: int, sequence: int, size: int = 120) -> bytes:
-    """A sealed record in the stream's compact form (no session id)."""
-    full = HEADER.pack(RECORD_VERSION, kind, SID, 0, sequence) + os.urandom(size)
-    return full[:2] + full[18:]
+def sealed(size: int = 120, epoch: int = 0) -> bytes:
+    """A sealed record in the stream's compact form: its epoch's low byte, ciphertext and tag."""
+    return bytes((epoch & 0xFF,)) + os.urandom(size)
 
 
 def stream(c2s: bytes, s2c: bytes) -> TcpStream:
@@ -61,11 +60,13 @@ def stream(c2s: bytes, s2c: bytes) -> TcpStream:
                      0.0, 1.0, True)  # fmt: skip
 
 
-def honest(steps: int = 3) -> tuple[bytes, bytes]:
+def honest(steps: int = 3, epochs: list[int] | None = None) -> tuple[bytes, bytes]:
+    """A sealed stream of ``steps`` requests and responses; record i of each direction is sealed
+    under epoch ``epochs[i]`` (0 for all by default)."""
     c2s, s2c = upgrade(), switched()
-    for sequence in range(steps):
-        c2s += frame(Opcode.BINARY, sealed(FRAME_REQUEST, sequence), client=True)
-        s2c += frame(Opcode.BINARY, sealed(FRAME_RESPONSE, sequence), client=False)
+    for epoch in epochs or [0] * steps:
+        c2s += frame(Opcode.BINARY, sealed(epoch=epoch), client=True)
+        s2c += frame(Opcode.BINARY, sealed(epoch=epoch), client=False)
     c2s += frame(Opcode.CLOSE, struct.pack("!H", 1000), client=True)
     s2c += frame(Opcode.CLOSE, struct.pack("!H", 1000), client=False)
     return c2s, s2c
@@ -210,10 +211,42 @@ def test_an_honest_sealed_stream_passes_and_its_records_carry_the_session_back()
     records: list[tuple[int, bytes]] = []
     assert websocket_violations(stream(*honest()), records) == []
     assert [kind for kind, _ in records] == [FRAME_REQUEST] * 3 + [FRAME_RESPONSE] * 3
-    assert all(HEADER.unpack_from(body)[2] == SID for _, body in records)
+    headers = [HEADER.unpack_from(body) for _, body in records]
+    assert headers == [
+        (RECORD_VERSION, kind, SID, 0, seq) for kind in (FRAME_REQUEST, FRAME_RESPONSE) for seq in range(3)
+    ]
     assert keystream_reuse(records) == []
     [verdict, keys] = allowlist_checks("aesgcm", [[stream(*honest())]])
     assert verdict["passed"] and keys["passed"]
+
+
+def test_the_observer_tracks_the_epoch_through_rekeys_and_its_wrap() -> None:
+    """Each record keeps its direction's epoch or moves it on by one; the low byte wraps 255 -> 0."""
+    epochs = [0, 0, 1, 1, 2, *range(3, 260)]
+    records: list[tuple[int, bytes]] = []
+    assert websocket_violations(stream(*honest(epochs=epochs)), records) == []
+    requests = [HEADER.unpack_from(body) for kind, body in records if kind == FRAME_REQUEST]
+    assert [(epoch, seq) for *_, epoch, seq in requests] == [(e, i) for i, e in enumerate(epochs)]
+    assert requests[-1][3] == 259  # the wire said 3
+
+
+def _in_another_session(c2s: bytes) -> bytes:
+    return c2s.replace(SID.hex().encode(), os.urandom(16).hex().encode())
+
+
+def test_two_streams_sealing_under_the_same_key_and_nonce_are_found() -> None:
+    """The fresh-keys check sees a stream's records as full records: the same request ciphertexts
+    at the same (epoch, sequence) in two channel sessions are keystream reuse; fresh ones are not."""
+    c2s, _ = honest()
+    records: list[tuple[int, bytes]] = []
+    for data in (c2s, _in_another_session(c2s)):
+        assert websocket_violations(stream(data, switched()), records) == []
+    assert [kind for kind, _ in records] == [FRAME_REQUEST] * 6
+    assert len(keystream_reuse(records)) == 3
+    fresh: list[tuple[int, bytes]] = []
+    for data in (honest()[0], _in_another_session(honest()[0])):
+        assert websocket_violations(stream(data, switched()), fresh) == []
+    assert keystream_reuse(fresh) == []
 
 
 def _tamper_c2s(c2s: bytes, s2c: bytes, how: str) -> tuple[bytes, bytes]:
@@ -236,15 +269,20 @@ def _tamper_c2s(c2s: bytes, s2c: bytes, how: str) -> tuple[bytes, bytes]:
     if how == "close reason":
         return c2s[: -len(close)] + frame(Opcode.CLOSE, struct.pack("!H", 1000) + b"Paris", client=True), s2c
     if how == "unmasked":
-        return c2s[: -len(close)] + b"\x82\x20" + sealed(FRAME_REQUEST, 9, 18), s2c
-    if how == "response as request":
-        return c2s[: -len(close)] + frame(Opcode.BINARY, sealed(FRAME_RESPONSE, 9), client=True) + close, s2c
+        return c2s[: -len(close)] + b"\x82\x20" + sealed(31), s2c
+    if how == "epoch skipped":
+        return c2s[: -len(close)] + frame(Opcode.BINARY, sealed(epoch=2), client=True) + close, s2c
+    if how == "epoch back":
+        rekeyed = honest(epochs=[0, 1])[0]
+        return rekeyed[: -len(close)] + frame(Opcode.BINARY, sealed(epoch=0), client=True) + close, s2c
+    if how == "short record":
+        return c2s[: -len(close)] + frame(Opcode.BINARY, sealed(15), client=True) + close, s2c
     if how == "wrong accept":
         return c2s, switched(reference_accept_key("AAAAAAAAAAAAAAAAAAAAAA==")) + s2c[len(switched()) :]
     if how == "server ping":
         return c2s, s2c + frame(Opcode.PING, b"\x01\x02\x03\x04", client=False)
     if how == "extra response":
-        return c2s, s2c + frame(Opcode.BINARY, sealed(FRAME_RESPONSE, 9), client=False)
+        return c2s, s2c + frame(Opcode.BINARY, sealed(), client=False)
     if how == "trailing bytes":
         return c2s + b"\x82", s2c
     raise AssertionError(how)
@@ -262,7 +300,9 @@ def _tamper_c2s(c2s: bytes, s2c: bytes, how: str) -> tuple[bytes, bytes]:
         ("server ping", "ping message from the server"),
         ("close reason", "close frame with a reason outside its allowed shape"),
         ("unmasked", "unmasked client frame"),
-        ("response as request", "is not a sealed request record"),
+        ("epoch skipped", "is not a sealed request record (epoch byte 2, the stream's epoch is 0)"),
+        ("epoch back", "is not a sealed request record (epoch byte 0, the stream's epoch is 1)"),
+        ("short record", "stream message of 16 bytes is shorter than a sealed record"),
         ("wrong accept", "sec-websocket-accept does not answer the client's key"),
         ("extra response", "more sealed responses than requests"),
         ("trailing bytes", "truncated WebSocket frame header"),
