@@ -4,20 +4,31 @@ A frame is a versioned bundle of named tensors plus a sequence number and, where
 does not already bind the session, the session id. Everything is little-endian. No pickle, no
 ``torch.load``::
 
-    header (9 .. 34 bytes)
-      0   4  magic            b"\\x89LSF"
-      4   1  version          2
-      5   1  kind             FrameKind
-      6   1  tensor count     1 .. limits.max_tensors
-      7   1  flags            bit 0: a session id follows; the other bits are 0
-      8  16  session id       opaque bytes chosen by the server (only with flag bit 0)
+    header (5 .. 30 bytes)
+      0   1  version          3
+      1   1  kind             FrameKind
+      2   1  tensor count     1 .. limits.max_tensors
+      3   1  flags            bit 0: a session id follows; the other bits are 0
+      4  16  session id       opaque bytes chosen by the server (only with flag bit 0)
       .. 1-10 sequence number  varint (u64), strictly increasing per session and direction
     then, per tensor
-      1        name length n (1..32), then n bytes of ASCII [a-z0-9_]
+      1        name byte b: 1 .. 32 = a literal name of b bytes of ASCII [a-z0-9_] follows;
+               0x80 | i = name i of :data:`STATIC_NAMES` (nothing follows); any other value is refused
       1        encoding        Encoding
       1        rank r          1 .. limits.max_rank
       r varints dims           each 1 .. 2**32 - 1
       payload                  exactly the length the dims and encoding imply (no length field)
+
+Tensor names. The names the protocol's own frames carry are in a fixed static table,
+:data:`STATIC_NAMES` (like HPACK's), and cost one byte; its order is part of the format, so
+entries are only ever appended (up to 128), never reordered or removed. Every frame has exactly one
+encoding: the encoder always uses the table for a name in it, and the decoder refuses a literal
+spelling of a table name and an index past the table's end. Receipts rely on that, since they
+hash frame bytes (:mod:`lambda_split._receipts`).
+
+A decode step of SmolLM2 (hidden 576, fp16, no mask, sequence number below 128) therefore costs
+5 bytes of frame header and 7 of tensor header (name 1, encoding 1, rank 1, dims 1 + 1 + 2),
+in either direction; a result with a receipt adds its record, 4 bytes plus the 70-72-byte signature.
 
 A varint is unsigned LEB128: seven bits per byte, least significant first, the top bit set on
 every byte but the last; only the shortest form is accepted (no trailing 0x80 … 0x00 padding).
@@ -39,10 +50,13 @@ that the outlier channels of LLM activations spoil only their own block, and the
 2/64 = 3.1 % over raw int8. INT4 and INT2 cross the uplink only (``--defence quant:int4|int2``);
 a session's ``wire`` (its downlink) is one of :data:`WIRE_ENCODINGS`.
 
-Version 1 frames (32-byte header with a mandatory session id and u64 sequence number, a u64
-payload length per tensor, fp32 int8 scales) are refused: protocol version 2 (``/v1/info``)
-announces the change, so a client and a server of different versions part with a clear error
-before any frame is sent.
+Versions 1 and 2 are refused. Both began with the 4-byte magic ``b"\\x89LSF"`` and a version byte
+(version 1: a 32-byte header with a mandatory session id and u64 sequence number, a u64 payload
+length per tensor, fp32 int8 scales; version 2: the version 3 layout behind the magic, tensor
+names always spelled out); a frame that starts with that magic is refused with a message naming
+the change, and any frame whose first byte is not 3 as an unsupported version. Protocol version 3
+(``/v1/info``) announces the change, so a client and a server of different versions part with a
+clear error before any frame is sent.
 
 Any malformed input raises :class:`FrameError`, and nothing is returned.
 """
@@ -61,10 +75,34 @@ import torch
 
 from lambda_split import _quant
 
-MAGIC = b"\x89LSF"
-VERSION = 2
+VERSION = 3
+#: how frames of versions 1 and 2 began; only to recognise and refuse them
+OLD_MAGIC = b"\x89LSF"
 INT8_BLOCK = _quant.BLOCK
-_HEADER = struct.Struct("<4sBBBB")
+_HEADER = struct.Struct("<BBBB")
+#: offset of the tensor count in the header (lambda_split._receipts appends and cuts a tensor)
+COUNT_OFFSET = 2
+#: names of one byte on the wire, ``0x80 | index``; append only (see the module docstring)
+STATIC_NAMES = (
+    "hidden",
+    "mask",
+    "receipt",
+    "encoder_hidden_states",
+    "text_embeds",
+    "time_ids",
+    "latents",
+    "timestep",
+    "noise_pred",
+    "noise",
+    "params",
+    "scheduler",
+    "generator",
+    "step",
+    "input_digest",
+)
+_STATIC_INDEX = {name: index for index, name in enumerate(STATIC_NAMES)}
+_STATIC_FLAG = 0x80
+_MAX_NAME = 32
 _NAME = re.compile(rb"[a-z0-9_]{1,32}\Z")
 SESSION_ID_BYTES = 16
 FLAG_SESSION_ID = 0x01
@@ -231,11 +269,20 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def _name_bytes(name: str) -> bytes:
+    """The name as a frame carries it: one byte for a name of :data:`STATIC_NAMES`, else its length
+    and its ASCII bytes."""
+    index = _STATIC_INDEX.get(name)
+    if index is not None:
+        return bytes((_STATIC_FLAG | index,))
+    raw_name = name.encode("ascii")
+    return bytes((len(raw_name),)) + raw_name
+
+
 def tensor_record(name: str, encoding: Encoding, shape: tuple[int, ...], payload: bytes) -> bytes:
     """One tensor as a frame carries it (name, encoding, rank, dims, payload); no checks."""
-    raw_name = name.encode("ascii")
     dims = b"".join(_varint(d) for d in shape)
-    return bytes((len(raw_name),)) + raw_name + bytes((int(encoding), len(shape))) + dims + payload
+    return _name_bytes(name) + bytes((int(encoding), len(shape))) + dims + payload
 
 
 def encode_frame(
@@ -258,7 +305,7 @@ def encode_frame(
     if not 1 <= len(tensors) <= limits.max_tensors:
         raise ValueError(f"a frame carries 1..{limits.max_tensors} tensors")
     flags = 0 if session_id is None else FLAG_SESSION_ID
-    parts = [_HEADER.pack(MAGIC, VERSION, int(kind), len(tensors), flags), session_id or b"", _varint(seq)]
+    parts = [_HEADER.pack(VERSION, int(kind), len(tensors), flags), session_id or b"", _varint(seq)]
     for name, (tensor, encoding) in tensors.items():
         if not _NAME.match(name.encode("ascii")):
             raise ValueError(f"bad tensor name {name!r}")
@@ -307,19 +354,54 @@ class _Reader:
                 raise FrameError("number too long")
 
 
+def _check_version(data: bytes) -> None:
+    """FrameError unless ``data`` begins with this side's frame version, naming what it is instead."""
+    if not data:
+        raise FrameError("frame is truncated")
+    if data.startswith(OLD_MAGIC):
+        old = str(data[4]) if len(data) > 4 else "1 or 2"
+        raise FrameError(
+            f"unsupported frame version {old} (it starts with the old magic \\x89LSF); this side speaks "
+            f"frame version {VERSION}, which dropped the magic: upgrade the other side"
+        )
+    if data[0] != VERSION:
+        raise FrameError(f"unsupported frame version {data[0]}; this side speaks {VERSION}")
+
+
 def frame_session_id(data: bytes) -> bytes | None:
     """The session id a frame carries, read from its header alone (None if it carries none);
-    FrameError if the header is not a version-2 frame's. The full check is :func:`decode_frame`'s."""
+    FrameError if the header is not a version-3 frame's. The full check is :func:`decode_frame`'s."""
+    _check_version(data)
     if len(data) < _HEADER.size:
         raise FrameError("frame is truncated")
-    magic, version, _kind, _count, flags = _HEADER.unpack_from(data)
-    if magic != MAGIC or version != VERSION:
-        raise FrameError("not a version-2 Λ-Split frame")
+    _version, _kind, _count, flags = _HEADER.unpack_from(data)
     if not flags & FLAG_SESSION_ID:
         return None
     if len(data) < _HEADER.size + SESSION_ID_BYTES:
         raise FrameError("frame is truncated")
     return bytes(data[_HEADER.size : _HEADER.size + SESSION_ID_BYTES])
+
+
+def _read_name(reader: _Reader) -> str:
+    """A tensor name: one byte naming an entry of :data:`STATIC_NAMES`, or a literal name that is
+    not in the table (its one canonical spelling is the table's)."""
+    (first,) = reader.unpack("<B")
+    if first & _STATIC_FLAG:
+        index = first & ~_STATIC_FLAG
+        if index >= len(STATIC_NAMES):
+            raise FrameError(
+                f"tensor name index {index} is past the static table ({len(STATIC_NAMES)} names)"
+            )
+        return STATIC_NAMES[index]
+    if not 1 <= first <= _MAX_NAME:
+        raise FrameError(f"bad tensor name byte {first:#04x}")
+    raw_name = bytes(reader.take(first))
+    if not _NAME.match(raw_name):
+        raise FrameError("bad tensor name")
+    name = raw_name.decode("ascii")
+    if name in _STATIC_INDEX:
+        raise FrameError(f"tensor name {name!r} spelled out; the static table names it")
+    return name
 
 
 def decode_frame(data: bytes, limits: FrameLimits = DEFAULT_LIMITS) -> Frame:
@@ -328,12 +410,9 @@ def decode_frame(data: bytes, limits: FrameLimits = DEFAULT_LIMITS) -> Frame:
         raise FrameError("frame must be bytes")
     if len(data) > limits.max_bytes:
         raise FrameError(f"frame exceeds the {limits.max_bytes}-byte limit")
+    _check_version(bytes(data[:5]))
     reader = _Reader(bytes(data))
-    magic, version, kind, count, flags = _HEADER.unpack(reader.take(_HEADER.size))
-    if magic != MAGIC:
-        raise FrameError("not a Λ-Split frame (bad magic)")
-    if version != VERSION:
-        raise FrameError(f"unsupported frame version {version}; this side speaks {VERSION}")
+    _version, kind, count, flags = _HEADER.unpack(reader.take(_HEADER.size))
     if kind not in FrameKind._value2member_map_:
         raise FrameError(f"unknown frame kind {kind}")
     if flags & ~FLAG_SESSION_ID:
@@ -345,11 +424,7 @@ def decode_frame(data: bytes, limits: FrameLimits = DEFAULT_LIMITS) -> Frame:
     tensors: dict[str, torch.Tensor] = {}
     encodings: dict[str, Encoding] = {}
     for _ in range(count):
-        (name_len,) = reader.unpack("<B")
-        raw_name = bytes(reader.take(name_len))
-        if not _NAME.match(raw_name):
-            raise FrameError("bad tensor name")
-        name = raw_name.decode("ascii")
+        name = _read_name(reader)
         if name in tensors:
             raise FrameError(f"duplicate tensor {name!r}")
         encoding_id, rank = reader.unpack("<BB")

@@ -35,7 +35,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from lambda_split._codec import Encoding, FrameError, decode_frame, tensor_record
+from lambda_split._codec import COUNT_OFFSET, Encoding, FrameError, decode_frame, tensor_record
 from lambda_split._errors import ProtocolMismatch
 
 __all__ = [
@@ -121,7 +121,8 @@ def _record(signature: bytes) -> bytes:
 
 def attach_receipt(frame: bytes, signature: bytes) -> bytes:
     """``frame`` with one more tensor, ``receipt`` (U8, the signature), appended last."""
-    return frame[:6] + bytes((frame[6] + 1,)) + frame[7:] + _record(signature)
+    at = COUNT_OFFSET
+    return frame[:at] + bytes((frame[at] + 1,)) + frame[at + 1 :] + _record(signature)
 
 
 def split_receipt(reply: bytes) -> tuple[bytes, bytes]:
@@ -139,7 +140,8 @@ def split_receipt(reply: bytes) -> tuple[bytes, bytes]:
     if frame.tensors[RECEIPT_TENSOR].dim() != 1 or size > _MAX_SIGNATURE:
         raise ReceiptError("the receipt is not a signature")
     record = len(_record(b"\0" * size))
-    stripped = reply[:6] + bytes((reply[6] - 1,)) + reply[7 : len(reply) - record]
+    at = COUNT_OFFSET
+    stripped = reply[:at] + bytes((reply[at] - 1,)) + reply[at + 1 : len(reply) - record]
     return stripped, bytes(reply[len(reply) - size :])
 
 

@@ -1,6 +1,6 @@
 """The wire protocol shared by client and server: paths, content types, error bodies and frames.
 
-HTTP API (protocol version 2: frame version 2, see lambda_split._codec)::
+HTTP API (protocol version 3: frame version 3, see lambda_split._codec)::
 
     GET    /healthz                         200 {"status": "ok"}
     GET    /v1/info                         200 {"model", "fingerprint", "split", "num_layers", "hidden_size",
@@ -72,8 +72,9 @@ from lambda_split._codec import (
     frame_session_id,
     wire_roundtrip,
 )
+from lambda_split._codec import VERSION as FRAME_VERSION
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 FRAME_CONTENT_TYPE = "application/vnd.lambda-split.frame"
 JSON_CONTENT_TYPE = "application/json"
 
@@ -91,6 +92,15 @@ class StreamOp(enum.IntEnum):
     STEP = 2
     CLOSE = 3
     BOUND_STEP = 4
+
+
+def version_mismatch(server_version: object) -> str:
+    """The message when a server's ``/v1/info`` announces another ``protocol_version``: both sides
+    would refuse each other's frames, so the client parts before sending one."""
+    return (
+        f"server speaks protocol {server_version}, this client {PROTOCOL_VERSION} "
+        f"(frame version {FRAME_VERSION} on the wire); upgrade the older of the two"
+    )
 
 
 def session_path(session_id: str) -> str:
@@ -160,5 +170,6 @@ __all__ = [
     "llm_step_tensors",
     "session_path",
     "step_path",
+    "version_mismatch",
     "wire_roundtrip",
 ]

@@ -69,7 +69,7 @@ def run_bench_captured(plan: Any, out: Any, messages: list[str] | None = None) -
 
 
 def varint(value: int) -> bytes:
-    """LEB128, written here independently of the codec's own encoder (frame version 2's varints)."""
+    """LEB128, written here independently of the codec's own encoder (the frame's varints)."""
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)

@@ -18,7 +18,7 @@ import pytest
 from lambda_split.cli.bench import DeployPlan, Plan, add_arguments, deploy_plan
 from lambda_split.cli.bench._stats import ratios, rotated, summarize
 from secure_channel import SECURITY_MODES
-from tests.helpers import run_bench_captured
+from tests.helpers import run_bench_captured, varint
 
 TINY = "tiny-random-llama"
 ENCODINGS = ("fp32", "fp16", "bf16", "int8")
@@ -214,6 +214,10 @@ def test_wire_bytes_exceed_the_payload_in_every_mode(
         assert accuracy["bytes_saved_vs_fp32"] > 0
     overhead = results["security"]["wire_overhead_bytes"]
     assert overhead["sent"]["tls"] > 0 and overhead["sent"]["aesgcm"] > 0
+    # frame version 3: version, kind, count, flags, seq 0; then "hidden" from the static table (1),
+    # encoding, rank 3 and the dims 1, 1, d as varints
+    frame_header = 5 + 3 + 2 + len(varint(d))
+    assert overhead["sent"]["frame_header"] == overhead["received"]["frame_header"] == frame_header
 
 
 def test_security_costs_and_network_model(bench_run: tuple[dict[str, Any], Path, list[str]]) -> None:

@@ -106,8 +106,9 @@ def test_quantisation_crosses_the_uplink_in_its_own_encoding_and_the_downlink_at
     run(client)
     encodings = client.transport.encodings  # type: ignore[attr-defined]
     assert {(up, down) for up, down, _ in encodings} == {(uplink, Encoding.FP32)}
-    # a decode step of the 64-wide tiny model: 9 + 13 bytes of headers (64 is a 1-byte varint: 12)
-    assert encodings[-1][2] == 9 + 12 + payload
+    # a decode step of the 64-wide tiny model: 5 bytes of frame header, 6 of tensor header ("hidden"
+    # from the static table 1, encoding 1, rank 1, dims 1 + 1 + 1: 64 is a 1-byte varint)
+    assert encodings[-1][2] == 5 + 6 + payload
 
 
 def test_quantise_blockwise_error_bound_and_padding() -> None:

@@ -1,10 +1,15 @@
 """What a passive eavesdropper can decode from captured streams: plaintext tensor frames.
 
-In ``plain`` mode every step request and result is an HTTP body, or a WebSocket message
-of the stream (an op byte, for a step a stream handle byte, then the frame; masked client to
-server, which hides nothing),
-holding a Λ-Split frame (see ``lambda_split.protocol``); anyone on the path can parse it
-and hand the tensors to :mod:`threat_model.attacks`. In every other mode nothing here decodes.
+In ``plain`` mode every step request and result is an HTTP body of the frame content type, or a
+WebSocket message of the stream (masked client to server, which hides nothing), holding a Λ-Split
+frame (see ``lambda_split.protocol``); anyone on the path can parse it and hand the tensors to
+:mod:`threat_model.attacks`. In every other mode nothing here decodes.
+
+Frames carry no magic (frame version 3), so the observer finds them the way the endpoints do, by
+the protocol's structure, which is public: an HTTP body is a frame when its ``content-type`` is
+:data:`~lambda_split.protocol.FRAME_CONTENT_TYPE`; a binary stream message is ``op || body``, and
+the body of ``STEP`` is a frame, of ``BOUND_STEP`` client to server a handle byte and then a frame,
+and of either op server to client the result frame. Everything else (JSON, errors) is skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from threat_model.traffic import _time_at, http_messages
 
 __all__ = ["CapturedFrame", "plaintext_frames", "session_tensors"]
 
-FRAME_MAGIC = b"\x89LSF"
+# lambda_split.protocol's FRAME_CONTENT_TYPE and StreamOp.STEP, BOUND_STEP, spelled out so that
+# importing this module does not import torch (tests/threat_model/test_eavesdrop_structure.py pins them)
+FRAME_CONTENT_TYPE = "application/vnd.lambda-split.frame"
+STEP, BOUND_STEP = 2, 4
 
 
 @dataclass(frozen=True)
@@ -31,8 +39,9 @@ class CapturedFrame:
 
 
 def plaintext_frames(streams: Sequence[TcpStream]) -> list[CapturedFrame]:
-    """Every well-formed frame found as an HTTP body or a WebSocket message (unmasked; after the
-    stream's op byte) in the streams, in capture order."""
+    """Every well-formed frame found where the protocol puts one (see the module docstring): an
+    HTTP body of the frame content type, or a step message of the stream (unmasked), in capture
+    order."""
 
     found: list[CapturedFrame] = []
     for number, stream in enumerate(streams):
@@ -42,11 +51,8 @@ def plaintext_frames(streams: Sequence[TcpStream]) -> list[CapturedFrame]:
             for name in names:
                 direction = stream.direction(name)
                 for ws in view.direction(name).messages:
-                    # a stream message is one op byte, then a frame (STEP and its reply), or a
-                    # handle byte and a frame (BOUND_STEP), or JSON (open, close)
-                    skip = next((n for n in (1, 2) if ws.data[n : n + 4] == FRAME_MAGIC), 0)
-                    body = ws.data[skip:]
-                    frame = _decode(body) if ws.opcode == BINARY else None
+                    body = _stream_frame(ws.data, name) if ws.opcode == BINARY else None
+                    frame = None if body is None else _decode(body)
                     if frame is not None:
                         found.append(CapturedFrame(number, name, _time_at(direction, ws.offset), frame))
             continue
@@ -54,6 +60,8 @@ def plaintext_frames(streams: Sequence[TcpStream]) -> list[CapturedFrame]:
             if message.kind == "http-chunk" or not message.payload:
                 continue
             data = stream.direction(message.direction).data
+            if _content_type(data, message.offset) != FRAME_CONTENT_TYPE:
+                continue
             body = data[message.offset + message.size - message.payload : message.offset + message.size]
             frame = _decode(body)
             if frame is not None:
@@ -61,11 +69,27 @@ def plaintext_frames(streams: Sequence[TcpStream]) -> list[CapturedFrame]:
     return sorted(found, key=lambda f: f.ts)
 
 
+def _stream_frame(message: bytes, direction: DirectionName) -> bytes | None:
+    """The frame in a binary stream message (see the module docstring), or None if it holds none."""
+    if not message or message[0] not in (STEP, BOUND_STEP):
+        return None
+    skip = 2 if message[0] == BOUND_STEP and direction == "c2s" else 1
+    return message[skip:]
+
+
+def _content_type(data: bytes, start: int) -> str:
+    """The media type (lower case, no parameters) of the HTTP message whose head starts at ``start``."""
+    end = data.find(b"\r\n\r\n", start)
+    for line in data[start:end].decode("latin-1").split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "content-type":
+            return value.split(";")[0].strip().lower()
+    return ""
+
+
 def _decode(body: bytes) -> Any:
     from lambda_split.protocol import FrameError, decode_frame
 
-    if not body.startswith(FRAME_MAGIC):
-        return None
     try:
         return decode_frame(body)
     except FrameError:

@@ -35,14 +35,15 @@ ERROR_STATUSES = {400, 404, 405, 408, 409, 413, 415, 422, 429, 503}
 FUZZ_BODY_BYTES = 256 * 1024  # the fuzzed server's body and frame limit: small, so fuzzing stays fast
 FUZZ_LIMITS = ServerConfig(max_body_bytes=FUZZ_BODY_BYTES).service_limits().frame
 FUZZ_ENCODINGS = list(Encoding)[:4]  # fp32, fp16, bf16, int8
-#: header (8), session id (16), sequence number 0 (a 1-byte varint), name, encoding and rank: then the dims
-HIDDEN_OFFSET = 8 + 16 + 1 + 1 + len("hidden") + 2
+#: header (4), session id (16), sequence number 0 (a 1-byte varint), name ("hidden" is one byte of the
+#: static table), encoding and rank: then the dims
+HIDDEN_OFFSET = 4 + 16 + 1 + 1 + 2
 
 
 def frame_overhead(limits: FrameLimits) -> int:
     """Header bytes of a frame with as many tensors of as high a rank as ``limits`` allow."""
     return (
-        8 + 16 + 10 + limits.max_tensors * (1 + 32 + 2 + 5 * limits.max_rank)
+        4 + 16 + 10 + limits.max_tensors * (1 + 32 + 2 + 5 * limits.max_rank)
     )  # varints: 10 and 5 bytes at most
 
 

@@ -90,12 +90,16 @@ class _Tapped(Stream):
 
 
 def _as_request(message: bytes) -> Request:
-    """A stream message (op byte, a step's stream handle, then the frame) as the step request it replaces."""
-    from lambda_split.protocol import StreamOp
+    """A stream message as the request it replaces: a step (op byte, for BOUND_STEP the stream handle,
+    then the frame) as a step request with its frame; anything else (open, close) as a request
+    without a content type."""
+    from lambda_split.protocol import FRAME_CONTENT_TYPE, StreamOp
 
-    return Request(
-        "POST", "/v1/stream", message[2:] if message[:1] == bytes((StreamOp.BOUND_STEP,)) else message[1:]
-    )
+    op = message[0] if message else None
+    if op not in (StreamOp.STEP, StreamOp.BOUND_STEP):
+        return Request("POST", "/v1/stream", message[1:])
+    body = message[2:] if op == StreamOp.BOUND_STEP else message[1:]
+    return Request("POST", "/v1/stream", body, {"content-type": FRAME_CONTENT_TYPE})
 
 
 class SideChannel(Transport):
@@ -135,10 +139,11 @@ class SideChannel(Transport):
 
 
 def step_hidden(request: Request) -> Any:
-    """The hidden states in a plaintext step request (what the leaky build would exfiltrate)."""
-    from lambda_split.protocol import FrameError, decode_frame
+    """The hidden states in a plaintext step request (what the leaky build would exfiltrate): its body
+    when it is of the frame content type (frames carry no magic; the protocol says where they are)."""
+    from lambda_split.protocol import FRAME_CONTENT_TYPE, FrameError, decode_frame
 
-    if not request.content.startswith(b"\x89LSF"):
+    if request.headers.get("content-type") != FRAME_CONTENT_TYPE:
         return None
     try:
         frame = decode_frame(request.content)
@@ -270,7 +275,9 @@ class _LeakyStream(Stream):
 
     def send(self, message: bytes) -> None:
         self.inner.send(message)
-        if self.first_step is None and b"\x89LSF" in (message[1:5], message[2:6]):  # STEP or BOUND_STEP
+        from lambda_split.protocol import StreamOp
+
+        if self.first_step is None and message[:1] and message[0] in (StreamOp.STEP, StreamOp.BOUND_STEP):
             self.first_step = message
         if self.plant.how == "ping" and not self.pinged:
             self.pinged = True

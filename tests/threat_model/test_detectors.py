@@ -186,7 +186,7 @@ def hidden() -> list[torch.Tensor]:
 @pytest.mark.parametrize("wire", ["fp32", "fp16", "bf16", "int8"])
 def test_plaintext_hidden_state_frames_are_found(hidden: list[torch.Tensor], wire: str) -> None:
     detector = HiddenStateDetector(hidden, wire)
-    frame = b"\x89LSF" + os.urandom(60) + encode_wire(hidden[1], wire) + os.urandom(9)
+    frame = b"\x03\x01\x01\x00" + os.urandom(60) + encode_wire(hidden[1], wire) + os.urandom(9)
     findings = scan_bytes([detector], RANDOM[:1000] + frame)
     assert [f.variant for f in findings] == [f"{wire}#1"], findings
     assert findings[0].length >= 64

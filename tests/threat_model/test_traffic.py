@@ -142,3 +142,26 @@ def test_length_leak_edge_cases() -> None:
         length_leak([1], [1])
     with pytest.raises(ValueError):
         length_leak([1, 2], [1, 2, 3])
+
+
+def test_plaintext_frames_are_the_http_bodies_of_the_frame_content_type() -> None:
+    """Frames carry no magic: the observer takes the bodies the protocol labels as frames."""
+    import torch
+
+    from lambda_split.protocol import FRAME_CONTENT_TYPE, Encoding, FrameKind, encode_frame
+    from threat_model.eavesdrop import plaintext_frames
+
+    body = encode_frame(FrameKind.LLM_STEP, None, 3, {"hidden": (torch.randn(1, 1, 8), Encoding.FP16)})
+
+    def message(start: str, content_type: str) -> bytes:
+        head = f"{start}\r\nHost: x\r\ncontent-type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+        return head.encode() + body
+
+    step = "POST /v1/sessions/ab/step HTTP/1.1"
+    c2s = [(0.0, message(step, "application/json")), (1.0, message(step, FRAME_CONTENT_TYPE.upper()))]
+    s2c = [
+        (0.5, message("HTTP/1.1 200 OK", "text/plain")),
+        (1.5, message("HTTP/1.1 200 OK", FRAME_CONTENT_TYPE)),
+    ]
+    found = plaintext_frames([stream_of(c2s, s2c)])
+    assert [(f.direction, f.ts, f.frame.seq) for f in found] == [("c2s", 1.0, 3), ("s2c", 1.5, 3)]

@@ -151,7 +151,8 @@ def test_a_plaintext_frame_in_a_masked_stream_message_decodes() -> None:
 
 
 def test_the_clients_bound_step_decodes_after_its_op_and_handle_bytes() -> None:
-    """What the client sends on the stream (frame version 2: no session id, no all-ones mask)."""
+    """What the client sends on the stream (no session id, no all-ones mask), and the server's reply
+    (op byte, then the result frame: no handle)."""
     from lambda_split.protocol import Encoding, FrameKind, StreamOp, encode_frame
 
     hidden = torch.randn(1, 1, 64)
@@ -161,6 +162,36 @@ def test_the_clients_bound_step_decodes_after_its_op_and_handle_bytes() -> None:
     found = plaintext_frames([stream(c2s, s2c)])
     assert [f.direction for f in found] == ["c2s", "s2c"] and all(f.frame.seq == 4 for f in found)
     assert torch.equal(found[0].frame.tensors["hidden"], hidden.half().float())
+
+
+def test_only_step_messages_are_read_as_frames_and_only_where_the_protocol_puts_them() -> None:
+    """Frames carry no magic: the observer reads them by the protocol's structure, as the endpoints do."""
+    from lambda_split.protocol import Encoding, FrameKind, StreamOp, encode_frame
+
+    body = encode_frame(FrameKind.LLM_STEP, None, 4, {"hidden": (torch.randn(1, 1, 8), Encoding.FP32)})
+    c2s = upgrade() + b"".join(
+        frame(Opcode.BINARY, bytes((op,)) + body, client=True)
+        for op in (
+            StreamOp.OPEN,
+            StreamOp.CLOSE,
+            StreamOp.ERROR,
+            9,
+            StreamOp.BOUND_STEP,
+        )  # a handle byte is due
+    )
+    s2c = switched() + frame(Opcode.BINARY, bytes((StreamOp.ERROR,)) + body, client=False)
+    assert plaintext_frames([stream(c2s, s2c)]) == []
+    s2c += frame(Opcode.BINARY, bytes((StreamOp.STEP,)) + body, client=False)
+    c2s += frame(Opcode.TEXT, bytes((StreamOp.STEP,)) + body, client=True)
+    assert [f.direction for f in plaintext_frames([stream(c2s, s2c)])] == ["s2c"]
+
+
+def test_the_observer_knows_the_protocol_constants_it_spells_out() -> None:
+    from lambda_split import protocol
+    from threat_model import eavesdrop
+
+    assert eavesdrop.FRAME_CONTENT_TYPE == protocol.FRAME_CONTENT_TYPE
+    assert (eavesdrop.STEP, eavesdrop.BOUND_STEP) == (protocol.StreamOp.STEP, protocol.StreamOp.BOUND_STEP)
 
 
 def test_traffic_analysis_delimits_websocket_messages() -> None:
@@ -228,7 +259,9 @@ def _tamper_c2s(c2s: bytes, s2c: bytes, how: str) -> tuple[bytes, bytes]:
     if how == "text frame":
         return c2s[: -len(close)] + frame(Opcode.TEXT, SECRET, client=True) + close, s2c
     if how == "plaintext record":
-        return c2s[: -len(close)] + frame(Opcode.BINARY, b"\x02\x89LSF" + SECRET, client=True) + close, s2c
+        return c2s[: -len(close)] + frame(
+            Opcode.BINARY, b"\x02\x03\x01\x01\x00" + SECRET, client=True
+        ) + close, s2c
     if how == "client ping":
         return c2s[: -len(close)] + frame(Opcode.PING, b"hi", client=True) + close, s2c
     if how == "pong without ping":

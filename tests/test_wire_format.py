@@ -1,4 +1,5 @@
-"""Frame version 2: the compact decode step, varints, fp16 block scales, INT4 and INT2 (lambda_split._codec)."""
+"""Frame version 3 (lambda_split._codec): the compact decode step byte for byte, the static name
+table, varints, fp16 block scales, INT4 and INT2; frames of versions 1 and 2 are refused."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lambda_split import Checkpoint, LocalTransport, ProtocolMismatch, SplitClient
+from lambda_split._codec import STATIC_NAMES
 from lambda_split._defences import quantise_blockwise
 from lambda_split._quant import scales_fp16
+from lambda_split._receipts import RECEIPT_TENSOR, attach_receipt, split_receipt
+from lambda_split.diffusion._loop import BEGIN_NAMES
+from lambda_split.diffusion._trunk import CONTEXT_NAMES, EXACT_NAMES
 from lambda_split.protocol import (
+    PROTOCOL_VERSION,
     Encoding,
     FrameError,
     FrameKind,
@@ -23,6 +30,7 @@ from lambda_split.protocol import (
     llm_step_inputs,
     llm_step_tensors,
 )
+from tests.helpers import varint
 
 SID = bytes(range(16))
 QUANTISED = [(Encoding.INT8, 127), (Encoding.INT4, 7), (Encoding.INT2, 1)]
@@ -40,34 +48,95 @@ def decode_step(hidden: torch.Tensor, encoding: Encoding, seq: int = 5) -> bytes
 def test_a_decode_step_frame_of_smollm2_has_exactly_the_documented_bytes(
     encoding: Encoding, payload: int
 ) -> None:
-    # header 8 + seq 1; tensor: name 1 + 6, encoding 1, rank 1, dims 1 + 1 + 2 (576 is a 2-byte varint)
-    assert len(decode_step(torch.randn(1, 1, 576), encoding)) == 9 + 13 + payload
-    assert (
-        payload
-        == len(encode_frame(FrameKind.LLM_STEP, None, 0, {"x": (torch.randn(576), encoding)})) - 9 - 4 - 2
-    )
+    # header: version, kind, count, flags + seq 1; tensor: name 1 (the table's "hidden"), encoding 1,
+    # rank 1, dims 1 + 1 + 2 (576 is a 2-byte varint)
+    step = decode_step(torch.randn(1, 1, 576), encoding)
+    assert len(step) == 5 + 7 + payload
+    assert step[:5] == bytes((3, FrameKind.LLM_STEP, 1, 0, 5))
+    assert step[5:12] == bytes((0x80 | STATIC_NAMES.index("hidden"), encoding, 3, 1, 1)) + varint(576)
+    # the literal name "x" costs 2 bytes, its encoding and rank 2, its one dim 576 two
+    assert payload == len(encode_frame(FrameKind.LLM_STEP, None, 0, {"x": (torch.randn(576), encoding)})) - 11
+
+
+def test_a_decode_step_result_costs_the_same_and_a_receipt_four_bytes_plus_its_signature() -> None:
+    hidden = {"hidden": (torch.randn(1, 1, 576), Encoding.FP16)}
+    result = encode_frame(FrameKind.LLM_RESULT, None, 5, hidden)
+    assert len(result) == 5 + 7 + 1152
+    signature = bytes(range(71))  # DER ECDSA P-256 signatures are 70-72 bytes
+    signed = attach_receipt(result, signature)
+    # name 1 (the table's "receipt"), encoding 1, rank 1, dim 1 (71 < 128), then the signature
+    assert len(signed) == len(result) + 4 + 71
+    assert signed[2] == 2 and signed[len(result) : len(result) + 4] == bytes((0x82, Encoding.U8, 1, 71))
+    assert list(decode_frame(signed).tensors) == ["hidden", RECEIPT_TENSOR]
+    assert split_receipt(signed) == (result, signature)
+
+
+def test_the_static_table_is_pinned_and_names_every_tensor_the_protocol_sends() -> None:
+    # the table is part of the format: entries are appended, never reordered or removed
+    assert STATIC_NAMES[:15] == (
+        "hidden", "mask", "receipt", "encoder_hidden_states", "text_embeds", "time_ids", "latents",
+        "timestep", "noise_pred", "noise", "params", "scheduler", "generator", "step", "input_digest",
+    )  # fmt: skip
+    assert len(set(STATIC_NAMES)) == len(STATIC_NAMES) <= 128
+    sent = {"hidden", "mask", RECEIPT_TENSOR, "latents", "noise_pred", "input_digest"}
+    assert sent | set(CONTEXT_NAMES) | BEGIN_NAMES | EXACT_NAMES <= set(STATIC_NAMES)
 
 
 def test_the_session_id_is_optional_and_flagged() -> None:
     tensors = {"hidden": (torch.randn(1, 2, 64), Encoding.FP32)}
     with_id = encode_frame(FrameKind.LLM_RESULT, SID, 300, tensors)
     without = encode_frame(FrameKind.LLM_RESULT, None, 300, tensors)
-    assert len(with_id) - len(without) == 16
+    assert len(with_id) - len(without) == 16 and with_id[3] == 1 and with_id[4:20] == SID
     assert decode_frame(with_id).session_id == SID == frame_session_id(with_id)
     assert decode_frame(without).session_id is None is frame_session_id(without)
     assert decode_frame(without).seq == 300
     with pytest.raises(FrameError, match="reserved flags"):
-        decode_frame(without[:7] + b"\x02" + without[8:])
+        decode_frame(without[:3] + b"\x02" + without[4:])
+
+
+def v2_frame() -> bytes:
+    """A well-formed version-2 frame: the magic, then the version 3 layout with a spelled-out name."""
+    return b"\x89LSF" + bytes((2, 1, 1, 0, 0)) + b"\x06hidden" + bytes((1, 1, 1)) + struct.pack("<f", 1.0)
 
 
 def test_a_version_1_frame_is_refused() -> None:
     # the 32-byte v1 header, then a v1 tensor record (u32 dims, u64 payload length)
     v1 = struct.pack("<4sBBBB16sQ", b"\x89LSF", 1, 1, 1, 0, SID, 0)
     v1 += b"\x06hidden" + struct.pack("<BBIQ", 1, 1, 1, 4) + struct.pack("<f", 1.0)
-    with pytest.raises(FrameError, match="unsupported frame version 1"):
+    with pytest.raises(FrameError, match=r"unsupported frame version 1 \(it starts with the old magic"):
         decode_frame(v1)
-    with pytest.raises(FrameError):
+    with pytest.raises(FrameError, match="unsupported frame version 1"):
         frame_session_id(v1)
+
+
+def test_a_version_2_frame_is_refused_naming_the_change() -> None:
+    message = r"unsupported frame version 2 .*old magic.* speaks frame version 3, which dropped the magic"
+    with pytest.raises(FrameError, match=message):
+        decode_frame(v2_frame())
+    with pytest.raises(FrameError, match=message):
+        frame_session_id(v2_frame())
+    with pytest.raises(FrameError, match=r"version 1 or 2 \(it starts with the old magic"):
+        decode_frame(b"\x89LSF")
+    for first in (0, 1, 2, 4, 0x89, 255):  # not the magic: the first byte is the version
+        with pytest.raises(FrameError, match=f"unsupported frame version {first}; this side speaks 3"):
+            decode_frame(bytes((first,)) + v2_frame()[5:])
+
+
+def test_a_client_parts_from_a_server_of_another_protocol_version(tiny: Checkpoint) -> None:
+    assert PROTOCOL_VERSION == 3
+    info = {
+        "model": tiny.name,
+        "fingerprint": "sha256:00",
+        "split": [2, 6],
+        "num_layers": 8,
+        "hidden_size": 64,
+        "security": "plain",
+        "protocol_version": 2,
+    }
+    transport = LocalTransport(None, info)  # type: ignore[arg-type]  # refused before any step
+    message = r"server speaks protocol 2, this client 3 \(frame version 3 on the wire\); upgrade the older"
+    with pytest.raises(ProtocolMismatch, match=message):
+        SplitClient.from_transport(transport, tiny)
 
 
 @pytest.mark.parametrize(
@@ -77,13 +146,13 @@ def test_a_version_1_frame_is_refused() -> None:
 def test_sequence_numbers_in_a_long_or_overlong_form_are_refused(seq_bytes: bytes) -> None:
     good = encode_frame(FrameKind.LLM_STEP, None, 0, {"x": (torch.ones(1), Encoding.FP32)})
     with pytest.raises(FrameError, match=r"shortest|range|long|truncated"):
-        decode_frame(good[:8] + seq_bytes + good[9:])
+        decode_frame(good[:4] + seq_bytes + good[5:])
 
 
 def test_a_varint_is_read_no_further_than_its_longest_form() -> None:
     good = encode_frame(FrameKind.LLM_STEP, None, 0, {"x": (torch.ones(1), Encoding.FP32)})
     with pytest.raises(FrameError, match="too long"):  # refused at byte 10, not after the 200th
-        decode_frame(good[:8] + b"\x80" * 200 + good[9:])
+        decode_frame(good[:4] + b"\x80" * 200 + good[5:])
 
 
 def test_the_largest_sequence_number_round_trips_and_a_larger_one_is_refused() -> None:
@@ -95,7 +164,7 @@ def test_the_largest_sequence_number_round_trips_and_a_larger_one_is_refused() -
 
 def test_a_dimension_in_a_long_form_is_refused() -> None:
     good = encode_frame(FrameKind.LLM_STEP, None, 0, {"x": (torch.ones(1), Encoding.FP32)})
-    dims_at = 9 + 2 + 2  # header, name, encoding and rank
+    dims_at = 5 + 2 + 2  # header, name, encoding and rank
     assert good[dims_at] == 1
     with pytest.raises(FrameError, match="shortest"):
         decode_frame(good[:dims_at] + b"\x81\x00" + good[dims_at + 1 :])
