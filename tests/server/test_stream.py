@@ -124,6 +124,21 @@ def test_framing_per_decode_step_is_small(live: dict[str, LiveServer], tiny: Che
     assert (sent, received) == (ws[0] + record + tls, ws[1] + record + tls)
 
 
+def test_the_issues_budget_holds_for_a_smollm2_decode_step_in_tls_aesgcm(live: dict[str, LiveServer]) -> None:
+    """Issue 13: everything but the tensor payload, per decode step and direction, at most 64 bytes
+    in ``tls+aesgcm``. The stream's framing is measured at the socket; the frames are the ones the
+    client and server build for SmolLM2 (hidden 576, fp16: 1,152 payload bytes)."""
+    sent, received = _framing("tls+aesgcm", live["tls+aesgcm"], 64, Encoding.FP16)
+    hidden, ones = torch.randn(1, 1, 576), torch.ones(1, 1, dtype=torch.uint8)
+    step = encode_frame(FrameKind.LLM_STEP, None, 100, llm_step_tensors(hidden, ones, Encoding.FP16))
+    result = encode_frame(FrameKind.LLM_RESULT, None, 100, {"hidden": (hidden, Encoding.FP16)})
+    payload = 2 * 576
+    up = sent + 1 + len(step) - payload  # BOUND_STEP: the handle byte after the op
+    down = received + len(result) - payload
+    assert up <= MAX_FRAMING and down <= MAX_FRAMING, (up, down)
+    assert (up, down) == (48 + 1 + 12, 44 + 12)  # frame header 5 and tensor header 7 each way
+
+
 def test_a_stream_the_server_closed_while_idle_is_reopened_for_the_next_session(
     make_server: Callable[..., LiveServer], tiny: Checkpoint
 ) -> None:
@@ -156,7 +171,9 @@ def test_a_bound_step_names_its_session_by_handle_and_drops_the_id_and_the_all_o
         masked = encode_frame(
             FrameKind.LLM_STEP, None, 0, {"hidden": (hidden, Encoding.FP16), "mask": (ones, Encoding.U8)}
         )
-        assert len(masked) - len(bare) == 1 + 4 + 1 + 1 + 2 + 1  # the mask tensor the decode step saves
+        assert (
+            len(masked) - len(bare) == 1 + 1 + 1 + 2 + 1
+        )  # the mask tensor the decode step saves (a table name)
         before = (transport.stats.bytes_sent, transport.stats.bytes_received)
         first = ask(bytes((StreamOp.BOUND_STEP, 1)) + bare)
         # a client WebSocket header of 8 bytes (masked, 16-bit length), the op and the handle
