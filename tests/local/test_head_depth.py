@@ -9,6 +9,7 @@ the server opened the session.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def connect(ranged: LiveServer) -> Iterator[Callable[[Any], SplitClient]]:
 def ask(url: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int, int]:
     """One greedy turn with the real openai client: (answer, cached tokens, the answer's head depth);
     the answer is appended to ``messages``."""
-    with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as oai:
+    with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as oai:
         reply = oai.chat.completions.create(
             model="m",
             messages=messages,  # type: ignore[arg-type]
@@ -147,7 +148,7 @@ def test_random_draws_once_per_conversation_and_keeps_that_depth_for_all_its_tur
     make_local: Callable[..., Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    draws, asked = iter([4, 1, 3]), []
+    draws, asked = itertools.cycle([4, 1, 3]), []
 
     def draw(depths: HeadDepths) -> int:  # the client's draw, in the server's range; fixed here
         asked.append(depths)
