@@ -21,6 +21,9 @@ import httpx
 import openai
 import pytest
 import torch
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 import lambda_split._client
 from lambda_split import Checkpoint, GenerationConfig, SplitClient, load_llm_service
@@ -29,6 +32,7 @@ from lambda_split.cli import main
 from lambda_split.local_api import LocalEngine, parse_chat_request
 from server import BackgroundServer, ServerConfig
 from tests.local.conftest import MODE
+from tests.local.test_chat_page import browser  # noqa: F401 (fixture)
 from tests.secure_channel.conftest import PKI
 from tests.server.conftest import LiveServer
 
@@ -228,3 +232,17 @@ def test_a_malformed_depth_is_a_usage_error_as_for_generate(
         with pytest.raises(SystemExit) as exit_info:  # argparse: before anything connects or loads
             main([*argv, "--head-depth", depth])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.browser
+def test_the_chat_page_names_the_head_depth(
+    browser: webdriver.Chrome,  # noqa: F811
+    connect: Callable[[Any], SplitClient],
+    make_local: Callable[..., Any],
+) -> None:
+    local, _ = make_local(connect("random"))
+    browser.get(local.url + "/")
+    WebDriverWait(browser, 120).until(
+        lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle"
+    )
+    assert browser.find_element(By.ID, "split").text == "2:6 (head depth random in 1:4)"
