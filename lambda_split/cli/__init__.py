@@ -374,13 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _audit_cli.add_generate_options(generate)
 
     _args.add_defence(generate)
-    generate.add_argument(
-        "--head-depth",
-        type=_args.head_depth,
-        metavar="random|N",
-        help="the session's head depth: random (drawn per session in the server's head_depths) or a "
-        "layer N in it; default the split's A. The server always knows it (SECURITY.md)",
-    )
+    _args.add_head_depth(generate)
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     generate.add_argument("prompt", nargs="?", help="the prompt, or - (or nothing) to read stdin")
     generate.set_defaults(run=cmd_generate)

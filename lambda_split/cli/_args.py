@@ -107,7 +107,7 @@ def head_depths(text: str) -> str:
 
 
 def head_depth(text: str) -> int | str:
-    """``random`` or a layer number >= 1 (``generate --head-depth``)."""
+    """``random`` or a layer number >= 1 (``generate`` and ``local --head-depth``)."""
     from lambda_split._head_depth import parse_head_depth
 
     try:
@@ -261,4 +261,16 @@ def add_defence(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="uplink defence, off by default; measured, not guaranteed (SECURITY.md): "
         "noise:SIGMA (Gaussian, SIGMA x each position's RMS) or quant:int4|int2",
+    )
+
+
+def add_head_depth(parser: argparse.ArgumentParser) -> None:
+    """``--head-depth random|N`` (``generate`` and ``local``): checked here for its form, and against
+    the server's ``head_depths`` when the client connects (a depth it does not allow exits 2)."""
+    parser.add_argument(
+        "--head-depth",
+        type=head_depth,
+        metavar="random|N",
+        help="each session's head depth: random (drawn per session in the server's head_depths) or a "
+        "layer N in it; default the split's A. The server always knows it (SECURITY.md)",
     )

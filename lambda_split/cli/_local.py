@@ -32,6 +32,7 @@ def add_local_parser(commands: Any) -> None:
     )
     local.add_argument("--transport", choices=TRANSPORT_KINDS, help="link to the trunk (as for generate)")
     _args.add_defence(local)
+    _args.add_head_depth(local)  # one depth per conversation, kept for all its turns
     local.add_argument(
         "--timeout", type=_args.positive_float, default=60.0, help="per-request timeout to the trunk, seconds"
     )
@@ -99,6 +100,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             progress=progress,
             split=args.split,
             defence=args.defence,
+            head_depth=args.head_depth,
             **options,
         )
     except BaseException:
@@ -106,6 +108,11 @@ def cmd_local(args: argparse.Namespace) -> int:
         raise
     if args.defence is not None:
         progress(f"uplink defence {args.defence.name}: measured, not guaranteed (SECURITY.md)")
+    if args.head_depth is not None:
+        progress(
+            f"head depth {args.head_depth} per conversation (server allows {client.info.depths}); "
+            "the server always knows it (SECURITY.md)"
+        )
     with client:
         engine = LocalEngine(
             client,

@@ -17,14 +17,19 @@ from dataclasses import dataclass, field
 
 from lambda_split._client import RemoteTrunk
 from lambda_split._defences import TrunkFn
-from lambda_split._parts import PartState
+from lambda_split._parts import Head, PartState
 
 
 @dataclass
 class Conversation:
-    """What the head, the trunk session and the tail have seen: ``fed`` token ids, all in their caches."""
+    """What the head, the trunk session and the tail have seen: ``fed`` token ids, all in their caches.
+
+    ``head`` stops at ``depth``, the layer the trunk session entered at (drawn once, when the session
+    opened, under ``--head-depth random``): every turn of the conversation keeps that head and depth."""
 
     trunk: RemoteTrunk
+    head: Head
+    depth: int
     head_state: PartState
     tail_state: PartState
     fed: list[int] = field(default_factory=list)

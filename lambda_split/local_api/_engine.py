@@ -53,6 +53,7 @@ class Completion:
     elapsed_s: float
     bytes_sent: int  # socket bytes to and from the trunk server while this ran (all requests' bytes)
     bytes_received: int
+    head_depth: int  # the layer the conversation's trunk session entered at
 
     @property
     def tokens_per_s(self) -> float:
@@ -81,13 +82,17 @@ class LocalEngine:
         self.context: int | None = context if isinstance(context, int) else None
 
     def describe(self) -> dict[str, Any]:
-        """What the chat page shows: model, security mode, split, wire encoding."""
+        """What the chat page shows: model, security mode, split, wire encoding, the uplink defence,
+        the head-depth setting (``"random"``, a layer, or None: the split's own) and the server's range."""
+        depths = self.client.info.depths
         return {
             "model": self.model_id,
             "security": self.client.transport.security,
             "split": list(self.client.info.split),
             "wire": self.client.wire.wire_name,
             "defence": self.client.defence.name if self.client.defence is not None else None,
+            "head_depth": self.client.head_depth,
+            "head_depths": [depths.lo, depths.hi],
             "reuse": self.cache.capacity > 0,
         }
 
@@ -153,6 +158,7 @@ class LocalEngine:
             elapsed_s=result.elapsed_s,
             bytes_sent=stats.bytes_sent - sent,
             bytes_received=stats.bytes_received - received,
+            head_depth=conversation.depth,
         )
 
     def abandon(self, job: Job) -> None:
@@ -174,7 +180,7 @@ class LocalEngine:
     ) -> Any:
         new = torch.tensor([job.ids[len(conversation.fed) :]])  # (1, T): only what the parts have not seen
         return generate_tokens(
-            self.client.head,
+            conversation.head,
             conversation.send or conversation.trunk,
             self.client.tail,
             self.client.tokenizer,
@@ -189,9 +195,10 @@ class LocalEngine:
         )
 
     def _new_conversation(self) -> Conversation:
+        depth = self.client.session_depth()  # drawn once per conversation under --head-depth random
         while True:
             try:
-                trunk = self.client.open_trunk()  # with a quant: defence, the uplink in its encoding
+                trunk = self.client.open_trunk(depth)  # with a quant: defence, the uplink in its encoding
                 break
             except ServerError as exc:
                 # The trunk holds only so many sessions (per stream, per identity, in all): a kept
@@ -200,9 +207,12 @@ class LocalEngine:
                 if oldest is None:
                     raise
                 oldest.close()
+        head = self.client.head_at(depth)
         return Conversation(
             trunk,
-            self.client.head.new_state(),
+            head,
+            self.client.info.split[0] if depth is None else depth,
+            head.new_state(),
             self.client.tail.new_state(),
             send=defended(trunk, self.client.defence) if self.client.defence is not None else None,
         )

@@ -101,6 +101,7 @@ def stats(done: Completion) -> dict[str, Any]:
         "bytes_sent": done.bytes_sent,
         "bytes_received": done.bytes_received,
         "reused_tokens": done.cached_tokens,
+        "head_depth": done.head_depth,
     }
 
 

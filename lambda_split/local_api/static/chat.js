@@ -38,7 +38,10 @@ async function loadInfo() {
   const info = await reply.json();
   $("model").textContent = info.model;
   $("security").textContent = info.security;
-  $("split").textContent = info.split.join(":");
+  // With --head-depth, each conversation's head stops at its own depth (drawn once under random).
+  const depth = info.head_depth == null ? ""
+    : " (head depth " + info.head_depth + (info.head_depth === "random" ? " in " + info.head_depths.join(":") : "") + ")";
+  $("split").textContent = info.split.join(":") + depth;
   $("wire").textContent = info.wire;
 }
 
