@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -14,6 +16,13 @@ from lambda_split._models import preload
 # @settings inherit these two from the profile.
 settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("suite")
+
+# `make test` runs the suite in two pytest-xdist workers, one per core of CI's machine. Each worker
+# computes with one torch thread, and so does every process a test starts (servers, the CLI), so
+# that two workers do not fight over the two cores with two threads each.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def monolithic(checkpoint: Checkpoint) -> torch.nn.Module:
