@@ -50,12 +50,11 @@ _EXPORTS = {
     "lambda_split._service": (
         "BatchingExecutor",
         "Executor",
-        "LLMExecutor",
         "ServiceError",
         "ServiceLimits",
         "TrunkService",
-        "load_llm_service",
     ),
+    "lambda_split._llm_trunk": ("LLMExecutor", "load_llm_service"),
     "lambda_split._chain": ("ChainClient", "ChainMismatch", "ChainTrunk", "SpanHop", "check_chain"),
     "lambda_split._plan": (
         "InfeasiblePlan",
@@ -202,6 +201,8 @@ if TYPE_CHECKING:
     from lambda_split._head_depth import HeadDepths as HeadDepths
     from lambda_split._head_depth import choose_depth as choose_depth
     from lambda_split._head_depth import parse_head_depth as parse_head_depth
+    from lambda_split._llm_trunk import LLMExecutor as LLMExecutor
+    from lambda_split._llm_trunk import load_llm_service as load_llm_service
     from lambda_split._local import (
         LocalTransport as LocalTransport,
     )
@@ -296,9 +297,6 @@ if TYPE_CHECKING:
         Executor as Executor,
     )
     from lambda_split._service import (
-        LLMExecutor as LLMExecutor,
-    )
-    from lambda_split._service import (
         ServiceError as ServiceError,
     )
     from lambda_split._service import (
@@ -306,9 +304,6 @@ if TYPE_CHECKING:
     )
     from lambda_split._service import (
         TrunkService as TrunkService,
-    )
-    from lambda_split._service import (
-        load_llm_service as load_llm_service,
     )
     from lambda_split._session import (
         RemoteSession as RemoteSession,

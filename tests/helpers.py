@@ -12,7 +12,7 @@ from lambda_split import (
     fingerprint,
     load_parts,
 )
-from lambda_split._service import LLMExecutor
+from lambda_split._llm_trunk import LLMExecutor
 from lambda_split.protocol import PROTOCOL_VERSION
 
 

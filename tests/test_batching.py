@@ -15,9 +15,10 @@ import torch
 
 from lambda_split import Checkpoint, GenerationConfig, ServiceError, ServiceLimits, SplitSpec, load_parts
 from lambda_split._generate import encode_prompts, generate_tokens
+from lambda_split._llm_trunk import LLMExecutor
 from lambda_split._parts import Head, Tail, Trunk
 from lambda_split._scheduler import Step
-from lambda_split._service import LLMExecutor, TrunkService
+from lambda_split._service import TrunkService
 from lambda_split.protocol import Encoding, FrameKind, decode_frame, encode_frame
 
 SESSIONS = [

@@ -25,7 +25,7 @@ from lambda_split import (
     generate_tokens,
     load_parts,
 )
-from lambda_split._service import LLMExecutor
+from lambda_split._llm_trunk import LLMExecutor
 from lambda_split.protocol import PROTOCOL_VERSION
 from tests.conftest import monolithic
 from tests.helpers import reference_tokens

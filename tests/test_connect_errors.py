@@ -20,7 +20,7 @@ from lambda_split import (
     TrunkService,
     load_parts,
 )
-from lambda_split._service import LLMExecutor
+from lambda_split._llm_trunk import LLMExecutor
 from lambda_split.protocol import PROTOCOL_VERSION
 from secure_channel import AuthenticationError, TransportError, generate_credentials
 from tests.server.conftest import LiveServer, start_server

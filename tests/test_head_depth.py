@@ -19,8 +19,9 @@ from lambda_split._errors import LimitExceeded
 from lambda_split._failover import FailoverPolicy, Reconnector
 from lambda_split._generate import encode_prompts
 from lambda_split._head_depth import HeadDepths, choose_depth
+from lambda_split._llm_trunk import LLMExecutor, load_llm_service
 from lambda_split._receipts import ReceiptError, ReceiptSigner
-from lambda_split._service import LLMExecutor, TrunkService, load_llm_service
+from lambda_split._service import TrunkService
 from lambda_split._verify import enable_verification
 from lambda_split.protocol import Encoding, FrameKind, decode_frame, encode_frame
 from secure_channel import Request, generate_credentials, load_credentials

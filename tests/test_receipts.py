@@ -13,8 +13,8 @@ from lambda_split import Checkpoint, LocalTransport, ServerError
 from lambda_split._audit import AuditFailed, audit
 from lambda_split._codec import decode_frame
 from lambda_split._generate import GenerationConfig
+from lambda_split._llm_trunk import LLMExecutor
 from lambda_split._receipts import ReceiptError, ReceiptSigner
-from lambda_split._service import LLMExecutor
 from lambda_split._transcript import TranscriptError
 from lambda_split._verify import enable_verification
 from secure_channel import Request, Response, Transport, generate_credentials, load_credentials

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lambda_split import Checkpoint, ServiceError, ServiceLimits, SplitSpec, TrunkService, load_parts
-from lambda_split._service import LLMExecutor
+from lambda_split._llm_trunk import LLMExecutor
 from lambda_split.protocol import Encoding, FrameKind, decode_frame, encode_frame
 
 

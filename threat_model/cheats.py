@@ -1,6 +1,6 @@
 """Cheating trunk executors, for tests and the detection benchmark only (never a server option).
 
-Each builds an :class:`~lambda_split._service.LLMExecutor` that does *not* run the declared trunk
+Each builds an :class:`~lambda_split._llm_trunk.LLMExecutor` that does *not* run the declared trunk
 while the service still signs its answers, exactly as a dishonest operator's server would:
 
 * ``skip``     — one layer of the span contributes nothing (its attention and MLP outputs are zero);
@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from lambda_split._codec import Frame
+from lambda_split._llm_trunk import LLMExecutor
 from lambda_split._parts import Trunk
-from lambda_split._service import LLMExecutor, ServiceLimits
+from lambda_split._service import ServiceLimits
 
 CHEATS = ("skip", "int4", "perturb", "noise", "replay")
 

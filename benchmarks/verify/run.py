@@ -34,8 +34,8 @@ from lambda_split import (
 )
 from lambda_split._audit import TOLERANCE, audit
 from lambda_split._generate import GenerationConfig, encode_prompts
+from lambda_split._llm_trunk import LLMExecutor
 from lambda_split._receipts import ReceiptSigner
-from lambda_split._service import LLMExecutor
 from lambda_split._verify import enable_verification
 from lambda_split.protocol import PROTOCOL_VERSION
 from secure_channel import generate_credentials, load_credentials

@@ -10,9 +10,9 @@ from typing import Any
 
 from lambda_split._client import SplitClient
 from lambda_split._generate import GenerationConfig, GenerationResult, TextCallback
+from lambda_split._llm_trunk import load_llm_service
 from lambda_split._models import preload, resolve
 from lambda_split._names import SMOLLM2
-from lambda_split._service import load_llm_service
 from lambda_split._stream import TransportKind
 from secure_channel import WireStats
 

@@ -24,9 +24,10 @@ from lambda_split._generate import (
     encode_prompts,
     generate_tokens,
 )
+from lambda_split._llm_trunk import load_llm_service
 from lambda_split._models import preload, resolve
 from lambda_split._parts import PART_NAMES, SplitModel, SplitSpec, Trunk, load_parts
-from lambda_split._service import TrunkService, load_llm_service
+from lambda_split._service import TrunkService
 from lambda_split.protocol import INFO_PATH
 
 if TYPE_CHECKING:
