@@ -10,7 +10,15 @@ import pytest
 
 import secure_channel._aesgcm as aesgcm_module
 import secure_channel._middleware as middleware_module
-from secure_channel import AESGCMTransport, AuthenticationError, Credentials, PlainTransport, ServerBusy
+from secure_channel import (
+    AESGCMTransport,
+    AuthenticationError,
+    ClientHandshake,
+    Credentials,
+    PlainTransport,
+    Request,
+    ServerBusy,
+)
 from secure_channel._uvicorn import uvicorn_config
 
 from .conftest import _start, echo_app
@@ -50,6 +58,20 @@ def _occupy(url: str, creds: Credentials, gate: middleware_module.AESGCMMiddlewa
             return worker
         threading.Event().wait(0.01)
     raise AssertionError("the first handshake never reached the server")
+
+
+def test_handshakes_in_flight_are_capped_with_a_503_and_retry_after(
+    held_server: tuple[str, threading.Event, middleware_module.AESGCMMiddleware], client_creds: Credentials
+) -> None:
+    url, release, gate = held_server
+    worker = _occupy(url, client_creds, gate)
+    with PlainTransport(url) as raw:
+        msg1 = ClientHandshake(client_creds, "localhost").start()
+        refused = raw.exchange(Request("POST", "/v1/handshake", msg1))
+    release.set()
+    worker.join(30)
+    assert refused.status == 503 and refused.json()["error"]["code"] == "overloaded"
+    assert refused.headers["retry-after"] == "1"
 
 
 def test_a_refused_handshake_is_retried_after_retry_after(

@@ -426,40 +426,6 @@ def test_connections_and_sessions_end_when_the_client_certificate_expires(
     assert abs(session.expires - session.created - left) < 60
 
 
-def test_handshakes_in_flight_are_capped(
-    own_server: list[tuple[object, threading.Thread]],
-    server_creds: Credentials,
-    client_creds: Credentials,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from .conftest import echo_app
-
-    release, real = threading.Event(), middleware_module.ServerHandshake
-
-    def slow(*args: object, **kwargs: object) -> object:
-        release.wait(10)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(middleware_module, "ServerHandshake", slow)
-    gate = middleware_module.AESGCMMiddleware(echo_app([]), server_creds, max_handshakes_in_flight=1)
-    _, port = _serve(own_server, gate, "aesgcm", server_creds)
-    url, msg1 = f"http://127.0.0.1:{port}", ClientHandshake(client_creds, "localhost").start()
-    first: list[int] = []
-    with PlainTransport(url) as a, PlainTransport(url) as b:
-        worker = threading.Thread(
-            target=lambda: first.append(a.exchange(Request("POST", "/v1/handshake", msg1)).status)
-        )
-        worker.start()
-        for _ in range(500):
-            if gate._handshakes:
-                break
-            threading.Event().wait(0.01)
-        assert b.exchange(Request("POST", "/v1/handshake", msg1)).status == 503
-        release.set()
-        worker.join(10)
-    assert first == [200]
-
-
 def test_sealed_bytes_awaiting_authentication_are_capped(
     own_server: list[tuple[object, threading.Thread]], server_creds: Credentials, client_creds: Credentials
 ) -> None:
