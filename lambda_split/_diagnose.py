@@ -19,6 +19,7 @@ from secure_channel import (
     AuthenticationError,
     PlainTransport,
     Request,
+    ServerBusy,
     TLSTransport,
     Transport,
     TransportError,
@@ -83,6 +84,8 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def _may_be_mode(exc: BaseException) -> bool:
+    if isinstance(exc, ServerBusy):  # the server answered, in our mode: probing would only add load
+        return False
     if isinstance(exc, ServerError):
         return exc.code == "sealed_channel_required"
     return isinstance(exc, (AuthenticationError, TransportError))

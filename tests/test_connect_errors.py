@@ -22,7 +22,7 @@ from lambda_split import (
 )
 from lambda_split._llm_trunk import LLMExecutor
 from lambda_split.protocol import PROTOCOL_VERSION
-from secure_channel import AuthenticationError, TransportError, generate_credentials
+from secure_channel import AuthenticationError, ServerBusy, TransportError, generate_credentials
 from tests.server.conftest import LiveServer, start_server
 
 MODES = ("plain", "tls", "aesgcm", "tls+aesgcm")
@@ -87,6 +87,16 @@ def test_keys_from_another_ca_are_named(
 def test_nothing_listening_says_so() -> None:
     with pytest.raises(TransportError, match=r"nothing answers at http://127\.0\.0\.1:9 .*server running"):
         SplitClient.connect("http://127.0.0.1:9", security="plain", model="tiny-random-llama", timeout=5)
+
+
+def test_a_busy_server_is_not_probed_for_its_mode() -> None:
+    """ServerBusy means the server answered in our mode; a probe would only add load (and here,
+    with nothing listening, would turn the error into "nothing answers")."""
+    from lambda_split._diagnose import explain
+
+    busy = ServerBusy("the server refused the handshake for now (overloaded, 5 attempts)", retry_after=1.0)
+    assert explain(busy, "http://127.0.0.1:9", "aesgcm", None, 1.0) is None
+    assert cli.exit_code(busy) == 4
 
 
 @pytest.mark.parametrize(
