@@ -1,8 +1,9 @@
 """Failover with signed receipts: every session of a failed-over generation is signed, verified and auditable.
 
 Two replicas serve the same trunk with server keys issued by one CA (each its own certificate). A
-step is lost by stopping the first replica just before it (the :class:`Tripwire` of
-tests/test_failover.py, never by timing); the client rebuilds the session on the second replica
+step is lost by stopping the first replica just before it (in process, or SIGKILL to a
+``lambda-split serve`` subprocess; the :class:`Tripwire` of tests/test_failover.py picks the step,
+never timing); the client rebuilds the session on the second replica
 and replays the history there. The session before the loss and the replayed one after it must
 both be signed step by step, verify against the pinned CA, and pass ``lambda-split audit``.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from lambda_split._verify import enable_verification
 from lambda_split.cli import main
 from tests.secure_channel.conftest import PKI
 from tests.server.conftest import LiveServer, start_server
-from tests.test_failover import PROMPT, Faults, client_for, factory, same_answer, stopping, tokens
+from tests.test_failover import PROMPT, Faults, Replica, client_for, factory, same_answer, stopping, tokens
 from threat_model.cheats import cheating_executor
 
 LOCALHOST = ["localhost", "127.0.0.1", "::1"]
@@ -237,3 +240,42 @@ def test_a_cheating_replica_that_took_over_fails_the_audit(
     honest, cheated = report["sessions"]
     assert all(v["match"] for v in honest["steps"])
     assert not any(v["match"] for v in cheated["steps"])
+
+
+class SigningReplica(Replica):
+    """:class:`Replica` (``lambda-split serve``, plain, in a subprocess) signing receipts with ``keys``."""
+
+    def __init__(self, keys: Path) -> None:
+        command = [sys.executable, "-m", "lambda_split", "serve", "--model", "tiny-random-llama"]
+        command += ["--split", "2:-2", "--security", "plain", "--keys", str(keys), "--port", "0"]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.url = ""
+
+
+@pytest.mark.heavy
+def test_kill_9_mid_generation_keeps_every_session_signed_and_auditable(
+    tiny: Checkpoint, pki: PKI, reference: GenerationResult, tmp_path: Path
+) -> None:
+    started: list[Replica] = []
+    try:
+        for name in ("a", "b"):
+            started.append(
+                SigningReplica(pki.issue("server", "server", LOCALHOST, directory=tmp_path / name))
+            )
+        first, second = (replica.wait() for replica in started)
+        faults = Faults(hooks={5: first.kill})
+        path = tmp_path / "run.jsonl"
+        urls = [first.url, second.url]
+        client, signed, verification = verified_client(urls, tiny, faults, pki, path, transport_kind="stream")
+        with client:
+            assert same_answer(tokens(client), reference)
+            assert client.failovers == 1 and client.url == second.url
+        verification.close()
+    finally:
+        for replica in started:
+            replica.stop()
+    assert len(signed.sessions) == 2 and signed.sessions[0][1] != signed.sessions[1][1]
+    assert len(signed.steps) == faults.steps - 1
+    report = audit(path, "tiny-random-llama", ca_pem=(pki.root / "ca.pem").read_bytes())
+    assert report["verdict"] == "pass" and report["audited_steps"] == len(signed.steps)
+    assert [s["session_id"] for s in report["sessions"]] == [session for session, _ in signed.sessions]
