@@ -50,7 +50,7 @@ from lambda_split._models import Checkpoint, fingerprint, resolve
 from lambda_split._parts import SplitModel, SplitSpec, load_parts
 from lambda_split._session import check_reply, connect_verified
 from lambda_split._stream import HTTPLink, StreamLink, TransportKind, make_link
-from lambda_split.protocol import INFO_PATH, PROTOCOL_VERSION, version_mismatch
+from lambda_split.protocol import INFO_PATH, check_protocol_version
 from secure_channel import Request, SecurityMode, Transport, WireStats
 
 ProgressFn = Callable[[str], None]
@@ -97,8 +97,7 @@ def check_chain(spans: Sequence[tuple[int, int]], num_layers: int) -> SplitSpec:
 def _fetch_hop_info(transport: Transport) -> _HopInfo:
     data = check_reply(transport.exchange(Request("GET", INFO_PATH)), 200).json()
     info = ServerInfo.parse(data)
-    if info.protocol_version != PROTOCOL_VERSION:
-        raise ProtocolMismatch(version_mismatch(info.protocol_version))
+    check_protocol_version(info.protocol_version)
     encodings = data.get("wire_encodings") if isinstance(data, dict) else None
     wires = tuple(str(w) for w in encodings) if isinstance(encodings, list) else None
     return _HopInfo(info, wires)

@@ -8,7 +8,7 @@ from typing import Any
 from lambda_split._errors import LimitExceeded, ProtocolMismatch
 from lambda_split._head_depth import RANDOM, HeadDepthChoice, HeadDepths
 from lambda_split._stream import check_reply
-from lambda_split.protocol import INFO_PATH, PROTOCOL_VERSION, version_mismatch
+from lambda_split.protocol import INFO_PATH, check_protocol_version
 from secure_channel import Request, Transport
 
 __all__ = ["ServerInfo", "ServerLimits", "fetch_info"]
@@ -105,6 +105,5 @@ def _depths_used(info: ServerInfo, head_depth: HeadDepthChoice | None) -> list[i
 
 def fetch_info(transport: Transport) -> ServerInfo:
     info = ServerInfo.parse(check_reply(transport.exchange(Request("GET", INFO_PATH)), 200).json())
-    if info.protocol_version != PROTOCOL_VERSION:
-        raise ProtocolMismatch(version_mismatch(info.protocol_version))
+    check_protocol_version(info.protocol_version)
     return info

@@ -73,6 +73,7 @@ from lambda_split._codec import (
     wire_roundtrip,
 )
 from lambda_split._codec import VERSION as FRAME_VERSION
+from lambda_split._errors import ProtocolMismatch
 
 PROTOCOL_VERSION = 3
 FRAME_CONTENT_TYPE = "application/vnd.lambda-split.frame"
@@ -94,13 +95,14 @@ class StreamOp(enum.IntEnum):
     BOUND_STEP = 4
 
 
-def version_mismatch(server_version: object) -> str:
-    """The message when a server's ``/v1/info`` announces another ``protocol_version``: both sides
-    would refuse each other's frames, so the client parts before sending one."""
-    return (
-        f"server speaks protocol {server_version}, this client {PROTOCOL_VERSION} "
-        f"(frame version {FRAME_VERSION} on the wire); upgrade the older of the two"
-    )
+def check_protocol_version(server_version: object) -> None:
+    """Raise ProtocolMismatch if a server's ``/v1/info`` announces another ``protocol_version``: both
+    sides would refuse each other's frames, so the client parts before sending one."""
+    if server_version != PROTOCOL_VERSION:
+        raise ProtocolMismatch(
+            f"server speaks protocol {server_version}, this client {PROTOCOL_VERSION} "
+            f"(frame version {FRAME_VERSION} on the wire); upgrade the older of the two"
+        )
 
 
 def session_path(session_id: str) -> str:
@@ -161,6 +163,7 @@ __all__ = [
     "FrameKind",
     "FrameLimits",
     "StreamOp",
+    "check_protocol_version",
     "decode_frame",
     "encode_frame",
     "encode_tensor",
@@ -170,6 +173,5 @@ __all__ = [
     "llm_step_tensors",
     "session_path",
     "step_path",
-    "version_mismatch",
     "wire_roundtrip",
 ]

@@ -25,7 +25,7 @@ from lambda_split._stream import StreamLink, TransportKind, make_link
 from lambda_split.diffusion._mirror import ServerLatentsTrunk, initial_noise, loop_unsupported
 from lambda_split.diffusion._sources import DiffusionSource, resolve_diffusion
 from lambda_split.diffusion._trunk import RemoteUNetTrunk, TrunkUNet
-from lambda_split.protocol import INFO_PATH, PROTOCOL_VERSION, version_mismatch
+from lambda_split.protocol import INFO_PATH, check_protocol_version
 from secure_channel import Request, SecurityMode, Transport
 
 StepCallback = Callable[[int, int], None]
@@ -83,8 +83,7 @@ def _positive(data: Any, name: str) -> int | None:
 
 def fetch_diffusion_info(transport: Transport) -> DiffusionServerInfo:
     info = DiffusionServerInfo.parse(check_reply(transport.exchange(Request("GET", INFO_PATH)), 200).json())
-    if info.protocol_version != PROTOCOL_VERSION:
-        raise ProtocolMismatch(version_mismatch(info.protocol_version))
+    check_protocol_version(info.protocol_version)
     return info
 
 
