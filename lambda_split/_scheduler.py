@@ -243,8 +243,7 @@ class StepScheduler:
                 return
             if not self._queue:
                 return
-            order = {owner: turn for turn, owner in enumerate(self._turns)}
-            group = min(self._queue, key=lambda s: order[s.owner]).group
+            group = self._first_in_turn(self._queue).group
             rows = sum(s.rows for s in self._queue if s.group == group)
             if rows >= self._expected_rows.get(group, 0) and not self._missing(group):
                 return
@@ -277,14 +276,13 @@ class StepScheduler:
             self._finish(step, error=QueueTimeout(f"the step waited over {self.config.deadline_s:g} s"))
         prefills = [s for s in self._queue if s.is_prefill]
         decodes = [s for s in self._queue if not s.is_prefill]
-        order = {owner: turn for turn, owner in enumerate(self._turns)}
         if prefills and (not decodes or not self._last_prefill):
-            batch = self._prefill_batch(prefills, order)
+            batch = self._prefill_batch(prefills)
             self.stats.prefills += len(batch)
             self.stats.prefill_batches += 1
         else:
             if decodes:
-                first = min(decodes, key=lambda s: order[s.owner])
+                first = self._first_in_turn(decodes)
                 decodes = [s for s in decodes if s.group == first.group]
             batch = self._round_robin(decodes)
         self._last_prefill = bool(batch) and batch[0].is_prefill
@@ -301,10 +299,15 @@ class StepScheduler:
             del self._turns[owner]
         return batch
 
-    def _prefill_batch(self, prefills: list[Step], order: dict[str, int]) -> list[Step]:
+    def _first_in_turn(self, steps: list[Step]) -> Step:
+        """Under the lock: the step of ``steps`` whose owner's turn comes first."""
+        order = {owner: turn for turn, owner in enumerate(self._turns)}
+        return min(steps, key=lambda s: order[s.owner])
+
+    def _prefill_batch(self, prefills: list[Step]) -> list[Step]:
         """The first prefill in turn order, and after it the queued prefills of the same length (taken
         in turns, one per owner per round, as decodes are) that fit in ``max_rows`` and ``max_prefill_tokens``."""
-        first = min(prefills, key=lambda s: order[s.owner])
+        first = self._first_in_turn(prefills)
         same = self._round_robin(
             [s for s in prefills if s.tokens == first.tokens and s.group == first.group], limit=False
         )
