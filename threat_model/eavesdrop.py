@@ -20,7 +20,7 @@ from typing import Any
 
 from threat_model._capture._reassembly import DirectionName, TcpStream
 from threat_model._websocket import BINARY, read_websocket
-from threat_model.traffic import _time_at, http_messages
+from threat_model.traffic import _time_at, http_head, http_messages
 
 __all__ = ["CapturedFrame", "plaintext_frames", "session_tensors"]
 
@@ -79,12 +79,7 @@ def _stream_frame(message: bytes, direction: DirectionName) -> bytes | None:
 
 def _content_type(data: bytes, start: int) -> str:
     """The media type (lower case, no parameters) of the HTTP message whose head starts at ``start``."""
-    end = data.find(b"\r\n\r\n", start)
-    for line in data[start:end].decode("latin-1").split("\r\n")[1:]:
-        key, _, value = line.partition(":")
-        if key.strip().lower() == "content-type":
-            return value.split(";")[0].strip().lower()
-    return ""
+    return http_head(data, start)[1].get("content-type", "").split(";")[0].strip().lower()
 
 
 def _decode(body: bytes) -> Any:

@@ -39,6 +39,7 @@ __all__ = [
     "Message",
     "TrafficProfile",
     "bursts",
+    "http_head",
     "http_messages",
     "length_leak",
     "messages",
@@ -91,15 +92,21 @@ def tls_records(stream: TcpStream) -> list[Message]:
     return sorted(out, key=lambda m: (m.ts, m.direction, m.offset))
 
 
+def http_head(data: bytes, start: int, end: int | None = None) -> tuple[str, dict[str, str]]:
+    """The start line and the header fields (names in lower case) of the HTTP head at ``start``,
+    which ends at ``end`` (the blank line; found if not given)."""
+    end = data.find(b"\r\n\r\n", start) if end is None else end
+    start_line, *lines = data[start:end].decode("latin-1").split("\r\n")
+    return start_line, {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
 def _http_direction(direction: Direction, name: DirectionName) -> list[Message]:
     data, pos, out = direction.data, 0, []
     while pos < len(data):
         end = data.find(b"\r\n\r\n", pos)
         if end < 0 or not _HTTP_START.match(data, pos):
             break
-        head = data[pos:end].decode("latin-1")
-        start_line, *lines = head.split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        start_line, headers = http_head(data, pos, end)
         kind: MessageKind = "http-response" if start_line.startswith("HTTP/") else "http-request"
         body_start = end + 4
         if headers.get("transfer-encoding", "").lower() == "chunked":
