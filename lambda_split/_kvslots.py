@@ -33,6 +33,8 @@ class SlotPool:
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # each (H, capacity, D)
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.capacity = 0
+        #: bytes of keys and values one token slot holds over the layers created so far
+        self.bytes_per_token = 0
         self._free = torch.empty(0, dtype=torch.long)  # a stack of free slot ids
         self._free_count = 0
         self._lock = threading.Lock()
@@ -40,10 +42,6 @@ class SlotPool:
     @property
     def used(self) -> int:
         return self.capacity - self._free_count
-
-    @property
-    def bytes_per_token(self) -> int:
-        return sum(t.element_size() * t[:, 0].numel() for t in (*self.keys, *self.values) if t is not None)
 
     def allocate(self, count: int) -> torch.Tensor:
         """Take ``count`` free slots (growing the pool if needed); return their ids.
@@ -89,6 +87,7 @@ class SlotPool:
             shape = (like.shape[1], self.capacity, like.shape[3])
             keys = self.keys[index] = like.new_zeros(shape)
             values = self.values[index] = like.new_zeros(shape)
+            self.bytes_per_token += 2 * keys.element_size() * shape[0] * shape[2]
         return keys, values
 
     # -- sessions -------------------------------------------------------------------------------
@@ -165,10 +164,15 @@ class SlotState:
     ones: torch.Tensor | None = None  # (B,) tokens that are not padding, for position ids
     in_flight: int = 0
     released: bool = False
+    #: a lone row's first slot when its ``seen`` slots are consecutive ascending ids (else None)
+    run: int | None = None
 
     def _append(self, ids: torch.Tensor, new_mask: torch.Tensor) -> None:
         rows, length = new_mask.shape
         need = self.seen + length
+        first = int(ids[0, 0]) if rows == 1 else None
+        follows = first is not None and (self.seen == 0 or self.run == first - self.seen)
+        self.run = first - self.seen if first is not None and follows and _ascending(ids[0]) else None
         if self.slots is None or self.mask is None or self.slots.shape[1] < need:
             size = max(need, 2 * self.seen, 16)
             slots, mask = ids.new_zeros(rows, size), new_mask.new_zeros(rows, size)
@@ -198,7 +202,7 @@ class PoolBatch:
     length: int = field(init=False)  # L: key positions every row is aligned to
     tokens: int = field(init=False)  # T
     write: torch.Tensor = field(init=False)  # (R * T,) slots of the new tokens, row-major
-    gather: torch.Tensor = field(init=False)  # (R, L) slot of each key position
+    gather: torch.Tensor = field(init=False)  # (R, L) slot of each key position (empty with a span)
     mask: torch.Tensor = field(init=False)  # (R, L) 0/1, left padding where a row is shorter
     positions: torch.Tensor = field(init=False)  # (R, T) position ids of the new tokens
     span: tuple[int, int] | None = field(
@@ -210,28 +214,36 @@ class PoolBatch:
         self.length = max(state.seen for state, _ in self.parts) + self.tokens
         rows = sum(new_mask.shape[0] for _, new_mask in self.parts)
         self.write = self.pool.allocate(rows * self.tokens)
-        self.gather = torch.zeros(rows, self.length, dtype=torch.long)
+        self.span = self._lone_span() if rows == 1 else None
+        # a lone row read in place needs no gather (the commonest step: a session running alone)
+        self.gather = torch.zeros(rows if self.span is None else 0, self.length, dtype=torch.long)
         self.mask = torch.zeros(rows, self.length, dtype=torch.long)
         self.positions = torch.zeros(rows, self.tokens, dtype=torch.long)
         row = 0
         for state, new_mask in self.parts:
             count, seen = new_mask.shape[0], state.seen
-            new_ids = self.write[row * self.tokens : (row + count) * self.tokens].view(count, self.tokens)
             start, rows_here = self.length - seen - self.tokens, slice(row, row + count)
-            self.gather[rows_here, self.length - self.tokens :] = new_ids
             self.mask[rows_here, self.length - self.tokens :] = new_mask
-            if seen and state.slots is not None and state.mask is not None:
-                self.gather[rows_here, start : start + seen] = state.slots[:, :seen]
+            if seen and state.mask is not None:
                 self.mask[rows_here, start : start + seen] = state.mask[:, :seen]
+            if self.span is None:
+                new_ids = self.write[row * self.tokens : (row + count) * self.tokens].view(count, self.tokens)
+                self.gather[rows_here, self.length - self.tokens :] = new_ids
+                if seen and state.slots is not None:
+                    self.gather[rows_here, start : start + seen] = state.slots[:, :seen]
             # As positions_from_mask() over the whole row: padding skipped, padded positions 0.
             before = state.ones[:, None] if state.ones is not None else 0
             self.positions[rows_here] = (before + new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
             row += count
-        first = int(self.gather[0, 0])
-        consecutive = rows == 1 and int(self.gather[0, -1]) - first == self.length - 1
-        if consecutive and self.length > 1:
-            consecutive = bool((self.gather[0, 1:] - self.gather[0, :-1] == 1).all())
-        self.span = (first, first + self.length) if consecutive else None
+
+    def _lone_span(self) -> tuple[int, int] | None:
+        """``[first, last + 1)`` of a lone row's slots, old and new, when they are consecutive."""
+        state = self.parts[0][0]
+        first = int(self.write[0])
+        follows = state.seen == 0 or (state.run is not None and state.run + state.seen == first)
+        if not (follows and _ascending(self.write)):
+            return None
+        return first - state.seen, first + self.tokens
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -273,3 +285,10 @@ class PoolBatch:
     def abort(self) -> None:
         """Give the new tokens' slots back (after a failed forward)."""
         self.pool.free(self.write)
+
+
+def _ascending(ids: torch.Tensor) -> bool:
+    """True when the 1-D ``ids`` are consecutive ascending numbers."""
+    if ids.numel() == 1:
+        return True
+    return int(ids[-1]) - int(ids[0]) == ids.numel() - 1 and bool((ids.diff() == 1).all())

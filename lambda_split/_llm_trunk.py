@@ -52,6 +52,7 @@ class LLMExecutor:
     ) -> None:
         self.trunk = trunk
         self.hidden_size = int(trunk.config.hidden_size)
+        self.trunk_dtype = next(iter(trunk.parameters()), torch.empty(0)).dtype  # steps arrive as fp32
         self.head_depths = head_depths or HeadDepths(trunk.first, trunk.first)
         self.default_depth = trunk.first if default_depth is None else default_depth
         if self.head_depths.lo < trunk.first or self.head_depths.hi > trunk.stop:
@@ -138,10 +139,6 @@ class LLMExecutor:
             batch.commit()
         outputs = iter(torch.split(out, [w.hidden.shape[0] for w in works]))
         return [next(outputs) if r is None else r for r in results]
-
-    @property
-    def trunk_dtype(self) -> torch.dtype:
-        return next(iter(self.trunk.parameters()), torch.empty(0)).dtype
 
     def release(self, state: SlotState) -> None:
         self.scheduler.forget(state)

@@ -123,7 +123,7 @@ class TrunkService:
     def __init__(
         self, executor: Executor, *, limits: ServiceLimits | None = None, clock: Any = time.monotonic
     ) -> None:
-        self.executor = executor
+        self.executor = executor  # (a property: it also notes whether the executor batches)
         self.limits = limits or ServiceLimits()
         self._clock = clock
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()  # least recently used first
@@ -136,6 +136,16 @@ class TrunkService:
 
     # -- bookkeeping ----------------------------------------------------------------------------
     @property
+    def executor(self) -> Executor:
+        return self._executor
+
+    @executor.setter
+    def executor(self, executor: Executor) -> None:
+        self._executor = executor
+        # Checked once here, not per step: a runtime Protocol check walks the protocol's members.
+        self._batcher = executor if isinstance(executor, BatchingExecutor) else None
+
+    @property
     def open_sessions(self) -> int:
         return len(self._sessions)
 
@@ -146,7 +156,7 @@ class TrunkService:
     @property
     def batching(self) -> dict[str, Any] | None:
         """Batch sizes, queue waits and KV slot occupancy, if the executor batches steps."""
-        return self.executor.stats() if isinstance(self.executor, BatchingExecutor) else None
+        return self._batcher.stats() if self._batcher is not None else None
 
     def expire_idle(self) -> int:
         """Drop sessions idle for longer than the timeout; return how many were dropped."""
@@ -246,8 +256,8 @@ class TrunkService:
                 raise FrameError(f"frame kind {frame.kind.name} is not served by this trunk")
             if frame.seq != session.next_seq:
                 raise ServiceError(409, "bad_sequence", f"expected sequence number {session.next_seq}")
-            if isinstance(self.executor, BatchingExecutor):
-                outputs = self.executor.step_as(session.owner, session.state, frame, self.limits)
+            if self._batcher is not None:
+                outputs = self._batcher.step_as(session.owner, session.state, frame, self.limits)
             else:
                 with self._compute:
                     outputs = self.executor.step(session.state, frame, self.limits)
@@ -274,8 +284,8 @@ class TrunkService:
 
     def _drop(self, sid: bytes) -> None:
         session = self._sessions.pop(sid)
-        if isinstance(self.executor, BatchingExecutor):
-            self.executor.release(session.state)
+        if self._batcher is not None:
+            self._batcher.release(session.state)
 
     def close_owners(self, owners: frozenset[str]) -> int:
         """Drop every session of ``owners`` (identities just revoked); return how many."""

@@ -53,6 +53,9 @@ def test_interleaved_sessions_are_gathered_and_each_keeps_its_own_keys() -> None
         for row, state in enumerate((a, b)):
             assert torch.equal(keys[row, :, :4], torch.cat(written[id(state)], dim=2)[0])
         alone = PoolBatch(pool, 0, [(a, torch.ones(1, 1, dtype=torch.long))])
-        assert alone.span is None  # a's slots are not consecutive any more
+        assert alone.span is None  # a's slots are not consecutive any more: gathered
+        last = torch.randn(1, HEADS, 1, DIM)
+        keys, _ = alone.update(last, last, 0)
+        assert torch.equal(keys[0], torch.cat([*written[id(a)], last], dim=2)[0])
         both.abort()
         alone.abort()
