@@ -137,9 +137,10 @@ class LocalEngine:
             except (ServerError, TransportError, ProtocolMismatch):
                 if not job.cached_tokens or steps:
                     raise
-                # The kept session may have expired on the server: start over, nothing was sent yet.
+                # The kept session may have expired on the server: start over, nothing was sent yet,
+                # at the conversation's own head depth (a random one is not drawn again).
                 conversation.close()
-                conversation = job.conversation = self._new_conversation()
+                conversation = job.conversation = self._new_conversation(restarting=conversation)
                 job.cached_tokens = 0
                 result = self._decode(job, conversation, on_text, on_step)
         except BaseException:
@@ -194,8 +195,10 @@ class LocalEngine:
             on_step=on_step,
         )
 
-    def _new_conversation(self) -> Conversation:
-        depth = self.client.session_depth()  # drawn once per conversation under --head-depth random
+    def _new_conversation(self, *, restarting: Conversation | None = None) -> Conversation:
+        """A conversation on a new trunk session: at ``restarting``'s head depth if given (its session
+        was lost), else at the setting's (drawn once per conversation under ``--head-depth random``)."""
+        depth = self.client.session_depth() if restarting is None else restarting.trunk.head_depth
         while True:
             try:
                 trunk = self.client.open_trunk(depth)  # with a quant: defence, the uplink in its encoding

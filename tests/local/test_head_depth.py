@@ -34,7 +34,7 @@ from server import BackgroundServer, ServerConfig
 from tests.local.conftest import MODE
 from tests.local.test_chat_page import browser  # noqa: F401 (fixture)
 from tests.secure_channel.conftest import PKI
-from tests.server.conftest import LiveServer
+from tests.server.conftest import LiveServer, wait_for
 
 PROMPT = "Name three colours of the rainbow."
 
@@ -182,6 +182,33 @@ def test_random_draws_once_per_conversation_and_keeps_that_depth_for_all_its_tur
     for conversation in turns:
         for prompt, max_tokens, answer, _, depth in conversation:
             assert answer == reference(fixed[depth], engine, prompt, max_tokens)
+
+
+def test_a_conversation_whose_session_was_lost_starts_over_at_its_own_depth(
+    ranged: LiveServer,
+    connect: Callable[[Any], SplitClient],
+    opened: list[int],
+    make_local: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    draws = iter([4, 1])  # a second draw would give 1
+
+    def draw(depths: HeadDepths) -> int:
+        return next(draws)
+
+    monkeypatch.setattr(lambda_split._client, "choose_depth", draw)
+    local, engine = make_local(connect("random"), conversations=4)
+    messages = [{"role": "user", "content": "Hello!"}]
+    assert ask(local.url, messages, 2)[1:] == (0, 4)
+    (kept,) = engine.cache._kept
+    kept.trunk.link.close(kept.trunk.session_id)  # behind the engine's back, like an idle expiry
+    assert wait_for(lambda: ranged.service.open_sessions == 0)
+    messages.append({"role": "user", "content": "Tell me more."})
+    prompt = list(messages)
+    answer, cached, depth = ask(local.url, messages, 4)
+    assert (cached, depth) == (0, 4) and opened == [4, 4]  # started over, at the depth it had
+    assert answer == reference(connect(4), engine, prompt, 4)
+    assert [(c.depth, len(c.head.layers)) for c in engine.cache._kept] == [(4, 4)]
 
 
 LOCAL = [sys.executable, "-m", "lambda_split", "local", "--security", MODE, "--model", "tiny-random-llama"]
