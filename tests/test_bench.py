@@ -31,7 +31,8 @@ TINY_PLAN = Plan(model=TINY, decode_model=TINY, decode_tokens=4, decode_reps=2, 
 
 DEPLOY_PLAN = DeployPlan(model=TINY, modes=("tls+aesgcm",), transports=("stream", "http"), wire="fp32",
                          wires=("fp16", "int8"), tokens=4, reps=2, byte_tokens=3, clients=(1, 2),
-                         concurrency_modes=("tls+aesgcm",), concurrency_tokens=3, concurrency_reps=1)  # fmt: skip
+                         concurrency_modes=("tls+aesgcm",), concurrency_tokens=3, concurrency_reps=1,
+                         sections=("decode", "wire", "concurrency", "link"), link_rtts_ms=(30.0,))  # fmt: skip
 
 
 def _run(plan: Any, out: Path, messages: list[str]) -> tuple[int, list[str]]:
@@ -106,6 +107,13 @@ def test_deploy_figures_are_finite_positive_and_tokens_match(
         assert server["decode_batches"] > 0 and server["mean_rows_per_decode_batch"] >= 1, "read off /metrics"
         assert server["prefills"] >= 3 and server["mean_queue_wait_ms"] >= 0
         assert 1 <= server["prefill_batches"] <= server["prefills"]
+    link = results["link"]["by_variant"]
+    assert list(link) == ["tls+aesgcm/stream, direct", "tls+aesgcm/stream, 30 ms"]
+    through = link["tls+aesgcm/stream, 30 ms"]
+    assert through["link_rtt_ms"] == 30.0 and through["ratio_vs_generate"]["n"] == 2
+    # Every decode step crosses the relay both ways: at most one token per 30 ms, whatever the machine.
+    assert through["decode_tokens_per_s"]["max"] <= 1000 / 30
+    assert through["added_beyond_link_ms"]["median"] == round(through["added_ms_per_token"]["median"] - 30, 3)
     goals = results["goals"]["tls+aesgcm/stream"]
     assert set(goals) == {"decode", "int8_bytes"}, "no 8-client run in this plan, so no scaling goal"
     assert all(isinstance(g["met"], bool) for g in goals.values())
@@ -117,6 +125,7 @@ def test_deploy_outputs_are_written(deploy_run: tuple[dict[str, Any], Path, list
     assert json.loads((out / "results.json").read_text()) == results
     text = (out / "results.md").read_text()
     assert text.startswith("# Λ-Split deployment benchmark") and "tls+aesgcm/stream" in text
+    assert "## Decode through an emulated link" in text and "tls+aesgcm/stream, 30 ms" in text
     for name in ("tokens_per_s_by_mode", "bytes_per_token_by_encoding", "concurrency_scaling"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -130,6 +139,8 @@ def test_options_choose_the_plan() -> None:
     plan = deploy_plan(TINY, quick=False, options=vars(args))
     assert plan.modes == ("tls", "plain") and plan.clients == (1, 2, 8) and plan.transports == ("http",)
     assert plan.reps == 3 and plan.tokens == DeployPlan().tokens
+    assert deploy_plan(TINY, quick=False, options=vars(parser.parse_args(["--link-rtt-ms", "20,50.5"]))
+                       ).link_rtts_ms == (20.0, 50.5)  # fmt: skip
     quick = deploy_plan(TINY, quick=True, options=vars(parser.parse_args(["--tokens", "5"])))
     assert quick.tokens == 5 and quick.reps < DeployPlan().reps
 
@@ -137,7 +148,8 @@ def test_options_choose_the_plan() -> None:
 @pytest.mark.parametrize(
     "argv",
     [["--modes", "tls,bogus"], ["--clients", "0"], ["--clients", "x"], ["--clients", "100"], ["--wire", "fp8"],
-     ["--transports", ""], ["--reps", "0"], ["--split", "0:5"], ["--split", "2-4"]],
+     ["--transports", ""], ["--reps", "0"], ["--split", "0:5"], ["--split", "2-4"], ["--link-rtt-ms", "0"],
+     ["--link-rtt-ms", "x"], ["--link-rtt-ms", "20,20"], ["--sections", "link,bogus"]],
 )  # fmt: skip
 def test_bad_options_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()

@@ -7,7 +7,8 @@ added milliseconds per token, time to first token, wire bytes per decode token b
 and aggregate tokens/s with p50/p99 per-token latency at 1, 2, 4, 8 and 16 clients.
 ``--sections failover`` adds (or, alone, runs only) the failover benchmark: a replica killed
 mid-generation, 2 replicas against 1 (:mod:`._failover`); ``--sections replicas`` the aggregate
-throughput of concurrent clients on 2 replicas against 1 (:mod:`._replicas`). ``--in-process`` runs the older
+throughput of concurrent clients on 2 replicas against 1 (:mod:`._replicas`); ``--sections link`` decode
+through an emulated link of ``--link-rtt-ms`` round trips (:mod:`._link`). ``--in-process`` runs the older
 single-process suite (:mod:`._inprocess`) instead.
 
 Every timing figure is a median and range of interleaved repetitions or a paired ratio.
@@ -29,7 +30,7 @@ from lambda_split.cli.bench._inprocess import Plan, full_plan, quick_plan
 ProgressFn = Callable[[str], None]
 MODES = ("plain", "tls", "aesgcm", "tls+aesgcm")
 TRANSPORTS = ("stream", "http")
-SECTIONS = ("decode", "wire", "concurrency", "capacity", "failover", "replicas")
+SECTIONS = ("decode", "wire", "concurrency", "capacity", "failover", "replicas", "link")
 DEFAULT_SECTIONS = ("decode", "wire", "concurrency")
 WIRES = ("fp32", "fp16", "bf16", "int8")
 
@@ -73,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_choices(SECTIONS),
         metavar="S,..",
         help="sections of the deployment benchmark "
-        f"(default {','.join(DEFAULT_SECTIONS)}; capacity, failover and replicas run only when named: "
+        f"(default {','.join(DEFAULT_SECTIONS)}; capacity, failover, replicas and link run only when named: "
         f"{','.join(SECTIONS)})",
     )
     add(
@@ -110,6 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--replica-clients", type=_positive, help="client processes of the replicas section, on 1 then 2 "
         "replicas (default 8)")  # fmt: skip
     add("--replica-reps", type=_positive, help="repetitions of the replicas section (default 3)")
+    add("--link-rtt-ms", type=_round_trips, metavar="MS,..", help="round trips the link section's relay adds "
+        "in front of the tls+aesgcm server, one variant each (default 20,50)")  # fmt: skip
     add("--in-process", action="store_true", help="run the older single-process suite instead (KV cache "
         "vs recompute, security machinery, modelled links, diffusion)")  # fmt: skip
 
@@ -172,6 +175,16 @@ def _replicas(text: str) -> tuple[int, ...]:
     return tuple(map(int, values))
 
 
+def _round_trips(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of milliseconds: {text!r}") from None
+    if not all(0 < v <= 2000 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError("round trips are distinct numbers of milliseconds in (0, 2000]")
+    return values
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -189,7 +202,8 @@ _OPTION_FIELDS = {"split": "split", "threads": "threads", "modes": "modes", "tra
                   "failover_modes": "failover_modes", "failover_history": "failover_history",
                   "failover_replicas": "failover_replicas", "failover_reps": "failover_reps",
                   "failover_deadline": "failover_deadline", "failover_transport": "failover_transport",
-                  "replica_clients": "replica_clients", "replica_reps": "replica_reps"}  # fmt: skip
+                  "replica_clients": "replica_clients", "replica_reps": "replica_reps",
+                  "link_rtt_ms": "link_rtts_ms"}  # fmt: skip
 
 
 def deploy_plan(model: str, *, quick: bool, options: dict[str, Any] | None = None) -> DeployPlan:

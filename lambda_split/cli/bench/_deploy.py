@@ -13,12 +13,15 @@ Per security mode, one ``lambda-split serve`` child. Sections:
   detection, reconnection, replay and stall against history length, 2 replicas against 1 (:mod:`._failover`).
 - ``replicas`` (only when asked for): aggregate tokens/s of concurrent clients on 2 replicas against 1
   (:mod:`._replicas`).
+- ``link`` (only when asked for): decode as in ``decode``, the goal mode's stream directly and through a
+  loopback relay that adds each of ``--link-rtt-ms`` round trips (:mod:`._link`).
 - ``capacity`` (only when asked for): the trunk server's own aggregate with 1, 2, 4, ... devices that
   replay a recorded generation's trunk steps, so that no head or tail shares its cores (:mod:`._capacity`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from lambda_split.cli.bench._clients import (
     export_device_model,
     summary,
 )
+from lambda_split.cli.bench._link import LinkProcess
 from lambda_split.cli.bench._procs import ClientPool, ServerProcess
 from lambda_split.cli.bench._scaling import scaling_with_batching
 from lambda_split.cli.bench._stats import ratios, rotated, summarize
@@ -72,6 +76,7 @@ class DeployPlan:
     failover_transport: str = "stream"
     replica_clients: int = 8  # client processes of the replicas section, spread over 1 or 2 replicas
     replica_reps: int = 3
+    link_rtts_ms: tuple[float, ...] = (20.0, 50.0)  # round trips the link section's relay adds
 
 
 def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> None:
@@ -99,6 +104,7 @@ def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> N
                 "decode": lambda: decode(plan, client, targets, progress),
                 "wire": lambda: wire_bytes(plan, client, targets, progress),
                 "concurrency": lambda: concurrency(plan, targets, progress, record, client, workdir),
+                "link": lambda: link(plan, client, targets, progress),
                 "capacity": lambda: _capacity.collect(plan, targets, progress, record, client, workdir),
                 "failover": lambda: _failover.collect(plan, client, keys, workdir, progress),
                 "replicas": lambda: _replicas.collect(
@@ -117,6 +123,7 @@ def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> N
 def _shared_modes(plan: DeployPlan) -> list[str]:
     """The modes whose one server the decode, wire and concurrency sections share (failover has its own)."""
     modes = [*plan.modes] if {"decode", "wire"} & set(plan.sections) else []
+    modes += [GOAL_MODE] if "link" in plan.sections and GOAL_MODE not in modes else []
     modes += plan.concurrency_modes if {"concurrency", "capacity"} & set(plan.sections) else ()
     return list(dict.fromkeys(modes))
 
@@ -157,30 +164,90 @@ def decode(
     plan: DeployPlan, client: ClientModel, targets: dict[str, Target], progress: ProgressFn
 ) -> dict[str, Any]:
     """Paired, interleaved decode speed and time to first token: split per (mode, transport) vs generate()."""
-    reference = Reference(client)
     conns = {mode: Connections(targets[mode]) for mode in plan.modes}
     try:
-
-        def split_run(variant: str, tokens: int) -> dict[str, Any]:
-            mode, kind = variant.split("/")
-            transport, link = conns[mode].get(kind)  # type: ignore[arg-type]
-            return summary(client.run(link, transport, plan.wire, tokens))
-
-        variants = ["generate", *_variants(plan)]
-        progress(f"decode: warming up {len(variants)} variants (connections, streams, first calls)")
-        for variant in variants:
-            reference.run(4) if variant == "generate" else split_run(variant, 4)
-        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-        for rep in range(plan.reps):
-            for variant in rotated(variants, rep):
-                runs[variant].append(
-                    reference.run(plan.tokens) if variant == "generate" else split_run(variant, plan.tokens)
-                )
-            progress(f"decode: repetition {rep + 1}/{plan.reps}: " + ", ".join(
-                f"{v} {r[-1]['decode_tokens_per_s']:.1f}" for v, r in runs.items()) + " tokens/s")  # fmt: skip
+        runners = {
+            variant: _split_runner(client, conns[variant.split("/")[0]], variant.split("/")[1], plan.wire)
+            for variant in _variants(plan)
+        }
+        return _paired_decode(plan, client, runners, progress, "decode", notes=[
+            "variant = security mode / transport; every run is greedy with a forced number of new tokens"])  # fmt: skip
     finally:
         for c in conns.values():
             c.close()
+
+
+def link(
+    plan: DeployPlan, client: ClientModel, targets: dict[str, Target], progress: ProgressFn
+) -> dict[str, Any]:
+    """Decode through an emulated link (:mod:`._link`): the goal mode's stream directly and through a relay
+    that adds each of ``plan.link_rtts_ms``, interleaved with generate() as in :func:`decode`."""
+    mode = GOAL_MODE  # (collect starts its server when the link section is asked for)
+    direct = targets[mode]
+    with contextlib.ExitStack() as stack:
+        conns = {"direct": stack.enter_context(contextlib.closing(Connections(direct)))}
+        for rtt in plan.link_rtts_ms:
+            progress(
+                f"link: starting a relay that adds {rtt:g} ms of round trip in front of the {mode} server"
+            )
+            relay = stack.enter_context(LinkProcess(direct.url, rtt))
+            conns[f"{rtt:g} ms"] = stack.enter_context(
+                contextlib.closing(Connections(Target(relay.url, mode, direct.keys)))
+            )
+        runners = {
+            f"{mode}/stream, {name}": _split_runner(client, c, "stream", plan.wire)
+            for name, c in conns.items()
+        }
+        result = _paired_decode(plan, client, runners, progress, "link", notes=[
+            f"variant = {mode}/stream, directly or through a loopback relay that holds every chunk for half the "
+            "added round trip in each direction (benchmarks/README.md)",
+            "added_beyond_link_ms = added_ms_per_token - the round trip the relay adds"])  # fmt: skip
+    for variant, rtt in zip(list(result["by_variant"])[1:], plan.link_rtts_ms, strict=True):
+        entry = result["by_variant"][variant]
+        entry["link_rtt_ms"] = rtt
+        added = entry["added_ms_per_token"]
+        entry["added_beyond_link_ms"] = {
+            k: (None if v is None else round(v - rtt, 3)) for k, v in added.items()
+        }
+    result["mode"] = mode
+    return result
+
+
+def _split_runner(
+    client: ClientModel, conns: Connections, kind: str, wire: str
+) -> Callable[[int], dict[str, Any]]:
+    def run(tokens: int) -> dict[str, Any]:
+        transport, link = conns.get(kind)  # type: ignore[arg-type]
+        return summary(client.run(link, transport, wire, tokens))
+
+    return run
+
+
+def _paired_decode(
+    plan: DeployPlan,
+    client: ClientModel,
+    runners: dict[str, Callable[[int], dict[str, Any]]],
+    progress: ProgressFn,
+    section: str,
+    *,
+    notes: list[str],
+) -> dict[str, Any]:
+    """generate() and each runner, ``plan.reps`` times in rotated order; the speeds paired per repetition."""
+    reference = Reference(client)
+    variants = ["generate", *runners]
+
+    def one(variant: str, tokens: int) -> dict[str, Any]:
+        return reference.run(tokens) if variant == "generate" else runners[variant](tokens)
+
+    progress(f"{section}: warming up {len(variants)} variants (connections, streams, first calls)")
+    for variant in variants:
+        one(variant, 4)
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for rep in range(plan.reps):
+        for variant in rotated(variants, rep):
+            runs[variant].append(one(variant, plan.tokens))
+        progress(f"{section}: repetition {rep + 1}/{plan.reps}: " + ", ".join(
+            f"{v} {r[-1]['decode_tokens_per_s']:.1f}" for v, r in runs.items()) + " tokens/s")  # fmt: skip
     speed = {v: [r["decode_tokens_per_s"] for r in rs] for v, rs in runs.items()}
     gen = speed["generate"]
     table: dict[str, Any] = {}
@@ -207,7 +274,7 @@ def decode(
         },
         "by_variant": table,
         "notes": [
-            "variant = security mode / transport; every run is greedy with a forced number of new tokens",
+            *notes,
             "ratio_vs_generate pairs each split run with the generate() run of the same repetition; the order "
             "of the variants rotates from one repetition to the next",
             "added_ms_per_token = 1000/split tokens/s - 1000/generate() tokens/s, paired per repetition",

@@ -33,7 +33,7 @@ def markdown(results: dict[str, Any]) -> str:
              "process (one per security mode); concurrent clients are processes of their own. Figures are "
              "median (min–max) of interleaved repetitions; ratios pair the runs of one repetition."]  # fmt: skip
     return _writer.document(
-        lines, results, (_goals, _decode, _wire, _concurrency, _capacity, _failover, _replicas)
+        lines, results, (_goals, _decode, _wire, _concurrency, _link, _capacity, _failover, _replicas)
     )
 
 
@@ -73,6 +73,35 @@ def _decode(results: dict[str, Any]) -> list[str]:
             f"{d['new_tokens']} new tokens, {d['reps']} interleaved reps", "",
             *_table(["mode/transport", "tokens/s", "× generate()", "added ms/token", "time to first token (ms)",
                      "tokens = generate()"], rows), "", *[f"- {n}" for n in d["notes"]]]  # fmt: skip
+
+
+def _link(results: dict[str, Any]) -> list[str]:
+    d = _ok(results, "link")
+    if not d:
+        return []
+    gen = d["generate"]
+    rows = [
+        [
+            "generate()",
+            "–",
+            fmt(gen["decode_tokens_per_s"], "", 1),
+            "1",
+            "0",
+            "–",
+            fmt(gen["ttft_ms"], "", 1),
+            "",
+        ]
+    ]
+    rows += [[v, f"{e['link_rtt_ms']:g}" if "link_rtt_ms" in e else "0", fmt(e["decode_tokens_per_s"], "", 1),
+              _range(e["ratio_vs_generate"]), _range(e["added_ms_per_token"], 2),
+              _range(e["added_beyond_link_ms"], 2) if "added_beyond_link_ms" in e else "–",
+              fmt(e["ttft_ms"], "", 1), f"{e['tokens_equal_generate']}/{d['reps']}"]
+             for v, e in d["by_variant"].items()]  # fmt: skip
+    return [f"## Decode through an emulated link — wire {d['wire']}, {d['prompt_tokens']}-token prompt, "
+            f"{d['new_tokens']} new tokens, {d['reps']} interleaved reps", "",
+            *_table(["variant", "added round trip (ms)", "tokens/s", "× generate()", "added ms/token",
+                     "added beyond the link (ms)", "time to first token (ms)", "tokens = generate()"], rows), "",
+            *[f"- {n}" for n in d["notes"]]]  # fmt: skip
 
 
 def _wire(results: dict[str, Any]) -> list[str]:

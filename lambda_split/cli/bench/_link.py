@@ -1,0 +1,135 @@
+"""An emulated network link for the benchmark: a TCP relay on loopback that delays every byte.
+
+The relay listens on ``127.0.0.1`` and forwards each connection to the trunk server, holding each
+chunk for half the round-trip time in each direction (order kept, many chunks in flight, no
+bandwidth cap). It works below TLS and the channel, so every security mode crosses it unchanged.
+The kernel's netem would do this per packet; it needs the ``sch_netem`` qdisc, which this project
+cannot assume (it is a kernel module, and containers rarely may load one), so the relay is a
+process of its own instead (this file run as a script), started and stopped by the
+benchmark, with its own interpreter: a relay thread in the device process would share its GIL.
+
+Its own cost is the asyncio event loop's timer resolution and one more loopback hop (about
+0.1–0.3 ms on the machines we measured): the benchmark reports the added time per token against
+the round trip it asked for, and the same run without the relay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+_CHUNK = 65536
+
+
+async def _carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
+    """Copy ``reader`` to ``writer``, each chunk ``delay_s`` after it arrived; pass on the end of stream."""
+    loop = asyncio.get_running_loop()
+    due: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def deliver() -> None:
+        while True:
+            when, data = await due.get()
+            if when > loop.time():
+                await asyncio.sleep(when - loop.time())
+            if not data:
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+                return
+            writer.write(data)
+            await writer.drain()
+
+    delivering = asyncio.create_task(deliver())
+    try:
+        while data := await reader.read(_CHUNK):
+            due.put_nowait((loop.time() + delay_s, data))
+        due.put_nowait((loop.time() + delay_s, b""))
+        await delivering
+    except (ConnectionError, OSError):
+        delivering.cancel()
+
+
+async def _relay(listen_port: int, host: str, port: int, delay_s: float) -> None:
+    async def connection(down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection(host, port)
+        except OSError:
+            down_w.close()
+            return
+        try:
+            await asyncio.gather(_carry(down_r, up_w, delay_s), _carry(up_r, down_w, delay_s))
+        finally:
+            for writer in (up_w, down_w):
+                writer.close()
+
+    server = await asyncio.start_server(connection, "127.0.0.1", listen_port)
+    async with server:
+        print(f"listening on 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="a loopback TCP relay that delays every byte")
+    parser.add_argument("--to", required=True, help="HOST:PORT of the server")
+    parser.add_argument("--rtt-ms", type=float, required=True, help="round trip to add, in milliseconds")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    host, _, port = args.to.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= args.rtt_ms <= 10_000:
+        parser.error("--to is HOST:PORT and --rtt-ms is 0..10000")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_relay(args.port, host, int(port), args.rtt_ms / 2000))
+    return 0
+
+
+class LinkProcess:
+    """The relay in a child process, in front of the server at ``url`` (``http(s)://host:port``);
+    :attr:`url` is the same URL through the relay. Use as a context manager."""
+
+    def __init__(self, url: str, rtt_ms: float, *, startup_s: float = 30.0) -> None:
+        parts = urlsplit(url)
+        if parts.hostname is None or parts.port is None:
+            raise ValueError(f"the server URL {url!r} names no host and port")
+        # Run as a script: it imports only the standard library, so it starts in a moment.
+        command = [sys.executable, str(Path(__file__).resolve()), "--to", f"{parts.hostname}:{parts.port}",
+                   "--rtt-ms", str(rtt_ms)]  # fmt: skip
+        self.rtt_ms = rtt_ms
+        self.child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        line: list[str] = []
+        reader = threading.Thread(
+            target=lambda: line.append(self.child.stdout.readline() if self.child.stdout else ""), daemon=True
+        )
+        reader.start()
+        reader.join(startup_s)
+        if not line or not line[0].startswith("listening on "):
+            self.close()
+            raise RuntimeError(f"the link relay did not start within {startup_s:g} s")
+        relay_port = int(line[0].rsplit(":", 1)[1])
+        # The server's certificate names localhost and 127.0.0.1; the relay listens on 127.0.0.1.
+        self.url = urlunsplit((parts.scheme, f"{parts.hostname}:{relay_port}", parts.path, "", ""))
+
+    def close(self) -> None:
+        if self.child.poll() is None:
+            self.child.terminate()
+            try:
+                self.child.wait(10)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait(10)
+        if self.child.stdout is not None:
+            self.child.stdout.close()
+
+    def __enter__(self) -> LinkProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
