@@ -114,6 +114,11 @@ def test_deploy_figures_are_finite_positive_and_tokens_match(
     # Every decode step crosses the relay both ways: at most one token per 30 ms, whatever the machine.
     assert through["decode_tokens_per_s"]["max"] <= 1000 / 30
     assert through["added_beyond_link_ms"]["median"] == round(through["added_ms_per_token"]["median"] - 30, 3)
+    behind = results["link_concurrency"]["by_variant"]["tls+aesgcm/stream, 30 ms"]["by_clients"]
+    assert set(behind) == {"1", "2"} and all(e["tokens_unchanged"] is True for e in behind.values())
+    assert behind["1"]["aggregate_tokens_per_s"]["max"] <= 1000 / 30, (
+        "one client behind the link: a token per 30 ms"
+    )
     goals = results["goals"]["tls+aesgcm/stream"]
     assert set(goals) == {"decode", "int8_bytes"}, "no 8-client run in this plan, so no scaling goal"
     assert all(isinstance(g["met"], bool) for g in goals.values())
@@ -126,6 +131,7 @@ def test_deploy_outputs_are_written(deploy_run: tuple[dict[str, Any], Path, list
     text = (out / "results.md").read_text()
     assert text.startswith("# Λ-Split deployment benchmark") and "tls+aesgcm/stream" in text
     assert "## Decode through an emulated link" in text and "tls+aesgcm/stream, 30 ms" in text
+    assert "## Concurrent client processes through an emulated link" in text
     for name in ("tokens_per_s_by_mode", "bytes_per_token_by_encoding", "concurrency_scaling"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -104,7 +104,7 @@ def collect(plan: DeployPlan, progress: ProgressFn, record: dict[str, Any]) -> N
                 "decode": lambda: decode(plan, client, targets, progress),
                 "wire": lambda: wire_bytes(plan, client, targets, progress),
                 "concurrency": lambda: concurrency(plan, targets, progress, record, client, workdir),
-                "link": lambda: link(plan, client, targets, progress),
+                "link": lambda: link(plan, client, targets, progress, record, workdir),
                 "capacity": lambda: _capacity.collect(plan, targets, progress, record, client, workdir),
                 "failover": lambda: _failover.collect(plan, client, keys, workdir, progress),
                 "replicas": lambda: _replicas.collect(
@@ -178,21 +178,28 @@ def decode(
 
 
 def link(
-    plan: DeployPlan, client: ClientModel, targets: dict[str, Target], progress: ProgressFn
+    plan: DeployPlan,
+    client: ClientModel,
+    targets: dict[str, Target],
+    progress: ProgressFn,
+    record: dict[str, Any],
+    workdir: str,
 ) -> dict[str, Any]:
-    """Decode through an emulated link (:mod:`._link`): the goal mode's stream directly and through a relay
-    that adds each of ``plan.link_rtts_ms``, interleaved with generate() as in :func:`decode`."""
+    """Through an emulated link (:mod:`._link`): decode of the goal mode's stream directly and through
+    a relay that adds each of ``plan.link_rtts_ms``, interleaved with generate() as in :func:`decode`;
+    then ``plan.clients`` concurrent client processes behind each relay (``record["link_concurrency"]``)."""
     mode = GOAL_MODE  # (collect starts its server when the link section is asked for)
     direct = targets[mode]
     with contextlib.ExitStack() as stack:
+        relays: dict[float, LinkProcess] = {}
         conns = {"direct": stack.enter_context(contextlib.closing(Connections(direct)))}
         for rtt in plan.link_rtts_ms:
             progress(
                 f"link: starting a relay that adds {rtt:g} ms of round trip in front of the {mode} server"
             )
-            relay = stack.enter_context(LinkProcess(direct.url, rtt))
+            relays[rtt] = stack.enter_context(LinkProcess(direct.url, rtt))
             conns[f"{rtt:g} ms"] = stack.enter_context(
-                contextlib.closing(Connections(Target(relay.url, mode, direct.keys)))
+                contextlib.closing(Connections(Target(relays[rtt].url, mode, direct.keys)))
             )
         runners = {
             f"{mode}/stream, {name}": _split_runner(client, c, "stream", plan.wire)
@@ -202,6 +209,7 @@ def link(
             f"variant = {mode}/stream, directly or through a loopback relay that holds every chunk for half the "
             "added round trip in each direction (benchmarks/README.md)",
             "added_beyond_link_ms = added_ms_per_token - the round trip the relay adds"])  # fmt: skip
+        record["link_concurrency"] = _link_concurrency(plan, client, direct, relays, progress, workdir)
     for variant, rtt in zip(list(result["by_variant"])[1:], plan.link_rtts_ms, strict=True):
         entry = result["by_variant"][variant]
         entry["link_rtt_ms"] = rtt
@@ -211,6 +219,37 @@ def link(
         }
     result["mode"] = mode
     return result
+
+
+def _link_concurrency(
+    plan: DeployPlan,
+    client: ClientModel,
+    direct: Target,
+    relays: dict[float, LinkProcess],
+    progress: ProgressFn,
+    workdir: str,
+) -> dict[str, Any]:
+    """The concurrency section's scaling, with every client process behind one relay at a time."""
+    device = _device_dir(client, workdir, progress)
+    out: dict[str, Any] = {"model": plan.model, "wire": plan.wire, "new_tokens_per_client": plan.concurrency_tokens,
+                           "reps": plan.concurrency_reps, "clients": list(plan.clients), "by_variant": {}}  # fmt: skip
+    same = _same_tokens(_solo_tokens(plan, client, direct, "stream"))
+    for rtt, relay in relays.items():
+        variant = f"{direct.mode}/stream, {rtt:g} ms"
+        progress(f"link: starting {max(plan.clients)} client processes behind the {rtt:g} ms link")
+        pool = ClientPool(max(plan.clients), device, plan.split, Target(relay.url, direct.mode, direct.keys),
+                          threads=plan.threads)  # fmt: skip
+        try:
+            out["by_variant"][variant] = scaling_with_batching(
+                plan, pool, direct, "stream", variant, same, progress, section="link"
+            )
+        finally:
+            pool.close()
+    out["notes"] = [
+        "as the concurrency section, with every client process connected through the relay that adds the "
+        "variant's round trip; the server's batching counters are read directly",
+    ]
+    return out
 
 
 def _split_runner(

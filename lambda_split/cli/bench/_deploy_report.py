@@ -33,7 +33,9 @@ def markdown(results: dict[str, Any]) -> str:
              "process (one per security mode); concurrent clients are processes of their own. Figures are "
              "median (min–max) of interleaved repetitions; ratios pair the runs of one repetition."]  # fmt: skip
     return _writer.document(
-        lines, results, (_goals, _decode, _wire, _concurrency, _link, _capacity, _failover, _replicas)
+        lines,
+        results,
+        (_goals, _decode, _wire, _concurrency, _link, _link_concurrency, _capacity, _failover, _replicas),
     )
 
 
@@ -120,6 +122,11 @@ def _wire(results: dict[str, Any]) -> list[str]:
 def _concurrency(results: dict[str, Any]) -> list[str]:
     return _scaling_tables(results, "concurrency", "Concurrent client processes", "tokens_unchanged",
                            "tokens unchanged")  # fmt: skip
+
+
+def _link_concurrency(results: dict[str, Any]) -> list[str]:
+    return _scaling_tables(results, "link_concurrency", "Concurrent client processes through an emulated link",
+                           "tokens_unchanged", "tokens unchanged")  # fmt: skip
 
 
 def _capacity(results: dict[str, Any]) -> list[str]:
