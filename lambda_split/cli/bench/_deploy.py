@@ -231,8 +231,7 @@ def _link_concurrency(
 ) -> dict[str, Any]:
     """The concurrency section's scaling, with every client process behind one relay at a time."""
     device = _device_dir(client, workdir, progress)
-    out: dict[str, Any] = {"model": plan.model, "wire": plan.wire, "new_tokens_per_client": plan.concurrency_tokens,
-                           "reps": plan.concurrency_reps, "clients": list(plan.clients), "by_variant": {}}  # fmt: skip
+    out = _scaling_record(plan)
     same = _same_tokens(_solo_tokens(plan, client, direct, "stream"))
     for rtt, relay in relays.items():
         variant = f"{direct.mode}/stream, {rtt:g} ms"
@@ -385,8 +384,7 @@ def concurrency(
 ) -> dict[str, Any]:
     """Aggregate tokens/s and per-token latency of 1, 2, 4, ... concurrent client processes."""
     device = _device_dir(client, workdir, progress)
-    out: dict[str, Any] = {"model": plan.model, "wire": plan.wire, "new_tokens_per_client": plan.concurrency_tokens,
-                           "reps": plan.concurrency_reps, "clients": list(plan.clients), "by_variant": {}}  # fmt: skip
+    out = _scaling_record(plan)
     for mode in plan.concurrency_modes:
         progress(f"concurrency: starting {max(plan.clients)} client processes ({mode})")
         pool = ClientPool(max(plan.clients), device, plan.split, targets[mode], threads=plan.threads)
@@ -409,6 +407,12 @@ def concurrency(
         "benchmark process on the same variant and wire)",
     ]
     return out
+
+
+def _scaling_record(plan: DeployPlan) -> dict[str, Any]:
+    """The head of a concurrency table (its variants go in ``by_variant``)."""
+    return {"model": plan.model, "wire": plan.wire, "new_tokens_per_client": plan.concurrency_tokens,
+            "reps": plan.concurrency_reps, "clients": list(plan.clients), "by_variant": {}}  # fmt: skip
 
 
 def _same_tokens(solo: list[int]) -> Callable[[dict[str, Any]], bool]:
