@@ -3,7 +3,9 @@ trip each way, below TLS and the channel (``lambda-split bench --sections link``
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -18,28 +20,39 @@ from tests.server.conftest import start_server
 RTT_MS = 60.0
 
 
-@pytest.fixture
-def echo() -> Iterator[str]:
-    """A loopback TCP server that echoes each connection's bytes and closes after the client's end."""
-    listener = socket.create_server(("127.0.0.1", 0))
+class Echo:
+    """A loopback TCP server that echoes each connection's bytes; ``ended`` is set as one closes."""
 
-    def serve() -> None:
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.ended = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
         while True:
             try:
-                conn, _ = listener.accept()
+                conn, _ = self.listener.accept()
             except OSError:
                 return
-            with conn:
+            with conn, contextlib.suppress(ConnectionResetError):
                 while data := conn.recv(65536):
                     conn.sendall(data)
+            self.ended.set()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a close alone does not)
-    listener.close()
-    thread.join(10)
-    assert not thread.is_alive()
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a close alone does not)
+        self.listener.close()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def echo() -> Iterator[Echo]:
+    server = Echo()
+    yield server
+    server.close()
 
 
 def _exchange(sock: socket.socket, data: bytes) -> bytes:
@@ -52,8 +65,8 @@ def _exchange(sock: socket.socket, data: bytes) -> bytes:
     return got
 
 
-def test_bytes_cross_unchanged_after_at_least_the_round_trip_and_the_end_is_passed_on(echo: str) -> None:
-    with LinkProcess(echo, RTT_MS) as link:
+def test_bytes_cross_unchanged_after_at_least_the_round_trip_and_the_end_is_passed_on(echo: Echo) -> None:
+    with LinkProcess(echo.url, RTT_MS) as link:
         host, port = link.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=30) as sock:
             payload = bytes(range(256)) * 1000  # several chunks in flight
@@ -66,6 +79,16 @@ def test_bytes_cross_unchanged_after_at_least_the_round_trip_and_the_end_is_pass
             sock.shutdown(socket.SHUT_WR)  # the end of the stream crosses too: the echo server closes
             assert sock.recv(10) == b""
     assert link.child.poll() is not None, "the relay process is stopped"
+
+
+def test_a_client_that_resets_ends_the_relayed_connection_to_the_server(echo: Echo) -> None:
+    with LinkProcess(echo.url, 10.0) as link:
+        host, port = link.url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        assert _exchange(sock, b"hello") == b"hello"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, not an end of stream
+        assert echo.ended.wait(10), "the relay closed its connection to the server too"
 
 
 def test_a_split_generation_through_the_link_is_unchanged_in_tls_aesgcm(

@@ -27,8 +27,11 @@ from urllib.parse import urlsplit, urlunsplit
 _CHUNK = 65536
 
 
-async def _carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
-    """Copy ``reader`` to ``writer``, each chunk ``delay_s`` after it arrived; pass on the end of stream."""
+async def _carry(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float, broken: asyncio.Event
+) -> None:
+    """Copy ``reader`` to ``writer``, each chunk ``delay_s`` after it arrived; pass on the end of stream.
+    A reset or failed write sets ``broken`` (the connection's other direction then ends too)."""
     loop = asyncio.get_running_loop()
     due: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -52,6 +55,7 @@ async def _carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, del
         await delivering
     except (ConnectionError, OSError):
         delivering.cancel()
+        broken.set()
 
 
 async def _relay(listen_port: int, host: str, port: int, delay_s: float) -> None:
@@ -61,9 +65,25 @@ async def _relay(listen_port: int, host: str, port: int, delay_s: float) -> None
         except OSError:
             down_w.close()
             return
-        try:
-            await asyncio.gather(_carry(down_r, up_w, delay_s), _carry(up_r, down_w, delay_s))
+        broken = asyncio.Event()
+        carries = [
+            asyncio.create_task(_carry(r, w, delay_s, broken)) for r, w in ((down_r, up_w), (up_r, down_w))
+        ]
+
+        async def ended() -> None:
+            await asyncio.gather(*carries)
+
+        async def failed() -> None:
+            await broken.wait()
+
+        watches = [asyncio.create_task(ended()), asyncio.create_task(failed())]
+        try:  # both directions to their end, or either broken
+            await asyncio.wait(watches, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for task in watches:
+                task.cancel()
+            for task in carries:
+                task.cancel()
             for writer in (up_w, down_w):
                 writer.close()
 
