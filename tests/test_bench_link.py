@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from lambda_split import Checkpoint, GenerationConfig, SplitClient
-from lambda_split.cli.bench._link import LinkProcess
+from lambda_split.cli.bench._procs import LinkProcess
 from tests.secure_channel.conftest import PKI
 from tests.server.conftest import start_server
 

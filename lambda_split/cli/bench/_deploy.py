@@ -37,8 +37,7 @@ from lambda_split.cli.bench._clients import (
     export_device_model,
     summary,
 )
-from lambda_split.cli.bench._link import LinkProcess
-from lambda_split.cli.bench._procs import ClientPool, ServerProcess
+from lambda_split.cli.bench._procs import ClientPool, LinkProcess, ServerProcess
 from lambda_split.cli.bench._scaling import scaling_with_batching
 from lambda_split.cli.bench._stats import ratios, rotated, summarize
 from secure_channel import generate_credentials

@@ -5,8 +5,9 @@ chunk for half the round-trip time in each direction (order kept, many chunks in
 bandwidth cap). It works below TLS and the channel, so every security mode crosses it unchanged.
 The kernel's netem would do this per packet; it needs the ``sch_netem`` qdisc, which this project
 cannot assume (it is a kernel module, and containers rarely may load one), so the relay is a
-process of its own instead (this file run as a script), started and stopped by the
-benchmark, with its own interpreter: a relay thread in the device process would share its GIL.
+process of its own instead (this file run as a script, by :class:`._procs.LinkProcess`), started and
+stopped by the benchmark, with its own interpreter: a relay thread in the device process would
+share its GIL.
 
 Its own cost is the asyncio event loop's timer resolution and one more loopback hop (about
 0.1–0.3 ms on the machines we measured): the benchmark reports the added time per token against
@@ -18,11 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import subprocess
 import sys
-import threading
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 _CHUNK = 65536
 
@@ -105,50 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_relay(args.port, host, int(port), args.rtt_ms / 2000))
     return 0
-
-
-class LinkProcess:
-    """The relay in a child process, in front of the server at ``url`` (``http(s)://host:port``);
-    :attr:`url` is the same URL through the relay. Use as a context manager."""
-
-    def __init__(self, url: str, rtt_ms: float, *, startup_s: float = 30.0) -> None:
-        parts = urlsplit(url)
-        if parts.hostname is None or parts.port is None:
-            raise ValueError(f"the server URL {url!r} names no host and port")
-        # Run as a script: it imports only the standard library, so it starts in a moment.
-        command = [sys.executable, str(Path(__file__).resolve()), "--to", f"{parts.hostname}:{parts.port}",
-                   "--rtt-ms", str(rtt_ms)]  # fmt: skip
-        self.rtt_ms = rtt_ms
-        self.child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
-        line: list[str] = []
-        reader = threading.Thread(
-            target=lambda: line.append(self.child.stdout.readline() if self.child.stdout else ""), daemon=True
-        )
-        reader.start()
-        reader.join(startup_s)
-        if not line or not line[0].startswith("listening on "):
-            self.close()
-            raise RuntimeError(f"the link relay did not start within {startup_s:g} s")
-        relay_port = int(line[0].rsplit(":", 1)[1])
-        # The server's certificate names localhost and 127.0.0.1; the relay listens on 127.0.0.1.
-        self.url = urlunsplit((parts.scheme, f"{parts.hostname}:{relay_port}", parts.path, "", ""))
-
-    def close(self) -> None:
-        if self.child.poll() is None:
-            self.child.terminate()
-            try:
-                self.child.wait(10)
-            except subprocess.TimeoutExpired:
-                self.child.kill()
-                self.child.wait(10)
-        if self.child.stdout is not None:
-            self.child.stdout.close()
-
-    def __enter__(self) -> LinkProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 if __name__ == "__main__":

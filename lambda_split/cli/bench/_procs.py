@@ -1,4 +1,5 @@
-"""Processes of the deployment benchmark: ``lambda-split serve`` as a child, and a pool of client workers."""
+"""Processes of the deployment benchmark: ``lambda-split serve`` as a child, the link relay, and a pool of
+client workers."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from lambda_split.cli.bench import _link
 from lambda_split.cli.bench._clients import Target, worker_main
 
 #: The benchmark measures compute and the wire, not throttling: request and handshake rates are lifted,
@@ -120,15 +123,58 @@ class ServerProcess:
 
     def stop(self) -> int | None:
         """SIGTERM, wait, and kill if it does not exit; return its exit code."""
-        if self.child.poll() is None:
-            self.child.terminate()
-            try:
-                self.child.wait(30)
-            except subprocess.TimeoutExpired:
-                self.child.kill()
-                self.child.wait(10)
+        _stop(self.child, grace_s=30)
         self._log.close()
         return self.child.returncode
+
+
+def _stop(child: subprocess.Popen[str], *, grace_s: float) -> None:
+    """SIGTERM ``child``, give it ``grace_s`` to exit, then SIGKILL it; it is reaped either way."""
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(10)
+
+
+class LinkProcess:
+    """The link relay (:mod:`._link`) in a child process, in front of the server at ``url`` (``http(s)://host:port``);
+    :attr:`url` is the same URL through the relay. Use as a context manager."""
+
+    def __init__(self, url: str, rtt_ms: float, *, startup_s: float = 30.0) -> None:
+        parts = urlsplit(url)
+        if parts.hostname is None or parts.port is None:
+            raise ValueError(f"the server URL {url!r} names no host and port")
+        # Run as a script: it imports only the standard library, so it starts in a moment.
+        command = [sys.executable, str(Path(_link.__file__).resolve()), "--to", f"{parts.hostname}:{parts.port}",
+                   "--rtt-ms", str(rtt_ms)]  # fmt: skip
+        self.rtt_ms = rtt_ms
+        self.child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        line: list[str] = []
+        reader = threading.Thread(
+            target=lambda: line.append(self.child.stdout.readline() if self.child.stdout else ""), daemon=True
+        )
+        reader.start()
+        reader.join(startup_s)
+        if not line or not line[0].startswith("listening on "):
+            self.close()
+            raise RuntimeError(f"the link relay did not start within {startup_s:g} s")
+        relay_port = int(line[0].rsplit(":", 1)[1])
+        # The server's certificate names localhost and 127.0.0.1; the relay listens on 127.0.0.1.
+        self.url = urlunsplit((parts.scheme, f"{parts.hostname}:{relay_port}", parts.path, "", ""))
+
+    def close(self) -> None:
+        _stop(self.child, grace_s=10)
+        if self.child.stdout is not None:
+            self.child.stdout.close()
+
+    def __enter__(self) -> LinkProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class ClientPool:
