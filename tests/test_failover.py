@@ -217,15 +217,20 @@ def servers(
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def reference(tiny: Checkpoint, pki: PKI) -> GenerationResult:
-    """The tokens of an undisturbed run."""
-    server = start_server(tiny, "plain", pki.root)
+def undisturbed(tiny: Checkpoint, keys: Path) -> GenerationResult:
+    """The tokens and logits of a run on a plain server of its own, with no failover."""
+    server = start_server(tiny, "plain", keys)
     try:
         with SplitClient.connect(server.url, security="plain", model=tiny, failover=None) as client:
             return tokens(client)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Checkpoint, pki: PKI) -> GenerationResult:
+    """The tokens of an undisturbed run."""
+    return undisturbed(tiny, pki.root)
 
 
 @pytest.mark.parametrize("transport_kind", ["http", "stream"])

@@ -28,7 +28,17 @@ from lambda_split._verify import enable_verification
 from lambda_split.cli import main
 from tests.secure_channel.conftest import PKI
 from tests.server.conftest import LiveServer, start_server
-from tests.test_failover import PROMPT, Faults, Replica, client_for, factory, same_answer, stopping, tokens
+from tests.test_failover import (
+    PROMPT,
+    Faults,
+    Replica,
+    client_for,
+    factory,
+    same_answer,
+    stopping,
+    tokens,
+    undisturbed,
+)
 from threat_model.cheats import cheating_executor
 
 LOCALHOST = ["localhost", "127.0.0.1", "::1"]
@@ -56,12 +66,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 @pytest.fixture(scope="module")
 def reference(tiny: Checkpoint, pki: PKI) -> GenerationResult:
     """The tokens and logits of an undisturbed run, without receipts."""
-    server = start_server(tiny, "plain", pki.root)
-    try:
-        with SplitClient.connect(server.url, security="plain", model=tiny, failover=None) as client:
-            return tokens(client)
-    finally:
-        server.stop()
+    return undisturbed(tiny, pki.root)
 
 
 @pytest.fixture
