@@ -191,26 +191,23 @@ def link(
     direct = targets[mode]
     with contextlib.ExitStack() as stack:
         relays: dict[float, LinkProcess] = {}
-        conns = {"direct": stack.enter_context(contextlib.closing(Connections(direct)))}
+        conns = {_link_variant(mode, None): stack.enter_context(contextlib.closing(Connections(direct)))}
         for rtt in plan.link_rtts_ms:
             progress(
                 f"link: starting a relay that adds {rtt:g} ms of round trip in front of the {mode} server"
             )
             relays[rtt] = stack.enter_context(LinkProcess(direct.url, rtt))
-            conns[f"{rtt:g} ms"] = stack.enter_context(
+            conns[_link_variant(mode, rtt)] = stack.enter_context(
                 contextlib.closing(Connections(Target(relays[rtt].url, mode, direct.keys)))
             )
-        runners = {
-            f"{mode}/stream, {name}": _split_runner(client, c, "stream", plan.wire)
-            for name, c in conns.items()
-        }
+        runners = {variant: _split_runner(client, c, "stream", plan.wire) for variant, c in conns.items()}
         result = _paired_decode(plan, client, runners, progress, "link", notes=[
             f"variant = {mode}/stream, directly or through a loopback relay that holds every chunk for half the "
             "added round trip in each direction (benchmarks/README.md)",
             "added_beyond_link_ms = added_ms_per_token - the round trip the relay adds"])  # fmt: skip
         record["link_concurrency"] = _link_concurrency(plan, client, direct, relays, progress, workdir)
-    for variant, rtt in zip(list(result["by_variant"])[1:], plan.link_rtts_ms, strict=True):
-        entry = result["by_variant"][variant]
+    for rtt in plan.link_rtts_ms:
+        entry = result["by_variant"][_link_variant(mode, rtt)]
         entry["link_rtt_ms"] = rtt
         added = entry["added_ms_per_token"]
         entry["added_beyond_link_ms"] = {
@@ -233,7 +230,7 @@ def _link_concurrency(
     out = _scaling_record(plan)
     same = _same_tokens(_solo_tokens(plan, client, direct, "stream"))
     for rtt, relay in relays.items():
-        variant = f"{direct.mode}/stream, {rtt:g} ms"
+        variant = _link_variant(direct.mode, rtt)
         progress(f"link: starting {max(plan.clients)} client processes behind the {rtt:g} ms link")
         pool = ClientPool(max(plan.clients), device, plan.split, Target(relay.url, direct.mode, direct.keys),
                           threads=plan.threads)  # fmt: skip
@@ -248,6 +245,11 @@ def _link_concurrency(
         "variant's round trip; the server's batching counters are read directly",
     ]
     return out
+
+
+def _link_variant(mode: str, rtt: float | None) -> str:
+    """The name of the link section's variant: the stream directly (``rtt`` None) or through a relay."""
+    return f"{mode}/stream, {'direct' if rtt is None else f'{rtt:g} ms'}"
 
 
 def _split_runner(
