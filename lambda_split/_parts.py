@@ -106,6 +106,8 @@ class _LayerStack(nn.Module):
         self.first = first
         self.rotary_emb = rotary
         self.kinds = family.layer_kinds(config)[first : first + len(layers)]
+        #: (kind, cache type) whose mask transformers found unneeded for an unpadded one-token step
+        self._maskless_steps: set[tuple[str, type]] = set()
 
     def new_state(self) -> PartState:
         return PartState(cache=DynamicCache(config=self.config))
@@ -125,20 +127,10 @@ class _LayerStack(nn.Module):
         """The layers from the ``skip``-th on ``hidden`` (B, T, C); ``mask`` (B, S) covers the cache's
         keys, ``position_ids`` is (B, T)."""
         layers, kinds = list(self.layers)[skip:], self.kinds[skip:]
-        masks: dict[str, Any] = {}
-        for kind in dict.fromkeys(kinds):
-            # Sized against the first layer of that kind that runs: a sliding layer's cache keeps
-            # only the window, a full layer's keeps everything.
-            mask_args: dict[str, Any] = dict(
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                layer_idx=self.first + skip + kinds.index(kind),
-            )
-            mask_args[_MASK_CACHE_KWARG] = cache
-            build = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
-            masks[kind] = build(**mask_args)
+        masks = {
+            kind: self._mask(kind, hidden, mask, position_ids, cache, self.first + skip + kinds.index(kind))
+            for kind in dict.fromkeys(kinds)
+        }
         extra: dict[str, Any] = {}
         if self.rotary_emb is not None:
             extra["position_embeddings"] = self.rotary_emb(hidden, position_ids=position_ids)
@@ -152,6 +144,36 @@ class _LayerStack(nn.Module):
                 **{_cache_kwarg(type(layer)): cache},  # type: ignore[arg-type]
             )
         return hidden
+
+    def _mask(
+        self, kind: str, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: Any,
+        layer_idx: int,
+    ) -> Any:  # fmt: skip
+        """The model's own attention mask for layers of ``kind``, sized against ``layer_idx`` (the first
+        layer of that kind that runs: a sliding layer's cache keeps only the window, a full one all).
+
+        A decode step (one new token, no padding) of a full-attention kind needs no mask when
+        transformers says so (SDPA's and flash attention's builders answer None): the one query
+        sees every cached key, whatever their number. That answer is kept and the builder, a
+        tenth of a millisecond of Python per part and token, is not asked again for such steps.
+        """
+        step = hidden.shape[1] == 1 and kind != SLIDING and bool(mask.all())
+        key = (kind, type(cache))
+        if step and key in self._maskless_steps:
+            return None
+        mask_args: dict[str, Any] = dict(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            layer_idx=layer_idx,
+        )
+        mask_args[_MASK_CACHE_KWARG] = cache
+        build = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
+        built = build(**mask_args)
+        if step and built is None:
+            self._maskless_steps.add(key)
+        return built
 
 
 def _takes_cache(function: Any) -> bool:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lambda_split import Checkpoint, GenerationConfig, encode_prompts
+from lambda_split._parts import PART_NAMES, SplitModel, SplitSpec, load_parts
 from tests.conftest import monolithic
 from tests.helpers import local_client, reference_tokens
 
@@ -115,3 +116,38 @@ def test_attack_surface_shapes_are_the_models(tiny: Checkpoint) -> None:
     client, _ = local_client(tiny, "2:-2")
     hidden = client.head(torch.tensor([[1, 2, 3]]))
     assert hidden.shape == (1, 3, 64)
+
+
+def _steps(parts: SplitModel, *, forget: bool) -> list[torch.Tensor]:
+    """Trunk outputs and tail logits over an unpadded prompt and four one-token steps, then over a
+    left-padded batch of two rows and four steps; ``forget``: every step asks transformers for its masks."""
+    assert parts.head is not None and parts.trunk is not None and parts.tail is not None
+    stacks = (parts.head, parts.trunk, parts.tail)
+    out: list[torch.Tensor] = []
+    for ids, mask in (
+        (torch.tensor([[5, 9, 2, 7]]), torch.ones(1, 4, dtype=torch.long)),
+        (torch.tensor([[0, 0, 3, 8], [4, 6, 1, 2]]), torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])),
+    ):
+        states = [stack.new_state() for stack in stacks]
+        for step in range(5):
+            if forget:
+                for stack in stacks:
+                    stack._maskless_steps.clear()
+            hidden = parts.trunk(parts.head(ids, mask, states[0]), mask, states[1])
+            out += [hidden, parts.tail(hidden, mask, states[2])]
+            ids = (ids[:, -1:] + step + 1) % 50
+            mask = torch.ones_like(ids)
+    return out
+
+
+@torch.inference_mode()
+def test_a_decode_step_without_padding_skips_the_mask_builder_and_computes_the_same(tiny: Checkpoint) -> None:
+    spec = SplitSpec.parse("2:-2", tiny.config.num_hidden_layers)
+    parts = load_parts(tiny, spec, PART_NAMES)
+    remembered = _steps(parts, forget=False)
+    # the unpadded steps took the shortcut; the padded batch's steps (a mask with zeros) did not
+    assert all(stack is not None and stack._maskless_steps for stack in (parts.head, parts.trunk, parts.tail))
+    asked = _steps(load_parts(tiny, spec, PART_NAMES), forget=True)
+    assert len(remembered) == len(asked) == 20
+    for got, expected in zip(remembered, asked, strict=True):
+        assert torch.equal(got, expected)
