@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from lambda_split.cli.bench import DeployPlan, Plan, add_arguments, deploy_plan
-from lambda_split.cli.bench._stats import ratios, rotated, summarize
+from lambda_split.cli.bench import DeployPlan, Plan, _deploy_report, add_arguments, deploy_plan
+from lambda_split.cli.bench._deploy import goals
+from lambda_split.cli.bench._stats import ratios, rotated, steadiness, summarize
 from secure_channel import SECURITY_MODES
 from tests.helpers import run_bench_captured, varint
 
@@ -81,6 +82,9 @@ def test_deploy_figures_are_finite_positive_and_tokens_match(
     decode = results["decode"]
     assert set(decode["by_variant"]) == {"tls+aesgcm/stream", "tls+aesgcm/http"}
     assert decode["generate"]["decode_tokens_per_s"]["median"] > 0
+    assert decode["generate"]["steadiness"]["cv"] >= 0 and isinstance(
+        decode["generate"]["steadiness"]["steady"], bool
+    )
     for entry in decode["by_variant"].values():
         ratio = entry["ratio_vs_generate"]
         assert ratio["n"] == 2 and 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
@@ -272,3 +276,26 @@ def test_stats_helpers() -> None:
     assert summarize([])["n"] == 0
     assert ratios([2.0, 6.0], [1.0, 3.0]) == [2.0, 2.0]
     assert rotated(["a", "b", "c"], 1) == ["b", "c", "a"]
+
+
+def test_a_busy_machine_is_named_next_to_the_decode_goal() -> None:
+    # generate() at 18.6 ± 0.2 tokens/s (a quiet run) against 11.4-18.1 (a busy neighbour)
+    quiet, busy = [18.4, 18.6, 18.7, 18.5, 19.1, 18.6], [13.1, 11.4, 18.1, 14.8, 12.6, 15.6]
+    assert steadiness(quiet)["steady"] is True and steadiness(busy)["steady"] is False
+    assert steadiness([18.0]) == {"cv": None, "steady": None}, "one sample cannot tell"
+    for speeds, steady in ((quiet, True), (busy, False)):
+        ratio = summarize([0.95, 0.96])
+        record: dict[str, Any] = {"decode": {
+            "wire": "fp16", "prompt_tokens": 47, "new_tokens": 32, "reps": 6, "notes": [],
+            "generate": {"decode_tokens_per_s": summarize(speeds), "ttft_ms": summarize([140.0]),
+                         "steadiness": steadiness(speeds)},
+            "by_variant": {"tls+aesgcm/stream": {
+                "decode_tokens_per_s": summarize([17.9]), "ratio_vs_generate": ratio,
+                "added_ms_per_token": summarize([1.0]), "ttft_ms": summarize([145.0]), "tokens_equal_generate": 6}},
+        }}  # fmt: skip
+        record["goals"] = goals(record)
+        decode_goal = record["goals"]["tls+aesgcm/stream"]["decode"]
+        assert decode_goal["met"] is True and decode_goal["steady"] is steady
+        text = "\n".join(_deploy_report._goals(record) + _deploy_report._decode(record))
+        assert ("machine unsteady" in text) is not steady
+        assert ("**unsteady machine**" in text) is not steady and ("steady machine:" in text) is steady

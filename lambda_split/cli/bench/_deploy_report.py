@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lambda_split.cli.bench import _writer
-from lambda_split.cli.bench._stats import fmt
+from lambda_split.cli.bench._stats import STEADY_CV, fmt
 from lambda_split.cli.bench._writer import section as _ok
 from lambda_split.cli.bench._writer import table as _table
 
@@ -44,8 +44,9 @@ def _goals(results: dict[str, Any]) -> list[str]:
     for variant, entry in results.get("goals", {}).items():
         if "decode" in entry:
             g = entry["decode"]
+            unsteady = " (machine unsteady: see the decode section)" if g.get("steady") is False else ""
             rows.append([variant, f"decode ≥ {g['target_ratio']}× generate(), ≤ {g['target_added_ms']} ms added",
-                         f"{g['ratio']}×, {g['added_ms']} ms", _met(g["met"])])  # fmt: skip
+                         f"{g['ratio']}×, {g['added_ms']} ms{unsteady}", _met(g["met"])])  # fmt: skip
         if "scaling" in entry:
             g = entry["scaling"]
             rows.append([variant, f"{g['clients']} clients ≥ {g['target']}× one client, tokens unchanged",
@@ -74,7 +75,20 @@ def _decode(results: dict[str, Any]) -> list[str]:
     return [f"## Decode vs transformers' generate() — wire {d['wire']}, {d['prompt_tokens']}-token prompt, "
             f"{d['new_tokens']} new tokens, {d['reps']} interleaved reps", "",
             *_table(["mode/transport", "tokens/s", "× generate()", "added ms/token", "time to first token (ms)",
-                     "tokens = generate()"], rows), "", *[f"- {n}" for n in d["notes"]]]  # fmt: skip
+                     "tokens = generate()"], rows), "", *_steadiness(gen), *[f"- {n}" for n in d["notes"]]]  # fmt: skip
+
+
+def _steadiness(gen: dict[str, Any]) -> list[str]:
+    """One line on how steady the machine was, read off generate()'s speeds (none without them)."""
+    steady = gen.get("steadiness", {})
+    if steady.get("cv") is None:
+        return []
+    if steady["steady"]:
+        return [f"- steady machine: generate()'s speed varied by {steady['cv']:.1%} across the repetitions "
+                f"(coefficient of variation; steady is ≤ {STEADY_CV:.0%})"]  # fmt: skip
+    return [f"- **unsteady machine**: generate()'s speed varied by {steady['cv']:.1%} across the repetitions "
+            f"(coefficient of variation; steady is ≤ {STEADY_CV:.0%}). Something else was using the cores or "
+            "the memory bus, and the paired ratios above move with it: rerun on a quiet machine"]  # fmt: skip
 
 
 def _link(results: dict[str, Any]) -> list[str]:
@@ -103,7 +117,7 @@ def _link(results: dict[str, Any]) -> list[str]:
             f"{d['new_tokens']} new tokens, {d['reps']} interleaved reps", "",
             *_table(["variant", "added round trip (ms)", "tokens/s", "× generate()", "added ms/token",
                      "added beyond the link (ms)", "time to first token (ms)", "tokens = generate()"], rows), "",
-            *[f"- {n}" for n in d["notes"]]]  # fmt: skip
+            *_steadiness(gen), *[f"- {n}" for n in d["notes"]]]  # fmt: skip
 
 
 def _wire(results: dict[str, Any]) -> list[str]:

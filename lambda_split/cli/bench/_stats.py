@@ -32,6 +32,21 @@ def summarize(values: Sequence[float], digits: int = 4) -> dict[str, Any]:
     }
 
 
+#: Largest coefficient of variation (standard deviation over mean) of the reference's speed across
+#: repetitions for a run to count as steady. Paired ratios cancel a slow drift of the machine, not a
+#: busy neighbour that comes and goes within a repetition; pyperf warns from 10 %, and a 0.95× goal
+#: needs tighter.
+STEADY_CV = 0.05
+
+
+def steadiness(values: Sequence[float]) -> dict[str, Any]:
+    """``{cv, steady}`` of repeated speeds of one thing: None for both with fewer than 2 samples."""
+    if len(values) < 2 or not statistics.fmean(values) > 0:
+        return {"cv": None, "steady": None}
+    cv = statistics.stdev(values) / statistics.fmean(values)
+    return {"cv": round(cv, 4), "steady": cv <= STEADY_CV}
+
+
 def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
     """Paired ratios: sample i of the numerator over sample i of the denominator (same repetition)."""
     return [a / b for a, b in zip(numerators, denominators, strict=True) if b > 0]
