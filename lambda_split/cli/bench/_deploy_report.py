@@ -75,20 +75,22 @@ def _decode(results: dict[str, Any]) -> list[str]:
     return [f"## Decode vs transformers' generate() — wire {d['wire']}, {d['prompt_tokens']}-token prompt, "
             f"{d['new_tokens']} new tokens, {d['reps']} interleaved reps", "",
             *_table(["mode/transport", "tokens/s", "× generate()", "added ms/token", "time to first token (ms)",
-                     "tokens = generate()"], rows), "", *_steadiness(gen), *[f"- {n}" for n in d["notes"]]]  # fmt: skip
+                     "tokens = generate()"], rows), "", *_steadiness(d), *[f"- {n}" for n in d["notes"]]]  # fmt: skip
 
 
-def _steadiness(gen: dict[str, Any]) -> list[str]:
-    """One line on how steady the machine was, read off generate()'s speeds (none without them)."""
-    steady = gen.get("steadiness", {})
+def _steadiness(section: dict[str, Any]) -> list[str]:
+    """One line on how steady the machine was, read off the variants' speeds (none without them)."""
+    steady = section.get("steadiness", {})
     if steady.get("cv") is None:
         return []
+    spread = (f"the most variable speed across the repetitions, {steady['variant']}'s, varied by "
+              f"{steady['cv']:.1%} (coefficient of variation; steady is ≤ {STEADY_CV:.0%})")  # fmt: skip
     if steady["steady"]:
-        return [f"- steady machine: generate()'s speed varied by {steady['cv']:.1%} across the repetitions "
-                f"(coefficient of variation; steady is ≤ {STEADY_CV:.0%})"]  # fmt: skip
-    return [f"- **unsteady machine**: generate()'s speed varied by {steady['cv']:.1%} across the repetitions "
-            f"(coefficient of variation; steady is ≤ {STEADY_CV:.0%}). Something else was using the cores or "
-            "the memory bus, and the paired ratios above move with it: rerun on a quiet machine"]  # fmt: skip
+        return [f"- steady machine: {spread}"]
+    return [
+        f"- **unsteady machine**: {spread}. Something else was using the cores or the memory bus, and "
+        "the paired ratios above move with it: rerun on a quiet machine"
+    ]
 
 
 def _link(results: dict[str, Any]) -> list[str]:
@@ -117,7 +119,7 @@ def _link(results: dict[str, Any]) -> list[str]:
             f"{d['new_tokens']} new tokens, {d['reps']} interleaved reps", "",
             *_table(["variant", "added round trip (ms)", "tokens/s", "× generate()", "added ms/token",
                      "added beyond the link (ms)", "time to first token (ms)", "tokens = generate()"], rows), "",
-            *_steadiness(gen), *[f"- {n}" for n in d["notes"]]]  # fmt: skip
+            *_steadiness(d), *[f"- {n}" for n in d["notes"]]]  # fmt: skip
 
 
 def _wire(results: dict[str, Any]) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -32,19 +32,30 @@ def summarize(values: Sequence[float], digits: int = 4) -> dict[str, Any]:
     }
 
 
-#: Largest coefficient of variation (standard deviation over mean) of the reference's speed across
+#: Largest coefficient of variation (standard deviation over mean) of any variant's speed across
 #: repetitions for a run to count as steady. Paired ratios cancel a slow drift of the machine, not a
 #: busy neighbour that comes and goes within a repetition; pyperf warns from 10 %, and a 0.95× goal
 #: needs tighter.
 STEADY_CV = 0.05
 
 
-def steadiness(values: Sequence[float]) -> dict[str, Any]:
-    """``{cv, steady}`` of repeated speeds of one thing: None for both with fewer than 2 samples."""
+def variation(values: Sequence[float]) -> float | None:
+    """Coefficient of variation (standard deviation over mean) of ``values``; None under 2 samples."""
     if len(values) < 2 or not statistics.fmean(values) > 0:
-        return {"cv": None, "steady": None}
-    cv = statistics.stdev(values) / statistics.fmean(values)
-    return {"cv": round(cv, 4), "steady": cv <= STEADY_CV}
+        return None
+    return statistics.stdev(values) / statistics.fmean(values)
+
+
+def steadiness(speeds: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+    """How steady repeated speeds of several things were: ``cv`` and ``variant`` of the most variable,
+    ``steady`` (its cv within :data:`STEADY_CV`) and every cv ``by_variant``; None for what has under 2 samples."""
+    by_variant = {name: variation(values) for name, values in speeds.items()}
+    measured = {name: cv for name, cv in by_variant.items() if cv is not None}
+    if not measured:
+        return {"cv": None, "variant": None, "steady": None, "by_variant": by_variant}
+    worst = max(measured, key=lambda name: measured[name])
+    return {"cv": round(measured[worst], 4), "variant": worst, "steady": measured[worst] <= STEADY_CV,
+            "by_variant": {name: None if cv is None else round(cv, 4) for name, cv in by_variant.items()}}  # fmt: skip
 
 
 def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
