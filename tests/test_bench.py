@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from lambda_split.cli.bench import DeployPlan, Plan, _deploy_report, add_arguments, deploy_plan
-from lambda_split.cli.bench._deploy import goals
+from lambda_split.cli.bench._deploy import _steadiness, goals
 from lambda_split.cli.bench._stats import ratios, rotated, steadiness, summarize
 from secure_channel import SECURITY_MODES
 from tests.helpers import run_bench_captured, varint
@@ -284,10 +284,17 @@ def test_a_busy_machine_is_named_next_to_the_decode_goal() -> None:
     quiet, busy = [18.4, 18.6, 18.7, 18.5, 19.1, 18.6], [13.1, 11.4, 18.1, 14.8, 12.6, 15.6]
     assert steadiness({"a": quiet})["steady"] is True and steadiness({"a": busy})["steady"] is False
     assert steadiness({"a": [18.0]})["steady"] is None, "one sample cannot tell"
-    mixed = steadiness({"generate()": quiet, "tls+aesgcm/stream": busy})
+    warnings: list[str] = []
+    mixed = _steadiness("decode", {"generate()": quiet, "tls+aesgcm/stream": busy}, warnings.append)
     assert mixed["steady"] is False and mixed["variant"] == "tls+aesgcm/stream", (
         "the most variable speed decides"
     )
+    assert warnings == [
+        "decode: warning: tls+aesgcm/stream ran at 11.4–18.1 tokens/s across the repetitions (variation 17%, "
+        "steady is ≤ 5%): the machine was busy and the paired ratios are not reliable; rerun on a quiet machine "
+        "or with more --reps"
+    ]
+    assert _steadiness("decode", {"generate()": quiet}, warnings.append)["steady"] and len(warnings) == 1
     for split_speeds, steady in ((quiet, True), (busy, False)):
         record: dict[str, Any] = {"decode": {
             "wire": "fp16", "prompt_tokens": 47, "new_tokens": 32, "reps": 6, "notes": [],

@@ -289,12 +289,9 @@ def _paired_decode(
             f"{v} {r[-1]['decode_tokens_per_s']:.1f}" for v, r in runs.items()) + " tokens/s")  # fmt: skip
     speed = {v: [r["decode_tokens_per_s"] for r in rs] for v, rs in runs.items()}
     gen = speed["generate"]
-    steady = steadiness({("generate()" if v == "generate" else v): s for v, s in speed.items()})
-    if steady["steady"] is False:
-        worst = speed["generate" if steady["variant"] == "generate()" else steady["variant"]]
-        progress(f"{section}: warning: {steady['variant']} ran at {min(worst):.1f}–{max(worst):.1f} tokens/s across "
-                 f"the repetitions (variation {steady['cv']:.0%}, steady is ≤ {STEADY_CV:.0%}): the machine was busy "
-                 "and the paired ratios are not reliable; rerun on a quiet machine or with more --reps")  # fmt: skip
+    steady = _steadiness(
+        section, {("generate()" if v == "generate" else v): s for v, s in speed.items()}, progress
+    )
     table: dict[str, Any] = {}
     for variant in variants[1:]:
         table[variant] = {
@@ -328,6 +325,17 @@ def _paired_decode(
             "close greedy choice",
         ],
     }
+
+
+def _steadiness(section: str, speeds: dict[str, list[float]], progress: ProgressFn) -> dict[str, Any]:
+    """:func:`steadiness` of a paired section's speeds, with a warning through ``progress`` when unsteady."""
+    steady = steadiness(speeds)
+    if steady["steady"] is False:
+        worst = speeds[steady["variant"]]
+        progress(f"{section}: warning: {steady['variant']} ran at {min(worst):.1f}–{max(worst):.1f} tokens/s across "
+                 f"the repetitions (variation {steady['cv']:.0%}, steady is ≤ {STEADY_CV:.0%}): the machine was busy "
+                 "and the paired ratios are not reliable; rerun on a quiet machine or with more --reps")  # fmt: skip
+    return steady
 
 
 def _median_int(values: list[int]) -> int:
