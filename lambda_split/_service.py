@@ -105,6 +105,29 @@ class BatchingExecutor(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
+#: Upper bounds (seconds) of the step-time histogram (:class:`StepTimes`).
+STEP_TIME_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+@dataclass
+class StepTimes:
+    """How long the service took over the steps it answered: from the frame reaching
+    :meth:`TrunkService.step` to its reply frame (queue, forward and both codecs; the network,
+    the event loop and the security layers excluded). ``counts[i]``: steps that took at most
+    ``STEP_TIME_BOUNDS[i]`` and more than the bound before (not cumulative)."""
+
+    count: int = 0
+    total_s: float = 0.0
+    counts: list[int] = field(default_factory=lambda: [0] * len(STEP_TIME_BOUNDS))
+
+    def record(self, seconds: float) -> None:
+        self.count += 1
+        self.total_s += seconds
+        index = next((i for i, bound in enumerate(STEP_TIME_BOUNDS) if seconds <= bound), None)
+        if index is not None:
+            self.counts[index] += 1
+
+
 @dataclass
 class _Session:
     owner: str
@@ -131,6 +154,8 @@ class TrunkService:
         self._compute = threading.Lock()
         self.evicted = 0
         self.expired = 0
+        #: steps answered and the time they took (``/metrics`` ``lambda_split_step_seconds``)
+        self.step_times = StepTimes()
         #: signs step receipts for sessions that ask (a ReceiptSigner; None: this server cannot)
         self.receipts: Any = None
 
@@ -229,17 +254,23 @@ class TrunkService:
         return reply if signed is None else {**reply, "receipts": signed}
 
     def step(self, owner: str, session_id: str, body: bytes) -> bytes:
+        started = time.perf_counter()
         with self._lock:
             raw, session = self._lookup(owner, session_id)
             if session.busy:
                 raise ServiceError(409, "session_busy", "a step of this session is already running")
             session.busy = True
+        answered = False
         try:
-            return self._step(raw, session, body)
+            reply = self._step(raw, session, body)
+            answered = True
+            return reply
         finally:
             with self._lock:
                 session.busy = False
                 session.last_used = self._clock()
+                if answered:
+                    self.step_times.record(time.perf_counter() - started)
 
     def _step(self, raw: bytes, session: _Session, body: bytes) -> bytes:
         if len(body) > self.limits.frame.max_bytes:  # the HTTP body limit may allow sealing overhead

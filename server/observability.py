@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lambda_split._service import STEP_TIME_BOUNDS, StepTimes
 from secure_channel._identity import AESGCM_EXTENSION
 
 LOGGER = logging.getLogger("lambda_split.server")
@@ -99,8 +100,20 @@ class _SessionCollector(Collector):
             CounterMetricFamily(
                 "lambda_split_sessions_evicted", "Sessions evicted to bound memory", value=service.evicted
             ),
+            _step_seconds(service.step_times),
             *_batching_metrics(getattr(service, "batching", None)),
         ]
+
+
+def _step_seconds(times: StepTimes) -> Metric:
+    """The service's time per answered step (:class:`lambda_split.StepTimes`) as a histogram."""
+    family = HistogramMetricFamily(
+        "lambda_split_step_seconds",
+        "Time the trunk took over a step it answered, from its frame to its reply (queue, forward, codecs)",
+    )
+    buckets = [(repr(float(bound)), sum(times.counts[: i + 1])) for i, bound in enumerate(STEP_TIME_BOUNDS)]
+    family.add_metric([], [*buckets, ("+Inf", times.count)], sum_value=times.total_s)
+    return family
 
 
 def _batching_metrics(stats: dict[str, Any] | None) -> list[Metric]:

@@ -74,6 +74,23 @@ def test_sequence_numbers_must_advance(tiny: Checkpoint, clock: Clock) -> None:
     service.step("alice", sid, step_body(sid, 1, tokens=1))
 
 
+def test_answered_steps_are_timed_and_refused_ones_are_not(tiny: Checkpoint, clock: Clock) -> None:
+    from lambda_split._service import STEP_TIME_BOUNDS
+
+    service = make_service(tiny, clock)
+    sid = service.open_session("alice", "fp32")["session_id"]
+    service.step("alice", sid, step_body(sid, 0))
+    service.step("alice", sid, step_body(sid, 1, tokens=1))
+    refused("bad_sequence", service.step, "alice", sid, step_body(sid, 0))
+    refused("bad_frame", service.step, "alice", sid, b"garbage")
+    refused("session_not_found", service.step, "mallory", sid, step_body(sid, 2))
+    times = service.step_times
+    assert times.count == 2 and sum(times.counts) <= 2
+    assert 0 < times.total_s < 60  # wall time of two steps of a tiny model, not the fake clock's
+    times.record(STEP_TIME_BOUNDS[-1] + 1)  # past the last bound: counted, in no bucket
+    assert times.count == 3 and sum(times.counts) <= 2
+
+
 def test_bad_frames_wrong_width_and_batch_change(tiny: Checkpoint, clock: Clock) -> None:
     service = make_service(tiny, clock)
     sid = service.open_session("alice", "fp32")["session_id"]

@@ -189,6 +189,7 @@ def test_batching_figures_are_exported_as_metrics() -> None:
     from prometheus_client import generate_latest
 
     from lambda_split._scheduler import SchedulerStats
+    from lambda_split._service import StepTimes
     from server.observability import Metrics
 
     stats = SchedulerStats()
@@ -196,8 +197,13 @@ def test_batching_figures_are_exported_as_metrics() -> None:
     for wait in (0.0005, 0.02, 7.0):
         stats.record_wait(wait)
 
+    times = StepTimes()
+    for took in (0.0004, 0.003, 0.06, 20.0):
+        times.record(took)
+
     class Service:
         open_sessions, cache_bytes, expired, evicted = 3, 4096, 0, 0
+        step_times = times
 
         def __init__(self) -> None:
             self.batching = {**stats.snapshot(), "queued": 1, "slots_used": 10, "slots_total": 64,
@@ -213,3 +219,8 @@ def test_batching_figures_are_exported_as_metrics() -> None:
     assert "lambda_split_step_queue_seconds_max 7.0" in text and "lambda_split_batches_total 5.0" in text
     assert "lambda_split_kv_slot_bytes_used 1000.0" in text and "lambda_split_kv_slots_used 10.0" in text
     assert "lambda_split_steps_queued 1.0" in text
+    assert 'lambda_split_step_seconds_bucket{le="0.001"} 1.0' in text
+    assert 'lambda_split_step_seconds_bucket{le="0.005"} 2.0' in text
+    assert 'lambda_split_step_seconds_bucket{le="10.0"} 3.0' in text
+    assert 'lambda_split_step_seconds_bucket{le="+Inf"} 4.0' in text
+    assert "lambda_split_step_seconds_count 4.0" in text and "lambda_split_step_seconds_sum 20.0634" in text
