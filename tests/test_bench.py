@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from lambda_split.cli.bench import DeployPlan, Plan, _deploy_report, add_arguments, deploy_plan
-from lambda_split.cli.bench._deploy import _steadiness, goals
+from lambda_split.cli.bench._deploy import _link_time, _steadiness, goals
 from lambda_split.cli.bench._stats import ratios, rotated, steadiness, summarize
 from secure_channel import SECURITY_MODES
 from tests.helpers import run_bench_captured, varint
@@ -92,6 +92,9 @@ def test_deploy_figures_are_finite_positive_and_tokens_match(
         assert math.isfinite(entry["added_ms_per_token"]["median"])
         assert entry["ttft_ms"]["median"] > 0 and entry["decode_tokens_per_s"]["median"] > 0
         assert 0 <= entry["tokens_equal_generate"] <= 2
+        # the server's /metrics counted exactly the run's steps in every repetition
+        assert entry["server_ms_per_step"]["n"] == entry["link_ms_per_step"]["n"] == 2
+        assert entry["server_ms_per_step"]["min"] > 0 and entry["link_ms_per_step"]["min"] > 0
     wire = results["wire"]
     for entry in wire["by_variant"].values():
         for enc in ("fp16", "int8"):
@@ -119,6 +122,10 @@ def test_deploy_figures_are_finite_positive_and_tokens_match(
     # Every decode step crosses the relay both ways: at most one token per 30 ms, whatever the machine.
     assert through["decode_tokens_per_s"]["max"] <= 1000 / 30
     assert through["added_beyond_link_ms"]["median"] == round(through["added_ms_per_token"]["median"] - 30, 3)
+    # The relay's 30 ms lands in the link's share of each step, not in the server's.
+    direct = link["tls+aesgcm/stream, direct"]
+    assert through["link_ms_per_step"]["min"] >= 30 > direct["link_ms_per_step"]["max"]
+    assert through["server_ms_per_step"]["max"] < 30
     behind = results["link_concurrency"]["by_variant"]["tls+aesgcm/stream, 30 ms"]["by_clients"]
     assert set(behind) == {"1", "2"} and all(e["tokens_unchanged"] is True for e in behind.values())
     assert behind["1"]["aggregate_tokens_per_s"]["max"] <= 1000 / 30, (
@@ -277,6 +284,23 @@ def test_stats_helpers() -> None:
     assert summarize([])["n"] == 0
     assert ratios([2.0, 6.0], [1.0, 3.0]) == [2.0, 2.0]
     assert rotated(["a", "b", "c"], 1) == ["b", "c", "a"]
+
+
+def test_the_link_is_the_round_trip_less_the_server_time_of_the_same_steps() -> None:
+    runs = [
+        {"trunk_calls": 4, "trunk_call_s": 0.210, "server_steps": (4, 0.200)},  # 2.5 ms of link per step
+        {"trunk_calls": 4, "trunk_call_s": 0.230, "server_steps": (4, 0.210)},  # 5 ms
+        {
+            "trunk_calls": 4,
+            "trunk_call_s": 0.300,
+            "server_steps": (5, 0.100),
+        },  # another client's step counted
+    ]
+    times = _link_time(runs)
+    assert times["link_ms_per_step"]["n"] == times["server_ms_per_step"]["n"] == 2
+    assert times["link_ms_per_step"]["min"] == pytest.approx(2.5)
+    assert times["link_ms_per_step"]["max"] == pytest.approx(5.0)
+    assert times["server_ms_per_step"]["median"] == pytest.approx(51.25)
 
 
 def test_a_busy_machine_is_named_next_to_the_decode_goal() -> None:

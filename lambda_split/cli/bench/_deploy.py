@@ -38,7 +38,7 @@ from lambda_split.cli.bench._clients import (
     summary,
 )
 from lambda_split.cli.bench._procs import ClientPool, LinkProcess, ServerProcess
-from lambda_split.cli.bench._scaling import scaling_with_batching
+from lambda_split.cli.bench._scaling import scaling_with_batching, scrape, step_time_delta
 from lambda_split.cli.bench._stats import STEADY_CV, ratios, rotated, steadiness, summarize
 from secure_channel import generate_credentials
 
@@ -166,7 +166,13 @@ def decode(
     conns = {mode: Connections(targets[mode]) for mode in plan.modes}
     try:
         runners = {
-            variant: _split_runner(client, conns[variant.split("/")[0]], variant.split("/")[1], plan.wire)
+            variant: _split_runner(
+                client,
+                conns[variant.split("/")[0]],
+                variant.split("/")[1],
+                plan.wire,
+                targets[variant.split("/")[0]],
+            )
             for variant in _variants(plan)
         }
         return _paired_decode(plan, client, runners, progress, "decode", notes=[
@@ -200,7 +206,9 @@ def link(
             conns[_link_variant(mode, rtt)] = stack.enter_context(
                 contextlib.closing(Connections(Target(relays[rtt].url, mode, direct.keys)))
             )
-        runners = {variant: _split_runner(client, c, "stream", plan.wire) for variant, c in conns.items()}
+        runners = {
+            variant: _split_runner(client, c, "stream", plan.wire, direct) for variant, c in conns.items()
+        }
         result = _paired_decode(plan, client, runners, progress, "link", notes=[
             f"variant = {mode}/stream, directly or through a loopback relay that holds every chunk for half the "
             "added round trip in each direction (benchmarks/README.md)",
@@ -253,13 +261,32 @@ def _link_variant(mode: str, rtt: float | None) -> str:
 
 
 def _split_runner(
-    client: ClientModel, conns: Connections, kind: str, wire: str
+    client: ClientModel, conns: Connections, kind: str, wire: str, server: Target
 ) -> Callable[[int], dict[str, Any]]:
+    """One split run; ``server``'s ``/metrics`` is read before and after it (outside the timed part)
+    for the time the server spent in the run's steps (``server_steps``: count, seconds)."""
+
     def run(tokens: int) -> dict[str, Any]:
         transport, link = conns.get(kind)  # type: ignore[arg-type]
-        return summary(client.run(link, transport, wire, tokens))
+        before = scrape(server)
+        out = summary(client.run(link, transport, wire, tokens))
+        out["server_steps"] = step_time_delta(before, scrape(server))
+        return out
 
     return run
+
+
+def _link_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per trunk step, averaged over each run's steps (the prompt's included): the server's own time
+    and the rest of the device's round trip (the link). Runs whose server counted other steps than
+    the device made (another client) are left out."""
+    server, link = [], []
+    for r in runs:
+        steps, seconds = r.get("server_steps", (0, 0.0))
+        if steps and steps == r["trunk_calls"]:
+            server.append(1000 * seconds / steps)
+            link.append(1000 * (r["trunk_call_s"] - seconds) / steps)
+    return {"server_ms_per_step": summarize(server, 3), "link_ms_per_step": summarize(link, 3)}
 
 
 def _paired_decode(
@@ -300,6 +327,7 @@ def _paired_decode(
             "added_ms_per_token": summarize([1000 / a - 1000 / b for a, b in zip(speed[variant], gen, strict=True)], 3),
             "ttft_ms": summarize([1000 * r["ttft_s"] for r in runs[variant]], 2),
             "tokens_equal_generate": sum(r["token_ids"] == runs["generate"][0]["token_ids"] for r in runs[variant]),
+            **_link_time(runs[variant]),
             "samples_tokens_per_s": [round(v, 3) for v in speed[variant]],
         }  # fmt: skip
     return {
@@ -321,6 +349,10 @@ def _paired_decode(
             "ratio_vs_generate pairs each split run with the generate() run of the same repetition; the order "
             "of the variants rotates from one repetition to the next",
             "added_ms_per_token = 1000/split tokens/s - 1000/generate() tokens/s, paired per repetition",
+            "link_ms_per_step = (the device's trunk calls - the server's time in those steps, from /metrics "
+            "lambda_split_step_seconds) / steps: the device's codec, framing, TLS and AES-GCM, the network or "
+            "loopback, both event loops and the server's thread hop; server_ms_per_step = the server's own "
+            "time (forward, queue, codecs); both averaged over a run's steps, the prompt's included",
             "tokens_equal_generate: runs (of reps) whose tokens equal generate()'s; the fp16 wire may flip a "
             "close greedy choice",
         ],

@@ -68,14 +68,34 @@ def _decode(results: dict[str, Any]) -> list[str]:
     if not d:
         return []
     gen = d["generate"]
-    rows = [["generate()", fmt(gen["decode_tokens_per_s"], "", 1), "1", "0", fmt(gen["ttft_ms"], "", 1), ""]]
+    rows = [
+        [
+            "generate()",
+            fmt(gen["decode_tokens_per_s"], "", 1),
+            "1",
+            "0",
+            "–",
+            "–",
+            fmt(gen["ttft_ms"], "", 1),
+            "",
+        ]
+    ]
     rows += [[v, fmt(e["decode_tokens_per_s"], "", 1), _range(e["ratio_vs_generate"]),
-              _range(e["added_ms_per_token"], 2), fmt(e["ttft_ms"], "", 1), f"{e['tokens_equal_generate']}/{d['reps']}"]
+              _range(e["added_ms_per_token"], 2), *_link_cells(e), fmt(e["ttft_ms"], "", 1),
+              f"{e['tokens_equal_generate']}/{d['reps']}"]
              for v, e in d["by_variant"].items()]  # fmt: skip
     return [f"## Decode vs transformers' generate() — wire {d['wire']}, {d['prompt_tokens']}-token prompt, "
             f"{d['new_tokens']} new tokens, {d['reps']} interleaved reps", "",
-            *_table(["mode/transport", "tokens/s", "× generate()", "added ms/token", "time to first token (ms)",
-                     "tokens = generate()"], rows), "", *_steadiness(d), *[f"- {n}" for n in d["notes"]]]  # fmt: skip
+            *_table(["mode/transport", "tokens/s", "× generate()", "added ms/token", "server ms/step",
+                     "link ms/step", "time to first token (ms)", "tokens = generate()"], rows), "",
+            *_steadiness(d), *[f"- {n}" for n in d["notes"]]]  # fmt: skip
+
+
+def _link_cells(entry: dict[str, Any]) -> list[str]:
+    """The server's time and the link's per trunk step (absent from records older than the columns)."""
+    return [
+        _range(entry[key], 2) if key in entry else "–" for key in ("server_ms_per_step", "link_ms_per_step")
+    ]
 
 
 def _steadiness(section: dict[str, Any]) -> list[str]:
@@ -106,19 +126,22 @@ def _link(results: dict[str, Any]) -> list[str]:
             "1",
             "0",
             "–",
+            "–",
+            "–",
             fmt(gen["ttft_ms"], "", 1),
             "",
         ]
     ]
     rows += [[v, f"{e['link_rtt_ms']:g}" if "link_rtt_ms" in e else "0", fmt(e["decode_tokens_per_s"], "", 1),
               _range(e["ratio_vs_generate"]), _range(e["added_ms_per_token"], 2),
-              _range(e["added_beyond_link_ms"], 2) if "added_beyond_link_ms" in e else "–",
+              _range(e["added_beyond_link_ms"], 2) if "added_beyond_link_ms" in e else "–", *_link_cells(e),
               fmt(e["ttft_ms"], "", 1), f"{e['tokens_equal_generate']}/{d['reps']}"]
              for v, e in d["by_variant"].items()]  # fmt: skip
     return [f"## Decode through an emulated link — wire {d['wire']}, {d['prompt_tokens']}-token prompt, "
             f"{d['new_tokens']} new tokens, {d['reps']} interleaved reps", "",
             *_table(["variant", "added round trip (ms)", "tokens/s", "× generate()", "added ms/token",
-                     "added beyond the link (ms)", "time to first token (ms)", "tokens = generate()"], rows), "",
+                     "added beyond the link (ms)", "server ms/step", "link ms/step", "time to first token (ms)",
+                     "tokens = generate()"], rows), "",
             *_steadiness(d), *[f"- {n}" for n in d["notes"]]]  # fmt: skip
 
 

@@ -74,7 +74,8 @@ def scaling_with_batching(plan: Any, pool: ClientPool, target: Target, kind: str
 
 _SCRAPED = ("lambda_split_batch_rows_bucket", "lambda_split_batch_rows_sum", "lambda_split_batch_rows_count",
             "lambda_split_step_queue_wait_seconds_sum", "lambda_split_step_queue_wait_seconds_count",
-            "lambda_split_prefills_total", "lambda_split_prefill_batches_total")  # fmt: skip
+            "lambda_split_prefills_total", "lambda_split_prefill_batches_total",
+            "lambda_split_step_seconds_sum", "lambda_split_step_seconds_count")  # fmt: skip
 
 
 def scrape(target: Target) -> dict[str, float]:
@@ -94,6 +95,18 @@ def scrape(target: Target) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+def step_time_delta(before: dict[str, float], after: dict[str, float]) -> tuple[int, float]:
+    """Steps the server answered between two scrapes and the seconds it spent in them
+    (``lambda_split_step_seconds``: from a step's frame to its reply, inside the service)."""
+    count = after.get("lambda_split_step_seconds_count", 0.0) - before.get(
+        "lambda_split_step_seconds_count", 0.0
+    )
+    seconds = after.get("lambda_split_step_seconds_sum", 0.0) - before.get(
+        "lambda_split_step_seconds_sum", 0.0
+    )
+    return int(count), seconds
 
 
 def batching_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
