@@ -15,8 +15,10 @@ Per variant, the median over rounds of:
 - ``link``: the device's trunk calls less the server's time in the same steps, per step: the
   device's codec, framing, TLS and AES-GCM, loopback, both event loops and the server's thread hop.
 
-A difference of 0.1 ms per step shows here on a machine where the paired decode ratio of
-``lambda-split bench`` moves by several percent from run to run.
+Compare the variants of one run: they share the machine's state. On a busy VM the level of every
+variant moved by about 0.4 ms per step between two runs 25 minutes apart, and the order of the
+security modes on the stream changed, while the stream stayed 1.4-2.0 ms per step ahead of HTTP
+in each (benchmarks/README.md).
 """
 
 from __future__ import annotations
