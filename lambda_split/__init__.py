@@ -52,7 +52,6 @@ _EXPORTS = {
         "Executor",
         "ServiceError",
         "ServiceLimits",
-        "StepTimes",
         "TrunkService",
     ),
     "lambda_split._llm_trunk": ("LLMExecutor", "load_llm_service"),

@@ -42,6 +42,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lambda_split._buckets import Buckets
+
 
 class QueueTimeout(Exception):
     """A step waited longer than the scheduler's deadline and was not run."""
@@ -106,13 +108,11 @@ class SchedulerStats:
     """What the scheduler did: batch sizes in rows, time steps spent queued, deadline failures."""
 
     batch_rows: Counter[int] = field(default_factory=Counter)  # rows of a batch -> how many batches
-    #: steps whose wait was at most QUEUE_WAIT_BOUNDS[i] (not cumulative; the rest waited longer)
-    queue_wait_counts: list[int] = field(default_factory=lambda: [0] * len(QUEUE_WAIT_BOUNDS))
-    taken: int = 0  # steps taken from the queue into a batch (each with its recorded wait)
+    #: the wait of every step taken from the queue into a batch
+    queue_waits: Buckets = field(default_factory=lambda: Buckets(QUEUE_WAIT_BOUNDS))
     gather_timeouts: int = 0  # decode batches started short after waiting the whole gather budget
     prefills: int = 0  # prefill steps
     prefill_batches: int = 0  # forwards that ran them (same-length prefills share one)
-    queue_wait_s_total: float = 0.0
     queue_wait_s_max: float = 0.0
     steps: int = 0
     timeouts: int = 0
@@ -124,23 +124,17 @@ class SchedulerStats:
             "prefills": self.prefills,
             "prefill_batches": self.prefill_batches,
             "steps": self.steps,
-            "queue_wait_s_total": self.queue_wait_s_total,
+            "queue_wait_s_total": self.queue_waits.total,
             "queue_wait_s_max": self.queue_wait_s_max,
-            "taken": self.taken,
+            "taken": self.queue_waits.count,
             "gather_timeouts": self.gather_timeouts,
-            "queue_wait_le": {
-                bound: sum(self.queue_wait_counts[: i + 1]) for i, bound in enumerate(QUEUE_WAIT_BOUNDS)
-            },
+            "queue_wait_le": self.queue_waits.le(),
             "timeouts": self.timeouts,
         }
 
     def record_wait(self, wait: float) -> None:
-        self.taken += 1
-        self.queue_wait_s_total += wait
+        self.queue_waits.record(wait)
         self.queue_wait_s_max = max(self.queue_wait_s_max, wait)
-        index = next((i for i, bound in enumerate(QUEUE_WAIT_BOUNDS) if wait <= bound), None)
-        if index is not None:
-            self.queue_wait_counts[index] += 1
 
 
 #: Runs a batch; returns one result per step, or an exception instance for a step that failed.

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from lambda_split._buckets import Buckets
 from lambda_split._codec import (
     SESSION_ID_BYTES,
     Encoding,
@@ -105,27 +106,8 @@ class BatchingExecutor(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
-#: Upper bounds (seconds) of the step-time histogram (:class:`StepTimes`).
+#: Upper bounds (seconds) of the step-time histogram (:attr:`TrunkService.step_times`).
 STEP_TIME_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-
-
-@dataclass
-class StepTimes:
-    """How long the service took over the steps it answered: from the frame reaching
-    :meth:`TrunkService.step` to its reply frame (queue, forward and both codecs; the network,
-    the event loop and the security layers excluded). ``counts[i]``: steps that took at most
-    ``STEP_TIME_BOUNDS[i]`` and more than the bound before (not cumulative)."""
-
-    count: int = 0
-    total_s: float = 0.0
-    counts: list[int] = field(default_factory=lambda: [0] * len(STEP_TIME_BOUNDS))
-
-    def record(self, seconds: float) -> None:
-        self.count += 1
-        self.total_s += seconds
-        index = next((i for i, bound in enumerate(STEP_TIME_BOUNDS) if seconds <= bound), None)
-        if index is not None:
-            self.counts[index] += 1
 
 
 @dataclass
@@ -154,8 +136,10 @@ class TrunkService:
         self._compute = threading.Lock()
         self.evicted = 0
         self.expired = 0
-        #: steps answered and the time they took (``/metrics`` ``lambda_split_step_seconds``)
-        self.step_times = StepTimes()
+        #: Seconds the service took over each step it answered, from the frame reaching :meth:`step`
+        #: to its reply frame (queue, forward and both codecs; not the network, the event loop or
+        #: the security layers): ``/metrics`` ``lambda_split_step_seconds``.
+        self.step_times = Buckets(STEP_TIME_BOUNDS)
         #: signs step receipts for sessions that ask (a ReceiptSigner; None: this server cannot)
         self.receipts: Any = None
 

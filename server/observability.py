@@ -17,7 +17,6 @@ from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lambda_split._service import STEP_TIME_BOUNDS, StepTimes
 from secure_channel._identity import AESGCM_EXTENSION
 
 LOGGER = logging.getLogger("lambda_split.server")
@@ -100,19 +99,22 @@ class _SessionCollector(Collector):
             CounterMetricFamily(
                 "lambda_split_sessions_evicted", "Sessions evicted to bound memory", value=service.evicted
             ),
-            _step_seconds(service.step_times),
+            _histogram(
+                "lambda_split_step_seconds",
+                "Time the trunk took over a step it answered, from its frame to its reply (queue, forward, codecs)",
+                service.step_times.le(),
+                service.step_times.count,
+                service.step_times.total,
+            ),
             *_batching_metrics(getattr(service, "batching", None)),
         ]
 
 
-def _step_seconds(times: StepTimes) -> Metric:
-    """The service's time per answered step (:class:`lambda_split.StepTimes`) as a histogram."""
-    family = HistogramMetricFamily(
-        "lambda_split_step_seconds",
-        "Time the trunk took over a step it answered, from its frame to its reply (queue, forward, codecs)",
-    )
-    buckets = [(repr(float(bound)), sum(times.counts[: i + 1])) for i, bound in enumerate(STEP_TIME_BOUNDS)]
-    family.add_metric([], [*buckets, ("+Inf", times.count)], sum_value=times.total_s)
+def _histogram(name: str, documentation: str, le: dict[float, int], count: int, total: float) -> Metric:
+    """A histogram family from cumulative counts by upper bound (:meth:`lambda_split._buckets.Buckets.le`), all values and their sum."""
+    family = HistogramMetricFamily(name, documentation)
+    buckets = [(repr(float(bound)), n) for bound, n in le.items()]
+    family.add_metric([], [*buckets, ("+Inf", count)], sum_value=total)
     return family
 
 
@@ -128,9 +130,8 @@ def _batching_metrics(stats: dict[str, Any] | None) -> list[Metric]:
     total = sum(size * n for size, n in sizes)
     rows.add_metric([], [*buckets, ("+Inf", stats["batches"])], sum_value=total)
     gauge, counter = GaugeMetricFamily, CounterMetricFamily
-    waits = HistogramMetricFamily("lambda_split_step_queue_wait_seconds", "Time a step waited in the queue")
-    le = [(repr(float(bound)), count) for bound, count in stats.get("queue_wait_le", {}).items()]
-    waits.add_metric([], [*le, ("+Inf", stats.get("taken", 0))], sum_value=stats["queue_wait_s_total"])
+    waits = _histogram("lambda_split_step_queue_wait_seconds", "Time a step waited in the queue",
+                       stats.get("queue_wait_le", {}), stats.get("taken", 0), stats["queue_wait_s_total"])  # fmt: skip
     return [
         rows,
         waits,

@@ -61,6 +61,8 @@ INTERNAL = {
     "Step",
     "SchedulerStats",
     "QueueTimeout",
+    # the counters behind the /metrics histograms, read by server.observability
+    "Buckets",
 }
 
 

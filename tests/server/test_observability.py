@@ -188,8 +188,9 @@ def test_a_tls_client_is_logged_by_its_certificate_identity(
 def test_batching_figures_are_exported_as_metrics() -> None:
     from prometheus_client import generate_latest
 
+    from lambda_split._buckets import Buckets
     from lambda_split._scheduler import SchedulerStats
-    from lambda_split._service import StepTimes
+    from lambda_split._service import STEP_TIME_BOUNDS
     from server.observability import Metrics
 
     stats = SchedulerStats()
@@ -197,7 +198,7 @@ def test_batching_figures_are_exported_as_metrics() -> None:
     for wait in (0.0005, 0.02, 7.0):
         stats.record_wait(wait)
 
-    times = StepTimes()
+    times = Buckets(STEP_TIME_BOUNDS)
     for took in (0.0004, 0.003, 0.06, 20.0):
         times.record(took)
 
