@@ -106,8 +106,19 @@ class BatchingExecutor(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
-#: Upper bounds (seconds) of the step-time histogram (:attr:`TrunkService.step_times`).
+#: Upper bounds (seconds) of the step-time histograms (:attr:`TrunkService.step_times`).
 STEP_TIME_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+#: What a step did, the ``phase`` label of ``lambda_split_step_seconds``: an LLM step with one new
+#: position per row (``decode``) or more (``prefill``: a prompt or a chunk of one), or a diffusion
+#: trunk's step (``denoise``).
+STEP_PHASES = ("decode", "prefill", "denoise")
+
+
+def step_phase(frame: Frame) -> str:
+    """The :data:`STEP_PHASES` entry of an answered step's frame."""
+    if frame.kind is not FrameKind.LLM_STEP:
+        return "denoise"
+    return "decode" if frame.tensor("hidden", rank=3).shape[1] == 1 else "prefill"
 
 
 @dataclass
@@ -136,10 +147,12 @@ class TrunkService:
         self._compute = threading.Lock()
         self.evicted = 0
         self.expired = 0
-        #: Seconds the service took over each step it answered, from the frame reaching :meth:`step`
-        #: to its reply frame (queue, forward and both codecs; not the network, the event loop or
-        #: the security layers): ``/metrics`` ``lambda_split_step_seconds``.
-        self.step_times = Buckets(STEP_TIME_BOUNDS)
+        #: Seconds the service took over each step it answered, by :func:`step_phase`, from the
+        #: frame reaching :meth:`step` to its reply frame (queue, forward and both codecs; not the
+        #: network, the event loop or the security layers): ``/metrics``
+        #: ``lambda_split_step_seconds{phase}``. A prompt's step is kept apart from the decode
+        #: steps, whose latency it would otherwise hide.
+        self.step_times = {phase: Buckets(STEP_TIME_BOUNDS) for phase in STEP_PHASES}
         #: signs step receipts for sessions that ask (a ReceiptSigner; None: this server cannot)
         self.receipts: Any = None
 
@@ -244,19 +257,19 @@ class TrunkService:
             if session.busy:
                 raise ServiceError(409, "session_busy", "a step of this session is already running")
             session.busy = True
-        answered = False
+        phase = None
         try:
-            reply = self._step(raw, session, body)
-            answered = True
+            reply, phase = self._step(raw, session, body)
             return reply
         finally:
             with self._lock:
                 session.busy = False
                 session.last_used = self._clock()
-                if answered:
-                    self.step_times.record(time.perf_counter() - started)
+                if phase is not None:  # answered
+                    self.step_times[phase].record(time.perf_counter() - started)
 
-    def _step(self, raw: bytes, session: _Session, body: bytes) -> bytes:
+    def _step(self, raw: bytes, session: _Session, body: bytes) -> tuple[bytes, str]:
+        """The step's reply frame and its :func:`step_phase`."""
         if len(body) > self.limits.frame.max_bytes:  # the HTTP body limit may allow sealing overhead
             raise ServiceError(
                 413,
@@ -287,7 +300,9 @@ class TrunkService:
         tensors = {name: (value, session.wire) for name, value in outputs.items()}
         sid = None if frame.session_id is None else raw  # the reply names the session as the step did
         result = encode_frame(self.executor.result_kind, sid, frame.seq, tensors, self.limits.frame)
-        return result if session.chain is None else session.chain.seal(frame.seq, body, result)
+        if session.chain is not None:
+            result = session.chain.seal(frame.seq, body, result)
+        return result, step_phase(frame)
 
     def _enforce_memory(self, keep: bytes) -> None:
         while self.cache_bytes > self.limits.max_cache_bytes:

@@ -101,20 +101,28 @@ class _SessionCollector(Collector):
             ),
             _histogram(
                 "lambda_split_step_seconds",
-                "Time the trunk took over a step it answered, from its frame to its reply (queue, forward, codecs)",
-                service.step_times.le(),
-                service.step_times.count,
-                service.step_times.total,
+                "Time the trunk took over a step it answered, from its frame to its reply (queue, forward, "
+                "codecs), by phase: decode (one new position per row), prefill, denoise (diffusion)",
+                {(phase,): (t.le(), t.count, t.total) for phase, t in service.step_times.items()},
+                labels=("phase",),
             ),
             *_batching_metrics(getattr(service, "batching", None)),
         ]
 
 
-def _histogram(name: str, documentation: str, le: dict[float, int], count: int, total: float) -> Metric:
-    """A histogram family from cumulative counts by upper bound (:meth:`lambda_split._buckets.Buckets.le`), all values and their sum."""
-    family = HistogramMetricFamily(name, documentation)
-    buckets = [(repr(float(bound)), n) for bound, n in le.items()]
-    family.add_metric([], [*buckets, ("+Inf", count)], sum_value=total)
+#: One histogram series: cumulative counts by upper bound (:meth:`lambda_split._buckets.Buckets.le`),
+#: the number of values and their sum.
+Series = tuple[dict[float, int], int, float]
+
+
+def _histogram(
+    name: str, documentation: str, series: dict[tuple[str, ...], Series], labels: Sequence[str] = ()
+) -> Metric:
+    """A histogram family with one series per tuple of label values."""
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for values, (le, count, total) in series.items():
+        buckets = [(repr(float(bound)), n) for bound, n in le.items()]
+        family.add_metric(list(values), [*buckets, ("+Inf", count)], sum_value=total)
     return family
 
 
@@ -131,7 +139,7 @@ def _batching_metrics(stats: dict[str, Any] | None) -> list[Metric]:
     rows.add_metric([], [*buckets, ("+Inf", stats["batches"])], sum_value=total)
     gauge, counter = GaugeMetricFamily, CounterMetricFamily
     waits = _histogram("lambda_split_step_queue_wait_seconds", "Time a step waited in the queue",
-                       stats.get("queue_wait_le", {}), stats.get("taken", 0), stats["queue_wait_s_total"])  # fmt: skip
+                       {(): (stats.get("queue_wait_le", {}), stats.get("taken", 0), stats["queue_wait_s_total"])})  # fmt: skip
     return [
         rows,
         waits,

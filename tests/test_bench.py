@@ -287,14 +287,13 @@ def test_stats_helpers() -> None:
 
 
 def test_the_link_is_the_round_trip_less_the_server_time_of_the_same_steps() -> None:
+    def run(calls: int, seconds: float, server_steps: tuple[int, float]) -> dict[str, Any]:
+        return {"decode_trunk_calls": calls, "decode_trunk_call_s": seconds, "server_steps": server_steps}
+
     runs = [
-        {"trunk_calls": 4, "trunk_call_s": 0.210, "server_steps": (4, 0.200)},  # 2.5 ms of link per step
-        {"trunk_calls": 4, "trunk_call_s": 0.230, "server_steps": (4, 0.210)},  # 5 ms
-        {
-            "trunk_calls": 4,
-            "trunk_call_s": 0.300,
-            "server_steps": (5, 0.100),
-        },  # another client's step counted
+        run(4, 0.210, (4, 0.200)),  # 2.5 ms of link per step
+        run(4, 0.230, (4, 0.210)),  # 5 ms
+        run(4, 0.300, (5, 0.100)),  # another client's step counted
     ]
     times = _link_time(runs)
     assert times["link_ms_per_step"]["n"] == times["server_ms_per_step"]["n"] == 2

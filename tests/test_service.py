@@ -84,11 +84,14 @@ def test_answered_steps_are_timed_and_refused_ones_are_not(tiny: Checkpoint, clo
     refused("bad_sequence", service.step, "alice", sid, step_body(sid, 0))
     refused("bad_frame", service.step, "alice", sid, b"garbage")
     refused("session_not_found", service.step, "mallory", sid, step_body(sid, 2))
-    times = service.step_times
-    assert times.count == 2 and sum(times.counts) <= 2
-    assert 0 < times.total < 60  # wall time of two steps of a tiny model, not the fake clock's
-    times.record(STEP_TIME_BOUNDS[-1] + 1)  # past the last bound: counted, in no bucket
-    assert times.count == 3 and sum(times.counts) <= 2
+    service.step("alice", sid, step_body(sid, 2, tokens=1))
+    prefill, decode = service.step_times["prefill"], service.step_times["decode"]
+    assert (prefill.count, decode.count, service.step_times["denoise"].count) == (1, 2, 0)
+    assert (
+        0 < prefill.total + decode.total < 60
+    )  # wall time of three steps of a tiny model, not the fake clock's
+    decode.record(STEP_TIME_BOUNDS[-1] + 1)  # past the last bound: counted, in no bucket
+    assert decode.count == 3 and sum(decode.counts) <= 2
 
 
 def test_bad_frames_wrong_width_and_batch_change(tiny: Checkpoint, clock: Clock) -> None:

@@ -14,7 +14,9 @@ from lambda_split import LocalTransport
 from lambda_split.diffusion import DiffusionClient, imagine, load_diffusion_service, resolve_diffusion
 
 
-def test_imagine_writes_a_png_and_reports_progress(local: Any, tmp_path: Path) -> None:
+def test_imagine_writes_a_png_and_reports_progress(local: Any, services: Any, tmp_path: Path) -> None:
+    times = services["tiny-random-sd"][0].step_times  # the service's /metrics step histograms
+    denoised = times["denoise"].count
     seen: list[tuple[int, int]] = []
     stats = imagine(
         local("tiny-random-sd"),
@@ -28,6 +30,8 @@ def test_imagine_writes_a_png_and_reports_progress(local: Any, tmp_path: Path) -
     assert image.format == "PNG" and image.size == (stats.width, stats.height) == (64, 64)
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert stats.trunk_calls == 4 and stats.bytes_sent > 0 and stats.bytes_received > 0 and stats.seconds > 0
+    # (one frame may ask the server for several U-Net calls: at least one step, none of an LLM's kinds)
+    assert times["denoise"].count > denoised and times["decode"].count == times["prefill"].count == 0
 
 
 def test_imagine_refuses_a_non_png_path(local: Any, tmp_path: Path) -> None:

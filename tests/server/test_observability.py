@@ -190,7 +190,7 @@ def test_batching_figures_are_exported_as_metrics() -> None:
 
     from lambda_split._buckets import Buckets
     from lambda_split._scheduler import SchedulerStats
-    from lambda_split._service import STEP_TIME_BOUNDS
+    from lambda_split._service import STEP_PHASES, STEP_TIME_BOUNDS
     from server.observability import Metrics
 
     stats = SchedulerStats()
@@ -198,9 +198,10 @@ def test_batching_figures_are_exported_as_metrics() -> None:
     for wait in (0.0005, 0.02, 7.0):
         stats.record_wait(wait)
 
-    times = Buckets(STEP_TIME_BOUNDS)
+    times = {phase: Buckets(STEP_TIME_BOUNDS) for phase in STEP_PHASES}
     for took in (0.0004, 0.003, 0.06, 20.0):
-        times.record(took)
+        times["decode"].record(took)
+    times["prefill"].record(0.2)
 
     class Service:
         open_sessions, cache_bytes, expired, evicted = 3, 4096, 0, 0
@@ -220,8 +221,11 @@ def test_batching_figures_are_exported_as_metrics() -> None:
     assert "lambda_split_step_queue_seconds_max 7.0" in text and "lambda_split_batches_total 5.0" in text
     assert "lambda_split_kv_slot_bytes_used 1000.0" in text and "lambda_split_kv_slots_used 10.0" in text
     assert "lambda_split_steps_queued 1.0" in text
-    assert 'lambda_split_step_seconds_bucket{le="0.001"} 1.0' in text
-    assert 'lambda_split_step_seconds_bucket{le="0.005"} 2.0' in text
-    assert 'lambda_split_step_seconds_bucket{le="10.0"} 3.0' in text
-    assert 'lambda_split_step_seconds_bucket{le="+Inf"} 4.0' in text
-    assert "lambda_split_step_seconds_count 4.0" in text and "lambda_split_step_seconds_sum 20.0634" in text
+    decode = 'lambda_split_step_seconds_{}{{le="{}",phase="decode"}} {}'
+    for le, count in (("0.001", 1.0), ("0.005", 2.0), ("10.0", 3.0), ("+Inf", 4.0)):
+        assert decode.format("bucket", le, count) in text
+    assert 'lambda_split_step_seconds_count{phase="decode"} 4.0' in text
+    assert 'lambda_split_step_seconds_sum{phase="decode"} 20.0634' in text
+    assert 'lambda_split_step_seconds_bucket{le="0.1",phase="prefill"} 0.0' in text
+    assert 'lambda_split_step_seconds_bucket{le="0.25",phase="prefill"} 1.0' in text
+    assert 'lambda_split_step_seconds_count{phase="denoise"} 0.0' in text

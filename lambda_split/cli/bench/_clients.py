@@ -54,7 +54,9 @@ class ClientModel:
             probe = _Probe(trunk, stats)
             config = GenerationConfig(max_new_tokens=tokens, stop_on_eos=False)
             result = generate_tokens(head, probe, tail, self.tokenizer, ids, mask, config)
-            run = Run(result, probe.starts, time.perf_counter(), probe.step_bytes, trunk_s=probe.took)
+            run = Run(
+                result, probe.starts, time.perf_counter(), probe.step_bytes, decode_trunk_s=probe.decode_took
+            )
         finally:
             trunk.close()
         run.session_bytes = (stats.bytes_sent - before[0], stats.bytes_received - before[1])
@@ -145,8 +147,8 @@ def summary(run: Run) -> dict[str, Any]:
         "ended": run.ended,
         "step_bytes": run.step_bytes,
         "session_bytes": run.session_bytes,
-        "trunk_calls": len(run.trunk_s),
-        "trunk_call_s": sum(run.trunk_s),
+        "decode_trunk_calls": len(run.decode_trunk_s),
+        "decode_trunk_call_s": sum(run.decode_trunk_s),
     }
 
 

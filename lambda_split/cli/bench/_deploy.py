@@ -264,7 +264,7 @@ def _split_runner(
     client: ClientModel, conns: Connections, kind: str, wire: str, server: Target
 ) -> Callable[[int], dict[str, Any]]:
     """One split run; ``server``'s ``/metrics`` is read before and after it (outside the timed part)
-    for the time the server spent in the run's steps (``server_steps``: count, seconds)."""
+    for the time the server spent in the run's decode steps (``server_steps``: count, seconds)."""
 
     def run(tokens: int) -> dict[str, Any]:
         transport, link = conns.get(kind)  # type: ignore[arg-type]
@@ -277,15 +277,15 @@ def _split_runner(
 
 
 def _link_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per trunk step, averaged over each run's steps (the prompt's included): the server's own time
-    and the rest of the device's round trip (the link). Runs whose server counted other steps than
-    the device made (another client) are left out."""
+    """Per decode step, averaged over each run's decode steps (the prompt's step left out): the
+    server's own time and the rest of the device's round trip (the link). Runs whose server counted
+    other decode steps than the device made (another client) are left out."""
     server, link = [], []
     for r in runs:
         steps, seconds = r.get("server_steps", (0, 0.0))
-        if steps and steps == r["trunk_calls"]:
+        if steps and steps == r["decode_trunk_calls"]:
             server.append(1000 * seconds / steps)
-            link.append(1000 * (r["trunk_call_s"] - seconds) / steps)
+            link.append(1000 * (r["decode_trunk_call_s"] - seconds) / steps)
     return {"server_ms_per_step": summarize(server, 3), "link_ms_per_step": summarize(link, 3)}
 
 
@@ -349,10 +349,11 @@ def _paired_decode(
             "ratio_vs_generate pairs each split run with the generate() run of the same repetition; the order "
             "of the variants rotates from one repetition to the next",
             "added_ms_per_token = 1000/split tokens/s - 1000/generate() tokens/s, paired per repetition",
-            "link_ms_per_step = (the device's trunk calls - the server's time in those steps, from /metrics "
-            "lambda_split_step_seconds) / steps: the device's codec, framing, TLS and AES-GCM, the network or "
-            "loopback, both event loops and the server's thread hop; server_ms_per_step = the server's own "
-            "time (forward, queue, codecs); both averaged over a run's steps, the prompt's included",
+            "link_ms_per_step = (the device's decode trunk calls - the server's time in those steps, from "
+            '/metrics lambda_split_step_seconds{phase="decode"}) / steps: the device\'s codec, framing, TLS '
+            "and AES-GCM, the network or loopback, both event loops and the server's thread hop; "
+            "server_ms_per_step = the server's own time (forward, queue, codecs); both averaged over a run's "
+            "decode steps (the prompt's step left out)",
             "tokens_equal_generate: runs (of reps) whose tokens equal generate()'s; the fp16 wire may flip a "
             "close greedy choice",
         ],

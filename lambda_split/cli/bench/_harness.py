@@ -67,7 +67,8 @@ class Run:
     ended: float
     step_bytes: list[tuple[int, int]] = field(default_factory=list)  # (sent, received) per step
     session_bytes: tuple[int, int] = (0, 0)  # session open .. close, all steps included
-    trunk_s: list[float] = field(default_factory=list)  # seconds each trunk call took, as the device saw it
+    #: seconds each decode trunk call (one new position per row) took, as the device saw it
+    decode_trunk_s: list[float] = field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -88,7 +89,7 @@ class _Probe:
         self.stats = stats
         self.starts: list[float] = []
         self.step_bytes: list[tuple[int, int]] = []
-        self.took: list[float] = []
+        self.decode_took: list[float] = []  # the calls with one new position per row
 
     def _snap(self) -> tuple[int, int]:
         return (self.stats.bytes_sent, self.stats.bytes_received) if self.stats else (0, 0)
@@ -97,7 +98,9 @@ class _Probe:
         before = self._snap()
         self.starts.append(time.perf_counter())
         out = self.trunk(hidden, mask)
-        self.took.append(time.perf_counter() - self.starts[-1])
+        took = time.perf_counter() - self.starts[-1]
+        if hidden.shape[1] == 1:
+            self.decode_took.append(took)
         after = self._snap()
         self.step_bytes.append((after[0] - before[0], after[1] - before[1]))
         return out

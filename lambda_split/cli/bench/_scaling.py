@@ -97,16 +97,17 @@ def scrape(target: Target) -> dict[str, float]:
     return out
 
 
-def step_time_delta(before: dict[str, float], after: dict[str, float]) -> tuple[int, float]:
-    """Steps the server answered between two scrapes and the seconds it spent in them
-    (``lambda_split_step_seconds``: from a step's frame to its reply, inside the service)."""
-    count = after.get("lambda_split_step_seconds_count", 0.0) - before.get(
-        "lambda_split_step_seconds_count", 0.0
-    )
-    seconds = after.get("lambda_split_step_seconds_sum", 0.0) - before.get(
-        "lambda_split_step_seconds_sum", 0.0
-    )
-    return int(count), seconds
+def step_time_delta(
+    before: dict[str, float], after: dict[str, float], phase: str = "decode"
+) -> tuple[int, float]:
+    """Steps of ``phase`` the server answered between two scrapes and the seconds it spent in
+    them (``lambda_split_step_seconds``: from a step's frame to its reply, inside the service)."""
+
+    def delta(part: str) -> float:
+        key = f'lambda_split_step_seconds_{part}{{phase="{phase}"}}'
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    return int(delta("count")), delta("sum")
 
 
 def batching_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
