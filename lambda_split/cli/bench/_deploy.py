@@ -171,7 +171,7 @@ def decode(
                 conns[variant.split("/")[0]],
                 variant.split("/")[1],
                 plan.wire,
-                targets[variant.split("/")[0]],
+                conns[variant.split("/")[0]],
             )
             for variant in _variants(plan)
         }
@@ -206,8 +206,9 @@ def link(
             conns[_link_variant(mode, rtt)] = stack.enter_context(
                 contextlib.closing(Connections(Target(relays[rtt].url, mode, direct.keys)))
             )
+        meter = conns[_link_variant(mode, None)]  # /metrics read directly, not through a relay
         runners = {
-            variant: _split_runner(client, c, "stream", plan.wire, direct) for variant, c in conns.items()
+            variant: _split_runner(client, c, "stream", plan.wire, meter) for variant, c in conns.items()
         }
         result = _paired_decode(plan, client, runners, progress, "link", notes=[
             f"variant = {mode}/stream, directly or through a loopback relay that holds every chunk for half the "
@@ -261,10 +262,11 @@ def _link_variant(mode: str, rtt: float | None) -> str:
 
 
 def _split_runner(
-    client: ClientModel, conns: Connections, kind: str, wire: str, server: Target
+    client: ClientModel, conns: Connections, kind: str, wire: str, server: Connections
 ) -> Callable[[int], dict[str, Any]]:
-    """One split run; ``server``'s ``/metrics`` is read before and after it (outside the timed part)
-    for the time the server spent in the run's decode steps (``server_steps``: count, seconds)."""
+    """One split run; the server's ``/metrics`` is read on ``server``'s kept HTTP connection before
+    and after it (outside the timed part) for the time the server spent in the run's decode steps
+    (``server_steps``: count, seconds)."""
 
     def run(tokens: int) -> dict[str, Any]:
         transport, link = conns.get(kind)  # type: ignore[arg-type]

@@ -78,17 +78,20 @@ _SCRAPED = ("lambda_split_batch_rows_bucket", "lambda_split_batch_rows_sum", "la
             "lambda_split_step_seconds_sum", "lambda_split_step_seconds_count")  # fmt: skip
 
 
-def scrape(target: Target) -> dict[str, float]:
-    """The server's batching counters from ``/metrics`` (over this mode's own authenticated channel)."""
+def scrape(where: Target | Connections) -> dict[str, float]:
+    """The server's batching counters and step times from ``/metrics`` (over this mode's own
+    authenticated channel): on a new connection to a target, or on the kept HTTP connection of
+    ``Connections`` (no handshake when it is open already)."""
     from lambda_split.protocol import METRICS_PATH
     from secure_channel import Request
 
-    conns = Connections(target)
+    conns = where if isinstance(where, Connections) else Connections(where)
     try:
         transport, _ = conns.get("http")
         text = transport.exchange(Request("GET", METRICS_PATH)).content.decode()
     finally:
-        conns.close()
+        if conns is not where:
+            conns.close()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(_SCRAPED):
