@@ -114,7 +114,7 @@ STEP_TIME_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 STEP_PHASES = ("decode", "prefill", "denoise")
 
 
-def step_phase(frame: Frame) -> str:
+def _step_phase(frame: Frame) -> str:
     """The :data:`STEP_PHASES` entry of an answered step's frame."""
     if frame.kind is not FrameKind.LLM_STEP:
         return "denoise"
@@ -147,7 +147,7 @@ class TrunkService:
         self._compute = threading.Lock()
         self.evicted = 0
         self.expired = 0
-        #: Seconds the service took over each step it answered, by :func:`step_phase`, from the
+        #: Seconds the service took over each step it answered, by :func:`_step_phase`, from the
         #: frame reaching :meth:`step` to its reply frame (queue, forward and both codecs; not the
         #: network, the event loop or the security layers): ``/metrics``
         #: ``lambda_split_step_seconds{phase}``. A prompt's step is kept apart from the decode
@@ -269,7 +269,7 @@ class TrunkService:
                     self.step_times[phase].record(time.perf_counter() - started)
 
     def _step(self, raw: bytes, session: _Session, body: bytes) -> tuple[bytes, str]:
-        """The step's reply frame and its :func:`step_phase`."""
+        """The step's reply frame and its :func:`_step_phase`."""
         if len(body) > self.limits.frame.max_bytes:  # the HTTP body limit may allow sealing overhead
             raise ServiceError(
                 413,
@@ -302,7 +302,7 @@ class TrunkService:
         result = encode_frame(self.executor.result_kind, sid, frame.seq, tensors, self.limits.frame)
         if session.chain is not None:
             result = session.chain.seal(frame.seq, body, result)
-        return result, step_phase(frame)
+        return result, _step_phase(frame)
 
     def _enforce_memory(self, keep: bytes) -> None:
         while self.cache_bytes > self.limits.max_cache_bytes:
