@@ -112,11 +112,17 @@ def test_quantisation_crosses_the_uplink_in_its_own_encoding_and_the_downlink_at
 
 
 def test_quantise_blockwise_error_bound_and_padding() -> None:
-    x = torch.randn(2, 3, 100)  # 100 is not a multiple of the block
-    for levels in (127, 7, 1):
-        q = quantise_blockwise(x, levels)
-        assert q.shape == x.shape
-        assert float((q - x).abs().max()) <= float(x.abs().max()) / (2 * levels) + 1e-6
+    # A block's step is its absmax / levels rounded up to fp16 (the wire's scale), at most one fp16
+    # ulp (2**-10 relative) above the exact step; the error is at most half a step. (A bound without
+    # that ulp failed about one run in 25.)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        x = torch.randn(2, 3, 100, generator=generator)  # 100 is not a multiple of the block
+        for levels in (127, 7, 1):
+            q = quantise_blockwise(x, levels)
+            assert q.shape == x.shape
+            bound = float(x.abs().max()) / (2 * levels) * (1 + 2**-10) + 1e-6
+            assert float((q - x).abs().max()) <= bound
     assert torch.equal(quantise_blockwise(torch.zeros(1, 64), 7), torch.zeros(1, 64))
 
 
