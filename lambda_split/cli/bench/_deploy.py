@@ -165,16 +165,10 @@ def decode(
     """Paired, interleaved decode speed and time to first token: split per (mode, transport) vs generate()."""
     conns = {mode: Connections(targets[mode]) for mode in plan.modes}
     try:
-        runners = {
-            variant: _split_runner(
-                client,
-                conns[variant.split("/")[0]],
-                variant.split("/")[1],
-                plan.wire,
-                conns[variant.split("/")[0]],
-            )
-            for variant in _variants(plan)
-        }
+        runners = {}
+        for variant in _variants(plan):
+            mode, kind = variant.split("/")  # /metrics is read on the mode's own connections
+            runners[variant] = _split_runner(client, conns[mode], kind, plan.wire, conns[mode])
         return _paired_decode(plan, client, runners, progress, "decode", notes=[
             "variant = security mode / transport; every run is greedy with a forced number of new tokens"])  # fmt: skip
     finally:
